@@ -1,0 +1,197 @@
+"""Checkpoint interop: the authors' MoCo v3 releases, timm ViT state dicts, and our own.
+
+Formats understood:
+- official MoCo v3 (`main_moco.py`): `{'epoch', 'arch', 'state_dict', 'optimizer'}` where
+  `state_dict` keys are `module.base_encoder.*`, `module.momentum_encoder.*`, `module.predictor.*`,
+  the projector stored as the backbone's `head`;
+- a bare `MoCoV3.state_dict()` (the same keys without `module.`);
+- timm `VisionTransformer` state dicts (raw, or under 'model' / 'state_dict'), classifier
+  `head.*` dropped when loading a backbone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from scale.models.moco import MoCoV3
+from scale.models.vit import ViTConfig, VisionTransformer
+
+log = logging.getLogger(__name__)
+
+StateDict = dict[str, torch.Tensor]
+_MOCO_PARTS = ("base_encoder.", "momentum_encoder.", "predictor.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model it is loaded into."""
+
+
+def read_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, Any]:
+    """A checkpoint object from a path (loaded on CPU, tensors only) or passed through."""
+    if isinstance(source, Mapping):
+        return source
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; check the path")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def unwrap_state_dict(ckpt: Mapping[str, Any]) -> StateDict:
+    """The tensor dict inside a checkpoint, with a DDP `module.` prefix removed."""
+    for key in ("state_dict", "model"):
+        if key in ckpt and isinstance(ckpt[key], Mapping):
+            ckpt = ckpt[key]
+            break
+    sd = {k: v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
+    if not sd:
+        raise CheckpointError(f"no tensors found in checkpoint (top-level keys: {sorted(ckpt)[:10]})")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    return sd
+
+
+def _describe(keys: list[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{shown}, ... ({len(keys)} in all)" if len(keys) > limit else shown
+
+
+def check_keys(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise a CheckpointError naming missing, unexpected and mis-shaped keys."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    shapes = sorted(
+        f"{k} {tuple(given[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(given)
+        if given[k].shape != expected[k].shape
+    )
+    if missing or unexpected or shapes:
+        parts = [f"checkpoint does not match the {what}:"]
+        if missing:
+            parts.append(f"missing keys: {_describe(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_describe(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches: {_describe(shapes)}")
+        parts.append("build the model with the configuration the checkpoint was trained with (name, patch, img_size)")
+        raise CheckpointError("\n  ".join(parts))
+
+
+def load_moco_checkpoint(model: MoCoV3, source: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, Any]:
+    """Load an official (or own) MoCo v3 checkpoint into `model`, strictly. Returns the checkpoint."""
+    ckpt = read_checkpoint(source)
+    sd = unwrap_state_dict(ckpt)
+    if not any(k.startswith(_MOCO_PARTS) for k in sd):
+        raise CheckpointError(
+            "this is not a MoCo v3 checkpoint (no base_encoder./momentum_encoder./predictor. keys); "
+            "to load a backbone alone use load_backbone()"
+        )
+    check_keys(model.state_dict(), sd, "MoCoV3 model")
+    model.load_state_dict(sd, strict=True)
+    return ckpt
+
+
+def backbone_state_dict(source: str | os.PathLike | Mapping[str, Any], encoder: str = "base_encoder") -> StateDict:
+    """The backbone weights in a MoCo v3 or timm checkpoint, without any head.
+
+    Args:
+        encoder: for MoCo v3 checkpoints, which encoder to take ('base_encoder', as the authors'
+            linear probe and fine-tuning, or 'momentum_encoder').
+    """
+    sd = unwrap_state_dict(read_checkpoint(source))
+    if any(k.startswith(_MOCO_PARTS) for k in sd):
+        prefix = f"{encoder}."
+        sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+        if not sd:
+            raise CheckpointError(f"MoCo v3 checkpoint has no {prefix}* keys; encoder must be base_encoder or momentum_encoder")
+    dropped = sorted(k for k in sd if k.startswith(("head.", "fc_norm.")))
+    if dropped:
+        log.info("dropping head weights from the checkpoint: %s", _describe(dropped))
+    return {k: v for k, v in sd.items() if k not in dropped}
+
+
+def load_backbone(
+    model: VisionTransformer, source: str | os.PathLike | Mapping[str, Any], encoder: str = "base_encoder"
+) -> None:
+    """Load backbone weights (MoCo v3 or timm checkpoint) into a `build_vit` model, strictly; the
+    model's `head` is left as it is."""
+    sd = backbone_state_dict(source, encoder=encoder)
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+    check_keys(expected, sd, f"backbone ({model.cfg.embed_dim}-wide, {model.cfg.depth} blocks, patch {model.cfg.patch_size})")
+    model.load_state_dict(sd, strict=False)
+
+
+def export_timm_state_dict(model: VisionTransformer | MoCoV3, encoder: str = "base_encoder") -> StateDict:
+    """A timm-compatible backbone state dict (no head) for fine-tuning or probing with timm."""
+    backbone = getattr(model, encoder) if isinstance(model, MoCoV3) else model
+    if backbone.cfg.use_bn or backbone.cfg.conv_stem:
+        log.warning(
+            "ViT-BN and conv-stem backbones have no timm VisionTransformer equivalent; the exported keys "
+            "follow timm's names but need scale.models.build_vit to load"
+        )
+    return {k: v.detach().clone().contiguous() for k, v in backbone.state_dict().items() if not k.startswith("head.")}
+
+
+def official_state(model: MoCoV3, epoch: int = 0, arch: str = "") -> dict[str, Any]:
+    """`model` in the authors' checkpoint layout (keys `module.*`, as saved from DDP)."""
+    sd = {f"module.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    return {"epoch": epoch, "arch": arch, "state_dict": sd}
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same directory, then rename: never a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def timm_kwargs(cfg: ViTConfig) -> dict[str, Any]:
+    """Constructor arguments of the timm `VisionTransformer` equivalent to `cfg` (no classifier).
+
+    Raises:
+        ValueError: for ViT-BN and the conv stem, which timm's VisionTransformer cannot express.
+    """
+    if cfg.use_bn or cfg.conv_stem:
+        raise ValueError("ViT-BN and conv-stem backbones have no timm VisionTransformer equivalent")
+    from functools import partial
+
+    return dict(
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        in_chans=cfg.in_chans,
+        num_classes=0,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        qkv_bias=cfg.qkv_bias,
+        norm_layer=partial(nn.LayerNorm, eps=cfg.norm_eps),
+        class_token=cfg.pool == "cls",
+        global_pool="token" if cfg.pool == "cls" else "avg",
+        fc_norm=False,
+        final_norm=cfg.pool == "cls",
+        pos_embed="none" if cfg.pos_embed == "none" else "learn",
+    )
+
+
+def build_timm_vit(cfg: ViTConfig) -> nn.Module:
+    """The timm `VisionTransformer` equivalent to `cfg`; load `export_timm_state_dict` into it."""
+    try:
+        from timm.models.vision_transformer import VisionTransformer as TimmViT
+    except ImportError as e:  # pragma: no cover - timm is a dependency
+        raise ImportError("timm is needed for this: pip install timm") from e
+    return TimmViT(**timm_kwargs(cfg))

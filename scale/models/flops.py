@@ -1,0 +1,120 @@
+"""Analytic multiply-accumulates (MACs) of a ViT crop and FLOPs of one MoCo v3 training image.
+
+Conventions (the paper's Table 3 counts multiply-adds per 224 x 224 crop):
+- Counted: every matmul and convolution (patch embedding or conv stem, qkv, the attention
+  products QK^T and AV, attention output projection, both MLP layers). Not counted: norms,
+  GELU, softmax, additions; they are under 1% of the total at these sizes.
+- One training image = 2 crops x (query encoder forward + backward = 3 forward-equivalents,
+  momentum encoder forward = 1) = 8 forward passes = 16 x MACs FLOPs (2 FLOPs per MAC).
+  The predictor runs on the query side only: 12 x its MACs. Recomputation under activation
+  checkpointing is not counted (model FLOPs, not hardware FLOPs), nor the weight gradient of the
+  frozen patch projection that is never computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from scale.models.vit import ViTConfig, VisionTransformer
+
+# Paper Table 3, "FLOPs" column: multiply-adds per 224 x 224 crop, in G.
+PAPER_TABLE3_GMACS = {"vit_small": 4.6, "vit_base": 17.5, "vit_large": 61.3, "vit_huge": 166.7}
+# FLOPs of one training image per MAC of one crop, backbone (see the module docstring).
+TRAIN_FLOPS_PER_MAC = 16
+PREDICTOR_TRAIN_FLOPS_PER_MAC = 12
+
+
+@dataclass(frozen=True)
+class ViTMacs:
+    """MACs of one crop through the backbone, by part."""
+
+    patch_embed: int
+    attn_linear: int
+    """qkv and output projection, all blocks."""
+    attn_matmul: int
+    """QK^T and AV, all blocks (quadratic in tokens)."""
+    mlp: int
+
+    @property
+    def total(self) -> int:
+        return self.patch_embed + self.attn_linear + self.attn_matmul + self.mlp
+
+
+@dataclass(frozen=True)
+class HeadMacs:
+    projector: int
+    predictor: int
+
+
+@dataclass(frozen=True)
+class TrainingFlops:
+    """FLOPs of one training image (two crops), by part."""
+
+    backbone: float
+    projector: float
+    predictor: float
+
+    @property
+    def heads(self) -> float:
+        return self.projector + self.predictor
+
+    @property
+    def total(self) -> float:
+        return self.backbone + self.heads
+
+
+def _stem_macs(cfg: ViTConfig) -> int:
+    if not cfg.conv_stem:
+        return cfg.num_patches * cfg.in_chans * cfg.patch_size**2 * cfg.embed_dim
+    macs, side, c_in, c_out = 0, cfg.img_size, cfg.in_chans, cfg.embed_dim // 8
+    for _ in range(4):
+        side = (side + 1) // 2  # stride 2, padding 1, kernel 3
+        macs += side * side * c_in * c_out * 9
+        c_in, c_out = c_out, c_out * 2
+    return macs + side * side * c_in * cfg.embed_dim
+
+
+def vit_macs(cfg: ViTConfig) -> ViTMacs:
+    """Analytic MACs of one crop through the backbone described by `cfg` (no head)."""
+    N, D, L = cfg.num_tokens, cfg.embed_dim, cfg.depth
+    return ViTMacs(
+        patch_embed=_stem_macs(cfg),
+        attn_linear=L * (N * D * 3 * D + N * D * D),
+        attn_matmul=L * 2 * N * N * D,
+        mlp=L * 2 * N * D * cfg.mlp_hidden_dim,
+    )
+
+
+def head_macs(embed_dim: int, dim: int = 256, mlp_dim: int = 4096) -> HeadMacs:
+    """MACs per crop of the 3-layer projector and 2-layer predictor (bias-free Linears)."""
+    return HeadMacs(
+        projector=embed_dim * mlp_dim + mlp_dim * mlp_dim + mlp_dim * dim,
+        predictor=dim * mlp_dim + mlp_dim * dim,
+    )
+
+
+def moco_training_flops(cfg: ViTConfig, dim: int = 256, mlp_dim: int = 4096) -> TrainingFlops:
+    """FLOPs of one MoCo v3 training image (two crops, forward + backward + momentum forward)."""
+    heads = head_macs(cfg.embed_dim, dim, mlp_dim)
+    return TrainingFlops(
+        backbone=TRAIN_FLOPS_PER_MAC * vit_macs(cfg).total,
+        projector=TRAIN_FLOPS_PER_MAC * heads.projector,
+        predictor=PREDICTOR_TRAIN_FLOPS_PER_MAC * heads.predictor,
+    )
+
+
+def counted_macs(cfg: ViTConfig) -> int:
+    """MACs of one crop as torch's FlopCounterMode counts them, on the meta device (no memory).
+
+    An independent check of `vit_macs`: it counts what the real module executes (fused SDPA is
+    only counted on meta or CUDA tensors, hence meta).
+    """
+    with torch.device("meta"):
+        model = VisionTransformer(cfg)
+        x = torch.empty(1, cfg.in_chans, cfg.img_size, cfg.img_size)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() // 2

@@ -1,0 +1,161 @@
+"""MoCo v3 (paper Algorithm 1; authors' `moco/builder.py`), with the cross-rank key gather injected.
+
+Shape legend: B local batch (one view, this rank), W world size, K = W * B keys in all,
+D backbone width, F feature dim of the heads (256).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scale.models.vit import VisionTransformer, build_vit
+
+
+class KeyGather(Protocol):
+    """Concatenates the keys of every rank, in rank order, without autograd: (B, F) -> (K, F).
+
+    `rank` is this process's index, used to offset the positive labels by `rank * B`.
+    """
+
+    rank: int
+
+    def __call__(self, keys: torch.Tensor) -> torch.Tensor: ...
+
+
+class LocalKeys:
+    """The single-process gather: the keys are all the keys. Needs no process group."""
+
+    rank = 0
+
+    def __call__(self, keys: torch.Tensor) -> torch.Tensor:
+        return keys
+
+
+def build_mlp(num_layers: int, input_dim: int, mlp_dim: int, output_dim: int) -> nn.Sequential:
+    """Projector / predictor: bias-free Linear, BN + ReLU after hidden layers, affine-free BN last.
+
+    The module indices (0, 1, 2, ...) are the authors', so checkpoints load unchanged.
+    """
+    layers: list[nn.Module] = []
+    for i in range(num_layers):
+        dim_in = input_dim if i == 0 else mlp_dim
+        dim_out = output_dim if i == num_layers - 1 else mlp_dim
+        layers.append(nn.Linear(dim_in, dim_out, bias=False))
+        if i < num_layers - 1:
+            layers += [nn.BatchNorm1d(dim_out), nn.ReLU(inplace=True)]
+        else:
+            layers.append(nn.BatchNorm1d(dim_out, affine=False))
+    return nn.Sequential(*layers)
+
+
+def momentum_schedule(step: float, total_steps: float, base_momentum: float = 0.99, final_momentum: float = 1.0) -> float:
+    """Cosine from `base_momentum` at step 0 to `final_momentum` at `total_steps`.
+
+    m = final - (final - base) * (1 + cos(pi * step / total_steps)) / 2; with final = 1 this is the
+    authors' `1 - 0.5 * (1 + cos(pi * t / T)) * (1 - m0)`, with t in fractional epochs or steps.
+    """
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, got {total_steps}")
+    progress = min(max(step / total_steps, 0.0), 1.0)
+    return final_momentum - (final_momentum - base_momentum) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class MoCoV3(nn.Module):
+    """Base encoder (backbone + 3-layer projector), 2-layer predictor, momentum encoder.
+
+    Args:
+        backbone: a `VisionTransformer`; its `head` is replaced by the projector, as the authors.
+        dim: output feature dimension F of both heads (256).
+        mlp_dim: hidden width of both heads (4096).
+        temperature: softmax temperature tau (0.2 for ViT).
+        key_gather: cross-rank key gather (see `KeyGather`); `LocalKeys()` for one process.
+    """
+
+    def __init__(
+        self,
+        backbone: VisionTransformer,
+        dim: int = 256,
+        mlp_dim: int = 4096,
+        temperature: float = 0.2,
+        key_gather: KeyGather | None = None,
+    ):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.temperature = temperature
+        self.key_gather: KeyGather = key_gather or LocalKeys()
+        backbone.head = build_mlp(3, backbone.num_features, mlp_dim, dim)
+        self.base_encoder = backbone
+        self.predictor = build_mlp(2, dim, mlp_dim, dim)
+        # The momentum encoder starts as an exact copy and is never trained by gradient.
+        self.momentum_encoder = copy.deepcopy(backbone)
+        for p in self.momentum_encoder.parameters():
+            p.requires_grad_(False)
+
+    def momentum_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(momentum params, base params) that the EMA moves, matched by name.
+
+        Params frozen in the base encoder (random patch projection, sin-cos table) are equal in
+        both encoders by construction and left out, so they stay bitwise equal.
+        """
+        base = dict(self.base_encoder.named_parameters())
+        ks, qs = [], []
+        for name, k in self.momentum_encoder.named_parameters():
+            q = base[name]
+            if q.requires_grad:
+                ks.append(k)
+                qs.append(q)
+        return ks, qs
+
+    @torch.no_grad()
+    def momentum_update(self, momentum: float) -> None:
+        """k <- momentum * k + (1 - momentum) * q, for every trainable backbone + projector param."""
+        ks, qs = self.momentum_pairs()
+        if ks:
+            # The authors' `k * m + q * (1 - m)` in the same operation order, in place on all tensors.
+            torch._foreach_mul_(ks, momentum)
+            torch._foreach_add_(ks, qs, alpha=1.0 - momentum)
+
+    def contrastive_loss(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """InfoNCE of queries (B, F) against the keys of all ranks, times 2 * tau (authors' scaling)."""
+        q = F.normalize(q.float(), dim=1)
+        k = F.normalize(k.float(), dim=1)
+        k_all = self.key_gather(k)  # (K, F)
+        logits = q @ k_all.T / self.temperature  # (B, K)
+        labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * self.key_gather.rank
+        return F.cross_entropy(logits, labels) * (2 * self.temperature)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, momentum: float | None = None) -> torch.Tensor:
+        """Symmetrised loss ctr(q1, k2) + ctr(q2, k1) for two views (B, C, H, W) each.
+
+        Args:
+            momentum: if given, the momentum update runs first (Algorithm 1). Sharded backends pass
+                None and run `momentum_update` on their shards after the optimizer step instead.
+        """
+        if momentum is not None:
+            self.momentum_update(momentum)
+        q1 = self.predictor(self.base_encoder(x1))  # (B, F)
+        q2 = self.predictor(self.base_encoder(x2))  # (B, F)
+        with torch.no_grad():
+            k1 = self.momentum_encoder(x1)  # (B, F)
+            k2 = self.momentum_encoder(x2)  # (B, F)
+        return self.contrastive_loss(q1, k2) + self.contrastive_loss(q2, k1)
+
+
+def build_moco(
+    name: str,
+    dim: int = 256,
+    mlp_dim: int = 4096,
+    temperature: float = 0.2,
+    key_gather: KeyGather | None = None,
+    **vit_overrides,
+) -> MoCoV3:
+    """`MoCoV3(build_vit(name, **vit_overrides), ...)`; builds on the default device (meta works)."""
+    return MoCoV3(build_vit(name, **vit_overrides), dim=dim, mlp_dim=mlp_dim, temperature=temperature, key_gather=key_gather)
+

@@ -1,0 +1,30 @@
+"""Package `scale`: MoCo v3 self-supervised ViT pretraining, from one CPU to GPU clusters."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="scale",
+    version="0.1.0",
+    description="MoCo v3 pretraining of Vision Transformers, scaled with DDP, FSDP2 and DeepSpeed ZeRO",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["scale", "scale.*", "benchmarks", "benchmarks.*"]),
+    install_requires=[
+        # FSDP2's fully_shard is public from 2.6 on.
+        "torch>=2.6",
+        "torchvision>=0.21",
+        "timm>=1.0",
+        "numpy>=1.24",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "ruff>=0.6"],
+        "dali": ["nvidia-dali-cuda120>=1.40"],
+    },
+    entry_points={
+        "console_scripts": [
+            "scale-convert-checkpoint=scale.convert_checkpoint:main",
+            "scale-flops=benchmarks.flops:main",
+        ],
+    },
+)

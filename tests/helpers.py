@@ -1,0 +1,33 @@
+"""Shared test helpers: tiny model configs and a real multi-process (gloo) launcher."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+# A ViT small enough for CPU tests: 32 px, patch 8 -> 16 patches + class token, width 32.
+TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4)
+TINY_HEADS = dict(dim=16, mlp_dim=64)
+
+
+def _entry(rank: int, fn, world_size: int, init_file: str, args: tuple) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, world_size: int = 2, *args) -> None:
+    """Run `fn(rank, world_size, *args)` in `world_size` real processes joined by gloo.
+
+    `fn` must be a module-level function; an exception in any rank fails the caller.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        mp.spawn(_entry, args=(fn, world_size, init_file, args), nprocs=world_size, join=True)

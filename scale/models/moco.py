@@ -124,8 +124,10 @@ class MoCoV3(nn.Module):
 
     def contrastive_loss(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """InfoNCE of queries (B, F) against the keys of all ranks, times 2 * tau (authors' scaling)."""
-        q = F.normalize(q.float(), dim=1)
-        k = F.normalize(k.float(), dim=1)
+        # The loss and softmax run in fp32 at least, whatever the autocast dtype.
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        q = F.normalize(q.to(dtype), dim=1)
+        k = F.normalize(k.to(dtype), dim=1)
         k_all = self.key_gather(k)  # (K, F)
         logits = q @ k_all.T / self.temperature  # (B, K)
         labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * self.key_gather.rank

@@ -14,9 +14,10 @@ import logging
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from scale.parallel.dist import all_reduce_with_grad
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +67,13 @@ class CrossRankBatchNorm(_BatchNorm):
         C = x.shape[1]
         dims = [0, *range(2, x.dim())]
         shape = [1, C] + [1] * (x.dim() - 2)  # broadcast per channel
-        xf = x.float()  # statistics in fp32 whatever the activation dtype
-        count = torch.full((1,), x.numel() // C, dtype=torch.float32, device=x.device)
-        totals = dist_fn.all_reduce(torch.cat([xf.sum(dims), count]), group=self.process_group)  # (C + 1,)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in fp32 at least
+        count = torch.full((1,), x.numel() // C, dtype=xf.dtype, device=x.device)
+        totals = all_reduce_with_grad(torch.cat([xf.sum(dims), count]), self.process_group)  # (C + 1,)
         n = totals[-1]
         mean = totals[:-1] / n  # (C,)
         centred = xf - mean.view(shape)
-        var = dist_fn.all_reduce(centred.square().sum(dims), group=self.process_group) / n  # biased, (C,)
+        var = all_reduce_with_grad(centred.square().sum(dims), self.process_group) / n  # biased, (C,)
         y = centred * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)

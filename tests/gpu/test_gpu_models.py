@@ -1,0 +1,55 @@
+"""CUDA-only checks of the model layer. Skipped without CUDA; run with `pytest -m gpu tests/gpu`."""
+
+import pytest
+import torch
+
+from scale.models import build_moco, build_vit
+from scale.models.flops import vit_macs
+from scale.parallel.sync_batchnorm import CrossRankBatchNorm, _ChannelsLastSyncBatchNorm
+from tests.helpers import TINY_HEADS, TINY_VIT, run_ranks
+
+pytestmark = pytest.mark.gpu
+
+
+def _syncbn_agree(rank: int, world: int, channels_last: bool) -> None:
+    # gloo with CUDA tensors: two ranks can share one GPU (NCCL refuses that).
+    torch.manual_seed(0)
+    shape = (world * 4, 9, 16) if channels_last else (world * 4, 16)
+    x = torch.randn(*shape, device="cuda") * 3 + 1
+    mine = x[rank * 4 : (rank + 1) * 4].clone().requires_grad_(True)
+    theirs_in = mine.detach().clone().requires_grad_(True)
+    ours = CrossRankBatchNorm(16, channels_last=channels_last).cuda()
+    torch_cls = _ChannelsLastSyncBatchNorm if channels_last else torch.nn.SyncBatchNorm
+    theirs = torch_cls(16).cuda()
+    y_ours, y_theirs = ours(mine), theirs(theirs_in)
+    torch.testing.assert_close(y_ours, y_theirs, rtol=1e-5, atol=1e-5)
+    w = torch.randn_like(y_ours)
+    (y_ours * w).sum().backward()
+    (y_theirs * w).sum().backward()
+    torch.testing.assert_close(mine.grad, theirs_in.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cross_rank_batchnorm_agrees_with_torch_syncbn_on_cuda(channels_last):
+    run_ranks(_syncbn_agree, 2, channels_last)
+
+
+def test_bf16_autocast_loss_close_to_fp32_on_cuda():
+    torch.manual_seed(0)
+    model = build_moco("vit_small", **TINY_HEADS, **TINY_VIT).cuda()
+    x1, x2 = torch.randn(8, 3, 32, 32, device="cuda"), torch.randn(8, 3, 32, 32, device="cuda")
+    fp32 = model(x1, x2)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        bf16 = model(x1, x2)
+    assert bf16.dtype == torch.float32  # the loss runs in fp32 under autocast
+    torch.testing.assert_close(bf16, fp32, rtol=2e-2, atol=2e-2)
+
+
+def test_flop_counter_sees_fused_attention_on_cuda():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_vit("vit_base").cuda().eval()
+    with FlopCounterMode(display=False) as fc, torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        model(torch.randn(1, 3, 224, 224, device="cuda"))
+    assert fc.get_total_flops() // 2 == vit_macs(model.cfg).total

@@ -1,0 +1,114 @@
+import pytest
+import torch
+
+from scale.convert_checkpoint import convert
+from scale.models import build_moco, build_vit
+from scale.models.checkpoints import (
+    CheckpointError,
+    build_timm_vit,
+    export_timm_state_dict,
+    load_backbone,
+    load_moco_checkpoint,
+    official_state,
+    save_atomic,
+    timm_kwargs,
+)
+from tests.helpers import TINY_HEADS, TINY_VIT
+
+
+def trained_moco(seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_moco("vit_small", **TINY_HEADS, **TINY_VIT)
+    with torch.no_grad():  # make the encoders differ, as after training
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return model
+
+
+def views():
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(4, 3, 32, 32, generator=g), torch.randn(4, 3, 32, 32, generator=g)
+
+
+def test_official_format_round_trip_gives_the_same_loss(tmp_path):
+    model = trained_moco(0)
+    state = official_state(model, epoch=300, arch="vit_small")
+    assert all(k.startswith(("module.base_encoder.", "module.momentum_encoder.", "module.predictor.")) for k in state["state_dict"])
+    assert "module.base_encoder.head.0.weight" in state["state_dict"]  # projector stored as the head
+    assert not any(k.startswith("module.momentum_encoder.head.") and "predictor" in k for k in state["state_dict"])
+    path = tmp_path / "checkpoint_0299.pth.tar"
+    save_atomic(state, path)
+
+    fresh = trained_moco(1)
+    x1, x2 = views()
+    assert not torch.equal(fresh(x1, x2), model(x1, x2))
+    load_moco_checkpoint(fresh, path)
+    torch.testing.assert_close(fresh(x1, x2), model(x1, x2), rtol=0, atol=0)
+
+
+def test_backbone_alone_from_official_checkpoint():
+    model = trained_moco(0)
+    state = official_state(model)
+    for encoder in ("base_encoder", "momentum_encoder"):
+        backbone = build_vit("vit_small", **TINY_VIT).eval()
+        load_backbone(backbone, state, encoder=encoder)
+        src = getattr(model, encoder).eval()
+        x = views()[0]
+        with torch.no_grad():
+            torch.testing.assert_close(backbone(x), src.forward_head(src.forward_features(x), pre_logits=True))
+
+
+def test_timm_state_dict_with_classifier_loads_into_backbone():
+    cfg = build_vit("vit_small", **TINY_VIT).cfg
+    from timm.models.vision_transformer import VisionTransformer
+
+    kwargs = {**timm_kwargs(cfg), "num_classes": 10}
+    timm_model = VisionTransformer(**kwargs).eval()
+    ours = build_vit("vit_small", **TINY_VIT).eval()
+    load_backbone(ours, {"model": timm_model.state_dict()})  # DeiT-style wrapping, head dropped
+    x = views()[0]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), timm_model.forward_head(timm_model.forward_features(x), pre_logits=True))
+
+
+def test_wrong_checkpoint_names_missing_and_unexpected_keys(tmp_path):
+    deeper = build_vit("vit_small", **{**TINY_VIT, "depth": 3})
+    with pytest.raises(CheckpointError, match=r"unexpected keys: blocks\.2\."):
+        load_backbone(build_vit("vit_small", **TINY_VIT), deeper.state_dict())
+    with pytest.raises(CheckpointError, match=r"missing keys: blocks\.2\."):
+        load_backbone(deeper, build_vit("vit_small", **TINY_VIT).state_dict())
+    wider = build_vit("vit_small", **{**TINY_VIT, "embed_dim": 64})
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        load_backbone(build_vit("vit_small", **TINY_VIT), wider.state_dict())
+    with pytest.raises(CheckpointError, match="not a MoCo v3 checkpoint"):
+        load_moco_checkpoint(trained_moco(), deeper.state_dict())
+    with pytest.raises(CheckpointError, match="no tensors"):
+        load_backbone(deeper, {"epoch": 3})
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_backbone(deeper, tmp_path / "nope.pth")
+
+
+def test_converter_cli_writes_a_timm_loadable_backbone(tmp_path):
+    model = trained_moco(0)
+    src, dst = tmp_path / "moco.pth.tar", tmp_path / "timm.pth"
+    save_atomic(official_state(model, arch="vit_small"), src)
+    convert(src, dst, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4)  # 'arch' names the model
+    sd = torch.load(dst, weights_only=True)
+    timm_model = build_timm_vit(model.base_encoder.cfg).eval()
+    timm_model.load_state_dict(sd, strict=True)
+    x = views()[0]
+    base = model.base_encoder.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(timm_model(x), base.forward_head(base.forward_features(x), pre_logits=True))
+    with pytest.raises(ValueError, match="pass --model"):
+        save_atomic(official_state(model, arch="resnet50"), src)
+        convert(src, dst)
+
+
+def test_export_is_detached_and_headless():
+    model = trained_moco(0)
+    sd = export_timm_state_dict(model)
+    assert not any(k.startswith("head.") for k in sd)
+    assert all(not v.requires_grad for v in sd.values())
+    sd["cls_token"].add_(1.0)  # a copy: the model is untouched
+    assert not torch.equal(sd["cls_token"], model.base_encoder.cls_token)

@@ -1,12 +1,14 @@
 """Package `scale`: MoCo v3 self-supervised ViT pretraining, from one CPU to GPU clusters."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="scale",
     version="0.1.0",
     description="MoCo v3 pretraining of Vision Transformers, scaled with DDP, FSDP2 and DeepSpeed ZeRO",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["scale", "scale.*", "benchmarks", "benchmarks.*"]),

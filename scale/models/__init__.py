@@ -1,7 +1,7 @@
 """Models: ViT backbones, MoCo v3, FLOPs and checkpoint interop. No torch.distributed here."""
 
 from scale.models.moco import KeyGather, LocalKeys, MoCoV3, build_mlp, build_moco, momentum_schedule
-from scale.models.vit import VIT_ALIASES, VIT_PRESETS, ViTConfig, VisionTransformer, build_vit, resolve_vit_config
+from scale.models.vit import VIT_ALIASES, VIT_PRESETS, VisionTransformer, ViTConfig, build_vit, resolve_vit_config
 
 __all__ = [
     "VIT_ALIASES",

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from scale.models.moco import MoCoV3
-from scale.models.vit import ViTConfig, VisionTransformer
+from scale.models.vit import VisionTransformer, ViTConfig
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,9 @@ def backbone_state_dict(source: str | os.PathLike | Mapping[str, Any], encoder: 
         prefix = f"{encoder}."
         sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
         if not sd:
-            raise CheckpointError(f"MoCo v3 checkpoint has no {prefix}* keys; encoder must be base_encoder or momentum_encoder")
+            raise CheckpointError(
+                f"MoCo v3 checkpoint has no {prefix}* keys; encoder must be base_encoder or momentum_encoder"
+            )
     dropped = sorted(k for k in sd if k.startswith(("head.", "fc_norm.")))
     if dropped:
         log.info("dropping head weights from the checkpoint: %s", _describe(dropped))
@@ -124,7 +126,9 @@ def load_backbone(
     model's `head` is left as it is."""
     sd = backbone_state_dict(source, encoder=encoder)
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
-    check_keys(expected, sd, f"backbone ({model.cfg.embed_dim}-wide, {model.cfg.depth} blocks, patch {model.cfg.patch_size})")
+    check_keys(
+        expected, sd, f"backbone ({model.cfg.embed_dim}-wide, {model.cfg.depth} blocks, patch {model.cfg.patch_size})"
+    )
     model.load_state_dict(sd, strict=False)
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from scale.models.vit import ViTConfig, VisionTransformer
+from scale.models.vit import VisionTransformer, ViTConfig
 
 # Paper Table 3, "FLOPs" column: multiply-adds per 224 x 224 crop, in G.
 PAPER_TABLE3_GMACS = {"vit_small": 4.6, "vit_base": 17.5, "vit_large": 61.3, "vit_huge": 166.7}

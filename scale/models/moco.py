@@ -54,7 +54,9 @@ def build_mlp(num_layers: int, input_dim: int, mlp_dim: int, output_dim: int) ->
     return nn.Sequential(*layers)
 
 
-def momentum_schedule(step: float, total_steps: float, base_momentum: float = 0.99, final_momentum: float = 1.0) -> float:
+def momentum_schedule(
+    step: float, total_steps: float, base_momentum: float = 0.99, final_momentum: float = 1.0
+) -> float:
     """Cosine from `base_momentum` at step 0 to `final_momentum` at `total_steps`.
 
     m = final - (final - base) * (1 + cos(pi * step / total_steps)) / 2; with final = 1 this is the
@@ -159,5 +161,6 @@ def build_moco(
     **vit_overrides,
 ) -> MoCoV3:
     """`MoCoV3(build_vit(name, **vit_overrides), ...)`; builds on the default device (meta works)."""
-    return MoCoV3(build_vit(name, **vit_overrides), dim=dim, mlp_dim=mlp_dim, temperature=temperature, key_gather=key_gather)
-
+    return MoCoV3(
+        build_vit(name, **vit_overrides), dim=dim, mlp_dim=mlp_dim, temperature=temperature, key_gather=key_gather
+    )

@@ -291,7 +291,8 @@ class VisionTransformer(nn.Module):
 
         qkv: three D x D matrices, each uniform(+-sqrt(6 / (D + D))); every other Linear
         xavier-uniform with zero bias; class token normal(std 1e-6); patch projection
-        xavier-uniform with fan 3 * p * p + D and zero bias; norms at (1, 0). The head is left
+        xavier-uniform with fan 3 * p * p + D and zero bias; norms at (1, 0); conv-stem
+        convolutions at PyTorch's default. The head is left
         alone (MoCo's projector keeps PyTorch's default Linear init, as the authors').
         """
         head = set(self.head.modules())
@@ -306,9 +307,7 @@ class VisionTransformer(nn.Module):
                     nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)):
-                m.reset_parameters()
-            elif isinstance(m, nn.Conv2d) and isinstance(self.patch_embed, ConvStem):
+            elif isinstance(m, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.Conv2d)):
                 m.reset_parameters()
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)

@@ -138,5 +138,7 @@ def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup |
         return m
 
     out = convert(module)
-    log.info("BatchNorm synchronised across ranks with %s", "torch.nn.SyncBatchNorm" if torch_sync else "CrossRankBatchNorm")
+    log.info(
+        "BatchNorm synchronised across ranks with %s", "torch.nn.SyncBatchNorm" if torch_sync else "CrossRankBatchNorm"
+    )
     return out

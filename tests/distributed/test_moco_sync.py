@@ -15,14 +15,26 @@ pytestmark = pytest.mark.distributed
 
 LOCAL_BATCH = 4
 # The two runs differ only in reduction order (sums split across ranks). In float64 that leaves
-# ~1e-15; in float32 ~1e-7 relative, more on gradient entries that are sums of cancelling terms
-# (the class token's), hence the absolute floor.
-TOLERANCE = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+# ~1e-15, so elements must agree to 1e-10: the mathematics is the same. In float32 single elements
+# that are sums of many cancelling terms (the class token's gradient) move by more, so gradients
+# are compared per parameter tensor: L2 error under 1e-5 of the tensor's gradient norm plus 1e-7 of
+# the global one (for tensors whose true gradient is ~0: the final norm's bias feeds a BatchNorm
+# that removes any shift).
+FP64_TOL = dict(rtol=1e-10, atol=1e-12)
+FP32_REL_L2 = 1e-5
+
+
+def _assert_grad_close(name: str, grad: torch.Tensor, ref: torch.Tensor, global_norm: float) -> None:
+    if grad.dtype == torch.float64:
+        torch.testing.assert_close(grad, ref, **FP64_TOL, msg=lambda m: f"{name}: {m}")
+        return
+    err, bound = (grad - ref).norm().item(), FP32_REL_L2 * ref.norm().item() + 1e-7 * global_norm
+    assert err < bound, f"{name}: L2 error {err:.2e} over the bound {bound:.2e}"
 
 
 def _equivalence(rank: int, world: int, use_bn: bool, dtype: torch.dtype) -> None:
     torch.set_default_dtype(dtype)
-    RTOL, ATOL = TOLERANCE[dtype]["rtol"], TOLERANCE[dtype]["atol"]
+    tol = FP64_TOL if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-6)
     torch.manual_seed(0)
     reference = build_moco("vit_small", use_bn=use_bn, **TINY_HEADS, **TINY_VIT)
     model = convert_sync_batchnorm(copy.deepcopy(reference))
@@ -48,10 +60,11 @@ def _equivalence(rank: int, world: int, use_bn: bool, dtype: torch.dtype) -> Non
     # What DDP does: the objective is the mean of the ranks' losses, gradients are averaged.
     mean_loss = loss.detach().clone()
     dist.all_reduce(mean_loss)
-    torch.testing.assert_close(mean_loss / world, ref_loss.detach(), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(mean_loss / world, ref_loss.detach(), **tol)
     assert not torch.allclose(loss.detach(), ref_loss.detach())  # each rank alone differs
 
     ref_params = dict(reference.named_parameters())
+    global_norm = torch.cat([p.grad.flatten() for p in ref_params.values() if p.grad is not None]).norm().item()
     checked = 0
     for name, p in model.named_parameters():
         ref = ref_params[name]
@@ -60,13 +73,13 @@ def _equivalence(rank: int, world: int, use_bn: bool, dtype: torch.dtype) -> Non
             continue
         grad = p.grad.clone()
         dist.all_reduce(grad)
-        torch.testing.assert_close(grad / world, ref.grad, rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}")
+        _assert_grad_close(name, grad / world, ref.grad, global_norm)
         checked += 1
     assert checked > 20
     # BatchNorm running statistics see the global batch, in both encoders.
     ref_buffers = dict(reference.named_buffers())
     for name, buf in model.named_buffers():
-        torch.testing.assert_close(buf, ref_buffers[name], rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(buf, ref_buffers[name], **tol, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])

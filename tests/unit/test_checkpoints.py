@@ -33,7 +33,10 @@ def views():
 def test_official_format_round_trip_gives_the_same_loss(tmp_path):
     model = trained_moco(0)
     state = official_state(model, epoch=300, arch="vit_small")
-    assert all(k.startswith(("module.base_encoder.", "module.momentum_encoder.", "module.predictor.")) for k in state["state_dict"])
+    assert all(
+        k.startswith(("module.base_encoder.", "module.momentum_encoder.", "module.predictor."))
+        for k in state["state_dict"]
+    )
     assert "module.base_encoder.head.0.weight" in state["state_dict"]  # projector stored as the head
     assert not any(k.startswith("module.momentum_encoder.head.") and "predictor" in k for k in state["state_dict"])
     path = tmp_path / "checkpoint_0299.pth.tar"

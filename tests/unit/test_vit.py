@@ -78,7 +78,9 @@ def test_sincos_table_equals_closed_form():
 def test_sincos_table_reproduces_the_authors_meshgrid():
     # The authors' construction, transcribed: meshgrid(w, h) with 'ij' indexing, 'w' pair first.
     G, D = 5, 24
-    grid_w, grid_h = torch.meshgrid(torch.arange(G, dtype=torch.float32), torch.arange(G, dtype=torch.float32), indexing="ij")
+    grid_w, grid_h = torch.meshgrid(
+        torch.arange(G, dtype=torch.float32), torch.arange(G, dtype=torch.float32), indexing="ij"
+    )
     omega = 1.0 / 10000.0 ** (torch.arange(D // 4, dtype=torch.float32) / (D // 4))
     out_w = torch.einsum("m,d->md", grid_w.flatten(), omega)
     out_h = torch.einsum("m,d->md", grid_h.flatten(), omega)

@@ -113,7 +113,13 @@ def backbone_state_dict(source: str | os.PathLike | Mapping[str, Any], encoder: 
             raise CheckpointError(
                 f"MoCo v3 checkpoint has no {prefix}* keys; encoder must be base_encoder or momentum_encoder"
             )
-    dropped = sorted(k for k in sd if k.startswith(("head.", "fc_norm.")))
+    if any(k.startswith("fc_norm.") for k in sd):
+        raise CheckpointError(
+            "checkpoint has fc_norm.* weights: a timm ViT with a LayerNorm after pooling (global_pool='avg' with "
+            "fc_norm), which scale's backbones do not have (pool='avg' has no final norm, as in the paper's "
+            "ablation); fine-tune it with timm instead"
+        )
+    dropped = sorted(k for k in sd if k.startswith("head."))
     if dropped:
         log.info("dropping head weights from the checkpoint: %s", _describe(dropped))
     return {k: v for k, v in sd.items() if k not in dropped}

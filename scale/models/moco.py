@@ -125,15 +125,19 @@ class MoCoV3(nn.Module):
             torch._foreach_add_(ks, qs, alpha=1.0 - momentum)
 
     def contrastive_loss(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """InfoNCE of queries (B, F) against the keys of all ranks, times 2 * tau (authors' scaling)."""
-        # The loss and softmax run in fp32 at least, whatever the autocast dtype.
+        """InfoNCE of queries (B, F) against the keys of all ranks, times 2 * tau (authors' scaling).
+
+        Runs in fp32 at least, outside any autocast region: in bf16 the logits q k^T / tau (up to
+        1 / 0.2 = 5) keep under 3 significant digits, and the softmax over thousands of keys suffers.
+        """
         dtype = torch.promote_types(q.dtype, torch.float32)
-        q = F.normalize(q.to(dtype), dim=1)
-        k = F.normalize(k.to(dtype), dim=1)
-        k_all = self.key_gather(k)  # (K, F)
-        logits = q @ k_all.T / self.temperature  # (B, K)
-        labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * self.key_gather.rank
-        return F.cross_entropy(logits, labels) * (2 * self.temperature)
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            q = F.normalize(q.to(dtype), dim=1)
+            k = F.normalize(k.to(dtype), dim=1)
+            k_all = self.key_gather(k)  # (K, F)
+            logits = q @ k_all.T / self.temperature  # (B, K)
+            labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * self.key_gather.rank
+            return F.cross_entropy(logits, labels) * (2 * self.temperature)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, momentum: float | None = None) -> torch.Tensor:
         """Symmetrised loss ctr(q1, k2) + ctr(q2, k1) for two views (B, C, H, W) each.

@@ -55,8 +55,8 @@ class CrossRankBatchNorm(_BatchNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _move_channels(x, self.channels_last, to_first=True)
-        use_batch_stats = self.training or self.running_mean is None
-        if use_batch_stats and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
+        # As torch.nn.SyncBatchNorm: statistics cross ranks only in training mode.
+        if self.training and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
             y = self._cross_rank(x)
         else:
             y = super().forward(x)
@@ -98,7 +98,8 @@ class _ChannelsLastSyncBatchNorm(nn.SyncBatchNorm):
 
 
 def _use_torch_sync(process_group: dist.ProcessGroup | None) -> bool:
-    return dist.is_initialized() and dist.get_backend(process_group) == "nccl"
+    # A mixed "cpu:gloo,cuda:nccl" group trains on CUDA too.
+    return dist.is_initialized() and "nccl" in str(dist.get_backend(process_group))
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup | None = None) -> nn.Module:

@@ -115,3 +115,13 @@ def test_export_is_detached_and_headless():
     assert all(not v.requires_grad for v in sd.values())
     sd["cls_token"].add_(1.0)  # a copy: the model is untouched
     assert not torch.equal(sd["cls_token"], model.base_encoder.cls_token)
+
+
+def test_timm_avg_pool_with_fc_norm_is_refused():
+    from timm.models.vision_transformer import VisionTransformer
+
+    ours = build_vit("vit_small", pool="avg", **TINY_VIT)
+    kwargs = {**timm_kwargs(ours.cfg), "fc_norm": None, "final_norm": True}  # timm's own avg default
+    timm_model = VisionTransformer(**kwargs)
+    with pytest.raises(CheckpointError, match="fc_norm"):
+        load_backbone(ours, timm_model.state_dict())

@@ -138,3 +138,12 @@ def test_models_package_has_no_distributed_import_or_cuda_calls():
                 assert not (node.module or "").startswith("torch.distributed"), path
             elif isinstance(node, ast.Attribute):
                 assert node.attr not in ("cuda", "distributed"), f"{path}:{node.lineno}"
+
+
+def test_loss_runs_in_fp32_under_bf16_autocast():
+    model = tiny_moco()
+    q, k = torch.randn(8, 16).bfloat16(), torch.randn(8, 16).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = model.contrastive_loss(q, k)
+    assert under_autocast.dtype == torch.float32
+    assert torch.equal(under_autocast, model.contrastive_loss(q.float(), k.float()))

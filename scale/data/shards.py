@@ -1,0 +1,342 @@
+"""ImageFolder tree -> webdataset tar shards, with DALI index files and a manifest.
+
+    scale-make-shards /data/imagenet/train /data/imagenet-shards --prefix train
+    scale-make-shards /data/imagenet/val   /data/imagenet-shards --prefix val --no-shuffle
+
+Layout written to OUT:
+    {prefix}-000000.tar, ...   samples `{key}.{jpg|png|...}` (the original bytes, not re-encoded),
+                               `{key}.cls` (label as text, webdataset's convention) and
+                               `{key}.cls.i32` (label as little-endian int32, for DALI's reader)
+    {prefix}-000000.idx, ...   DALI `fn.readers.webdataset` index (format v1.2); scale's reader
+                               also uses them to seek to samples
+    {prefix}-classes.json      class name -> index (sorted class folder names, as ImageFolder)
+    {prefix}-manifest.json     shards with sample counts, totals, the skipped files and why
+
+The file order is shuffled (seeded) before writing so that every shard mixes classes: a loader
+that reads shards sequentially then needs only a modest shuffle buffer. Every image is decoded
+once on the way in; unreadable or truncated files are reported and left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import random
+import tarfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+INDEX_VERSION = "v1.2"
+LABEL_TEXT_EXT = "cls"
+LABEL_BIN_EXT = "cls.i32"
+
+
+class DataError(ValueError):
+    """Bad data input: a missing path, an empty directory, a pattern that matches nothing."""
+
+
+@dataclass(frozen=True)
+class IndexedSample:
+    """One sample of a shard: its key and, per component extension, (data offset, size) in the tar."""
+
+    key: str
+    components: dict[str, tuple[int, int]]
+
+
+def find_images(root: str | os.PathLike) -> tuple[list[tuple[Path, int]], list[str]]:
+    """(path, label) pairs of an ImageFolder tree (root/CLASS/IMAGE), classes sorted by name."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder {str(root)!r} does not exist or is not a directory")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(f"{str(root)!r} has no class sub-directories; expected the ImageNet layout root/CLASS/IMAGE")
+    samples = []
+    for label, name in enumerate(classes):
+        for path in sorted((root / name).rglob("*")):
+            if path.is_file() and path.suffix.lower().lstrip(".") in IMAGE_EXTS:
+                samples.append((path, label))
+    if not samples:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) under {str(root)!r}")
+    return samples, classes
+
+
+def check_image(data: bytes) -> str | None:
+    """None if `data` decodes as an image, else why not."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    try:
+        decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except Exception as e:  # torchvision raises RuntimeError on corrupt or truncated data
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return None
+
+
+def _read_and_check(path: Path) -> tuple[bytes | None, str | None]:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return None, f"unreadable: {e}"
+    return data, check_image(data)
+
+
+def write_index(tar_path: str | os.PathLike, idx_path: str | os.PathLike | None = None) -> int:
+    """Write the DALI v1.2 index of a webdataset tar (beside it by default); returns the sample count.
+
+    A sample is the run of consecutive members sharing a key (the name up to the first dot of the
+    base name), as webdataset and DALI define it.
+    """
+    tar_path = Path(tar_path)
+    idx_path = Path(idx_path) if idx_path else tar_path.with_suffix(".idx")
+    samples: list[list[tuple[str, int, int, str]]] = []
+    last_key = None
+    with tarfile.open(tar_path, "r:") as tar:
+        for member in tar:
+            if not member.isreg():
+                continue
+            base = member.name.rsplit("/", 1)[-1]
+            if base.startswith(".") or "." not in base:
+                continue
+            dot = member.name.find(".", member.name.rfind("/") + 1)
+            key, ext = member.name[:dot], member.name[dot + 1 :]
+            entry = (ext, member.offset_data, member.size, member.name)
+            if key != last_key:
+                samples.append([entry])
+                last_key = key
+            else:
+                samples[-1].append(entry)
+    if not samples:
+        raise DataError(f"shard {str(tar_path)!r} holds no samples")
+    tmp = idx_path.with_name(idx_path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(f"{INDEX_VERSION} {len(samples)}\n")
+        for sample in samples:
+            f.write(" ".join(f"{ext} {off} {size} {name}" for ext, off, size, name in sample) + "\n")
+    os.replace(tmp, idx_path)
+    return len(samples)
+
+
+def index_path(tar_path: str | os.PathLike) -> Path:
+    return Path(tar_path).with_suffix(".idx")
+
+
+def read_index_count(idx_path: str | os.PathLike) -> int:
+    """The sample count in an index's header line (without reading the rest)."""
+    with open(idx_path) as f:
+        header = f.readline().split()
+    if len(header) != 2 or not header[0].startswith("v1"):
+        raise DataError(f"{str(idx_path)!r} is not a DALI webdataset index (header {' '.join(header)!r})")
+    return int(header[1])
+
+
+def read_index(idx_path: str | os.PathLike) -> list[IndexedSample]:
+    """All samples of an index file."""
+    out = []
+    with open(idx_path) as f:
+        version, count = f.readline().split()
+        for line in f:
+            fields = line.split()
+            if not fields:
+                continue
+            comps, key = {}, None
+            for i in range(0, len(fields), 4):
+                ext, off, size, name = fields[i : i + 4]
+                comps[ext] = (int(off), int(size))
+                key = key or name[: name.find(".", name.rfind("/") + 1)]
+            out.append(IndexedSample(key, comps))
+    if len(out) != int(count):
+        raise DataError(f"index {str(idx_path)!r} says {count} samples but lists {len(out)}; rebuild it")
+    return out
+
+
+def _bounded_map(pool: ProcessPoolExecutor, fn, samples: list, window: int) -> Iterator:
+    """(sample, fn(path)) in order, with at most `window` images in flight: the readers may not run
+    ahead of the writer by more than that (ImageNet would not fit in memory)."""
+    for i in range(0, len(samples), window):
+        chunk = samples[i : i + window]
+        yield from zip(chunk, pool.map(fn, [p for p, _ in chunk], chunksize=8), strict=True)
+
+
+def label_bytes(label: int) -> bytes:
+    return np.int32(label).tobytes()
+
+
+def make_shards(
+    root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    prefix: str = "train",
+    max_samples: int = 1_000_000,
+    max_bytes: float = 1e9,
+    shuffle: bool = True,
+    seed: int = 0,
+    num_workers: int | None = None,
+    verify: bool = True,
+    progress: bool = True,
+) -> dict:
+    """Convert the ImageFolder tree `root` into shards in `out_dir`; returns the manifest.
+
+    Args:
+        max_samples, max_bytes: a shard is closed when either would be exceeded (default: about 1 GB).
+        shuffle, seed: shuffle the file order before writing (recommended for training sets).
+        num_workers: processes that read and decode-check images (default: all cores).
+    """
+    import webdataset as wds
+    from tqdm import tqdm
+
+    samples, classes = find_images(root)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if any(out.glob(f"{prefix}-*.tar")):
+        raise DataError(f"{str(out)!r} already holds {prefix}-*.tar shards; choose another --prefix or directory")
+    if shuffle:
+        random.Random(seed).shuffle(samples)
+    (out / f"{prefix}-classes.json").write_text(json.dumps({c: i for i, c in enumerate(classes)}, indent=1))
+
+    skipped: list[dict] = []
+    written = 0
+    digest = hashlib.sha1()
+    start = time.time()
+    pattern = str(out / f"{prefix}-%06d.tar")
+    workers = num_workers or os.cpu_count() or 1
+    with (
+        ProcessPoolExecutor(workers) as pool,
+        wds.ShardWriter(pattern, maxcount=max_samples, maxsize=max_bytes, verbose=0) as sink,
+        tqdm(total=len(samples), unit="img", disable=not progress, desc=f"sharding {prefix}") as bar,
+    ):
+        for (path, label), (data, error) in _bounded_map(pool, _read_and_check, samples, window=64 * workers):
+            bar.update(1)
+            if error is not None:
+                skipped.append({"path": str(path), "error": error})
+                log.warning("skipping %s: %s", path, error)
+                continue
+            ext = path.suffix.lower().lstrip(".")
+            ext = "jpg" if ext == "jpeg" else ext
+            key = f"{written:09d}"
+            sink.write({"__key__": key, ext: data, LABEL_TEXT_EXT: str(label), LABEL_BIN_EXT: label_bytes(label)})
+            digest.update(data)
+            written += 1
+    elapsed = time.time() - start
+    if not written:
+        raise DataError(f"none of the {len(samples)} images under {str(root)!r} could be decoded")
+
+    shards = []
+    for tar in sorted(out.glob(f"{prefix}-*.tar")):
+        shards.append({"file": tar.name, "samples": write_index(tar), "bytes": tar.stat().st_size})
+    manifest = {
+        "prefix": prefix,
+        "source": str(Path(root).resolve()),
+        "num_samples": written,
+        "num_classes": len(classes),
+        "shards": shards,
+        "skipped": skipped,
+        "sha1_of_images": digest.hexdigest(),
+        "seconds": round(elapsed, 1),
+    }
+    (out / f"{prefix}-manifest.json").write_text(json.dumps(manifest, indent=1))
+    log.info(
+        "wrote %d images in %d shards to %s (%.0f img/s); %d skipped",
+        written,
+        len(shards),
+        out,
+        written / max(elapsed, 1e-9),
+        len(skipped),
+    )
+    if verify:
+        verify_shards(out, prefix)
+    return manifest
+
+
+def verify_shards(out_dir: str | os.PathLike, prefix: str = "train") -> None:
+    """Read every shard back with webdataset and check counts, labels and image bytes against the
+    manifest and indexes. Raises DataError on any mismatch."""
+    import webdataset as wds
+
+    out = Path(out_dir)
+    manifest = json.loads((out / f"{prefix}-manifest.json").read_text())
+    digest = hashlib.sha1()
+    total = 0
+    for shard in manifest["shards"]:
+        tar = out / shard["file"]
+        index = read_index(index_path(tar))
+        if len(index) != shard["samples"]:
+            raise DataError(f"{tar}: index has {len(index)} samples, manifest {shard['samples']}")
+        for n, sample in enumerate(wds.WebDataset(str(tar), shardshuffle=False, empty_check=False)):
+            entry = index[n]
+            image_ext = next(e for e in sample if e in IMAGE_EXTS)
+            label_txt = int(sample[LABEL_TEXT_EXT])
+            label_bin = int(np.frombuffer(sample[LABEL_BIN_EXT], dtype=np.int32)[0])
+            if sample["__key__"].rsplit("/", 1)[-1] != entry.key.rsplit("/", 1)[-1] or label_txt != label_bin:
+                raise DataError(f"{tar}: sample {n} does not match its index entry or labels disagree")
+            if len(sample[image_ext]) != entry.components[image_ext][1]:
+                raise DataError(f"{tar}: sample {n} size differs from its index entry")
+            digest.update(sample[image_ext])
+            total += 1
+    if total != manifest["num_samples"] or digest.hexdigest() != manifest["sha1_of_images"]:
+        raise DataError(f"verification of {out}/{prefix}-*.tar failed: {total} samples read back")
+    log.info("verified %d samples in %d shards", total, len(manifest["shards"]))
+
+
+def iter_shard(
+    tar_path: str | os.PathLike, index: list[IndexedSample], start: int = 0, stop: int | None = None
+) -> Iterator:
+    """(key, {ext: bytes}) of samples [start, stop) of one shard, by seeking with its index."""
+    stop = len(index) if stop is None else stop
+    with open(tar_path, "rb") as f:
+        for sample in index[start:stop]:
+            comps = {}
+            for ext, (off, size) in sample.components.items():
+                f.seek(off)
+                comps[ext] = f.read(size)
+            yield sample.key, comps
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("root", type=Path, nargs="?", help="ImageFolder tree (root/CLASS/IMAGE)")
+    parser.add_argument("out", type=Path, help="output directory for the shards")
+    parser.add_argument("--prefix", default="train", help="shard name prefix (train, val)")
+    parser.add_argument("--max-samples", type=int, default=1_000_000, help="samples per shard at most")
+    parser.add_argument("--max-bytes", type=float, default=1e9, help="bytes per shard at most (default 1 GB)")
+    parser.add_argument("--no-shuffle", action="store_true", help="keep the sorted file order")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=None, help="reader/decoder processes (default: all cores)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the read-back verification")
+    parser.add_argument("--index-only", action="store_true", help="only (re)write .idx files for OUT/*.tar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.index_only:
+        tars = sorted(args.out.glob("*.tar"))
+        if not tars:
+            raise SystemExit(f"no .tar files in {args.out}")
+        for tar in tars:
+            print(f"{tar}: {write_index(tar)} samples")
+        return
+    if args.root is None:
+        parser.error("ROOT is required unless --index-only")
+    make_shards(
+        args.root,
+        args.out,
+        prefix=args.prefix,
+        max_samples=args.max_samples,
+        max_bytes=args.max_bytes,
+        shuffle=not args.no_shuffle,
+        seed=args.seed,
+        num_workers=args.workers,
+        verify=not args.no_verify,
+    )
+
+
+if __name__ == "__main__":
+    main()

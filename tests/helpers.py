@@ -31,3 +31,26 @@ def run_ranks(fn, world_size: int = 2, *args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")
         mp.spawn(_entry, args=(fn, world_size, init_file, args), nprocs=world_size, join=True)
+
+
+def write_image_folder(root, images, labels=None, ext: str = "png", quality: int = 95):
+    """Write uint8 HWC arrays as root/<label>/<i>.<ext> (label defaults to the index: one class per
+    image, so labels identify samples). Returns root."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    root = Path(root)
+    for i, img in enumerate(images):
+        label = i if labels is None else labels[i]
+        folder = root / f"{label:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(folder / f"{i:05d}.{ext}", **({"quality": quality} if ext == "jpg" else {}))
+    return root
+
+
+def random_images(n: int, size: int = 16, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]

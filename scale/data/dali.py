@@ -1,0 +1,245 @@
+"""MoCo v3's two views on NVIDIA DALI: GPU decode and augmentation, or DALI's CPU-only mode.
+
+With a `device_id`, images are decoded by nvJPEG ('mixed') and augmented on that GPU; without
+one, the same graph runs in DALI's CPU-only mode (`device_id=None`), which is how its logic is
+tested on machines without a GPU. Reads webdataset shards (`fn.readers.webdataset` with the index
+files that `scale-make-shards` writes) or an ImageFolder tree (`fn.readers.file`), sharded by rank.
+
+Same semantics as `augment.py`, with these deliberate differences (the tests bound their effect):
+- Colour jitter: DALI applies brightness and contrast, then saturation and hue, in this fixed
+  order; torchvision draws a random order per image. Contrast pivots on the image's mean luminance
+  as in torchvision (passed to `brightness_contrast` as its centre). Hue is rotated in YIQ space by
+  +-360 * hue degrees (`fn.hsv`), torchvision shifts it in HSV space by +-hue turns.
+- Grayscale is `fn.hsv(saturation=0)`: luma 0.299 R + 0.587 G + 0.114 B, torchvision's weights.
+- Blur: the same 2 * ceil(3 * sigma_max) + 1 window and sigma range; applied with its probability
+  by blending, so the choice is per image.
+- Resize: linear with antialiasing in both.
+
+Epochs: the pipeline is rebuilt every epoch with a seed from (seed, epoch), and the reader's shard
+is rotated by the epoch, so each rank reads a different part each epoch, disjoint from the others.
+Every rank stops after `num_samples // (world_size * batch_size)` batches. Position: epoch and
+batches handed out; a mid-epoch resume replays the epoch's first batches (decoding them) and lands
+on the same next batch (DALI's random streams are seeded per pipeline).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from scale.data.augment import AugmentConfig
+from scale.data.shards import IMAGE_EXTS, LABEL_BIN_EXT, DataError, index_path
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = (
+    "NVIDIA DALI is not installed: pip install nvidia-dali-cuda120 (CUDA 12; nvidia-dali-cuda130 for CUDA 13), "
+    "or `pip install -e .[dali]`; or use --data.backend=torchvision"
+)
+
+
+def require_dali():
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError as e:
+        raise ImportError(INSTALL_HINT) from e
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+
+    return fn, types
+
+
+def _view(fn, types, images, cfg: AugmentConfig, view: int, device: str):
+    """One view from decoded uint8 HWC images (DALI graph)."""
+    crop = fn.random_resized_crop(
+        images,
+        device=device,
+        size=[cfg.crop_size, cfg.crop_size],
+        random_area=list(cfg.crop_scale),
+        random_aspect_ratio=list(cfg.crop_ratio),
+        interp_type=types.INTERP_LINEAR,
+        antialias=True,
+    )
+    b, c, s, h = cfg.jitter
+    jitter = fn.random.coin_flip(probability=cfg.jitter_p)
+
+    def around(centre: float, spread: float):  # centre + jitter * U(-spread, spread); DALI refuses empty ranges
+        return centre if spread == 0 else centre + jitter * fn.random.uniform(range=[-spread, spread])
+
+    bright, contrast, sat, hue = around(1.0, b), around(1.0, c), around(1.0, s), around(0.0, 360.0 * h)
+    # DALI computes brightness * (centre + contrast * (x - centre)); with the centre at the crop's
+    # mean luminance that is torchvision's brightness-then-contrast (clamping aside).
+    luma = fn.reductions.mean(
+        fn.color_space_conversion(crop, image_type=types.RGB, output_type=types.GRAY, device=device), device=device
+    )
+    x = fn.brightness_contrast(crop, brightness=bright, contrast=contrast, contrast_center=luma, device=device)
+    gray = fn.random.coin_flip(probability=cfg.grayscale_p)
+    x = fn.hsv(x, hue=hue, saturation=sat * (1.0 - gray), device=device)
+    blur_on = fn.random.coin_flip(probability=cfg.blur_p[view])
+    sigma = fn.random.uniform(range=list(cfg.blur_sigma))
+    blurred = fn.gaussian_blur(x, sigma=sigma, window_size=cfg.blur_kernel, device=device)
+    xf = fn.cast(x, dtype=types.FLOAT, device=device)
+    xf = xf + blur_on * (fn.cast(blurred, dtype=types.FLOAT, device=device) - xf)
+    if cfg.solarize_p[view] > 0:
+        sol = fn.random.coin_flip(probability=cfg.solarize_p[view])
+        xf = xf + sol * (xf >= float(cfg.solarize_threshold)) * (255.0 - 2.0 * xf)
+    return fn.crop_mirror_normalize(
+        xf,
+        device=device,
+        mirror=fn.random.coin_flip(probability=cfg.flip_p),
+        mean=[m * 255.0 for m in cfg.mean],
+        std=[s_ * 255.0 for s_ in cfg.std],
+        dtype=types.FLOAT,
+        output_layout="CHW",
+    )
+
+
+def build_pipeline(
+    source,
+    cfg: AugmentConfig,
+    *,
+    batch_size: int,
+    shard_id: int,
+    num_shards: int,
+    num_threads: int,
+    seed: int,
+    shuffle: bool,
+    shuffle_buffer: int,
+    device_id: int | None,
+):
+    """The DALI pipeline producing (view1, view2, label); `device_id=None` is CPU-only mode."""
+    fn, types = require_dali()
+    from nvidia.dali import pipeline_def
+
+    device = "cpu" if device_id is None else "gpu"
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed)
+    def two_views():
+        common = dict(
+            shard_id=shard_id,
+            num_shards=num_shards,
+            random_shuffle=shuffle,
+            initial_fill=max(shuffle_buffer, 1),
+            pad_last_batch=True,
+            name="Reader",
+        )
+        if source.kind == "shards":
+            encoded, labels = fn.readers.webdataset(
+                paths=[str(t) for t in source.tars],
+                index_paths=[str(index_path(t)) for t in source.tars],
+                ext=[";".join(IMAGE_EXTS), LABEL_BIN_EXT],
+                dtypes=[types.UINT8, types.INT32],
+                missing_component_behavior="error",
+                **common,
+            )
+        else:
+            encoded, labels = fn.readers.file(file_root=str(source.root), **common)
+        images = fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+        return _view(fn, types, images, cfg, 0, device), _view(fn, types, images, cfg, 1, device), labels
+
+    return two_views()
+
+
+class DaliLoader:
+    """`(view1, view2, labels)` batches from DALI with the `TwoViewLoader` interface."""
+
+    def __init__(
+        self,
+        source,
+        cfg: AugmentConfig,
+        *,
+        batch_size: int,
+        world_size: int = 1,
+        rank: int = 0,
+        num_threads: int = 2,
+        seed: int = 0,
+        shuffle: bool = True,
+        shuffle_buffer: int = 1000,
+        device_id: int | None = None,
+    ):
+        require_dali()
+        from scale.data.loader import batches_per_rank
+
+        self.source, self.cfg = source, cfg
+        self.batch_size, self.world_size, self.rank = batch_size, world_size, rank
+        self.num_threads, self.seed, self.shuffle = num_threads, seed, shuffle
+        self.shuffle_buffer, self.device_id = shuffle_buffer, device_id
+        self.num_samples = int(sum(source.counts))
+        self.batches_per_epoch = batches_per_rank(self.num_samples, world_size, batch_size)
+        self.epoch, self.batches_done, self.num_skipped = 0, 0, 0
+        if device_id is None:
+            log.info("DALI in CPU-only mode (no device_id): decoding and augmentation on %d CPU threads", num_threads)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.batches_done = epoch, 0
+
+    def _epoch_pipeline(self):
+        epoch_seed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0] % (2**31))
+        pipe = build_pipeline(
+            self.source,
+            self.cfg,
+            batch_size=self.batch_size,
+            shard_id=(self.rank + self.epoch) % self.world_size,
+            num_shards=self.world_size,
+            num_threads=self.num_threads,
+            seed=epoch_seed,
+            shuffle=self.shuffle,
+            shuffle_buffer=self.shuffle_buffer,
+            device_id=self.device_id,
+        )
+        pipe.build()
+        return pipe
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        if self.batches_done >= len(self):
+            self.epoch, self.batches_done = self.epoch + 1, 0
+        pipe = self._epoch_pipeline()
+        it = DALIGenericIterator(
+            pipe, ["view1", "view2", "label"], reader_name="Reader", last_batch_policy=LastBatchPolicy.DROP
+        )
+        try:
+            for produced, out in enumerate(it):
+                if produced >= len(self):
+                    break
+                if produced < self.batches_done:  # replaying up to a resumed position
+                    continue
+                batch = out[0]
+                self.batches_done += 1
+                yield batch["view1"], batch["view2"], batch["label"].reshape(-1).long()
+        finally:
+            del it, pipe
+        if self.batches_done >= len(self):
+            self.epoch, self.batches_done = self.epoch + 1, 0
+
+    def metrics(self) -> dict[str, float]:
+        return {"data/skipped": float(self.num_skipped)}
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "num_samples": self.num_samples,
+            "backend": "dali",
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        diff = [k for k in ("seed", "world_size", "batch_size", "num_samples") if state.get(k) != mine[k]]
+        if diff:
+            raise DataError(
+                f"cannot resume the DALI data position exactly ({', '.join(diff)} changed); "
+                "resume with the saved settings, or from a checkpoint taken at an epoch boundary"
+            )
+        self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])

@@ -18,15 +18,21 @@ setup(
         "torchvision>=0.21",
         "timm>=1.0",
         "numpy>=1.24",
+        "webdataset>=0.2.86",
+        "pillow>=9",
+        "tqdm>=4.60",
+        # the bundled demo set (load_digits) and its split
+        "scikit-learn>=1.2",
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.6"],
+        "dev": ["pytest>=8", "ruff>=0.6", "scipy>=1.10"],
         "dali": ["nvidia-dali-cuda120>=1.40"],
     },
     entry_points={
         "console_scripts": [
             "scale-convert-checkpoint=scale.convert_checkpoint:main",
             "scale-flops=benchmarks.flops:main",
+            "scale-make-shards=scale.data.shards:main",
         ],
     },
 )

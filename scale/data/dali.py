@@ -28,9 +28,9 @@ import logging
 from collections.abc import Iterator
 
 import numpy as np
-import torch
 
 from scale.data.augment import AugmentConfig
+from scale.data.loader import Batch, EpochLoader, batches_per_rank
 from scale.data.shards import IMAGE_EXTS, LABEL_BIN_EXT, DataError, index_path
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def build_pipeline(
     return two_views()
 
 
-class DaliLoader:
+class DaliLoader(EpochLoader):
     """`(view1, view2, labels)` batches from DALI with the `TwoViewLoader` interface."""
 
     def __init__(
@@ -161,24 +161,15 @@ class DaliLoader:
         device_id: int | None = None,
     ):
         require_dali()
-        from scale.data.loader import batches_per_rank
-
+        super().__init__()
         self.source, self.cfg = source, cfg
         self.batch_size, self.world_size, self.rank = batch_size, world_size, rank
         self.num_threads, self.seed, self.shuffle = num_threads, seed, shuffle
         self.shuffle_buffer, self.device_id = shuffle_buffer, device_id
         self.num_samples = int(sum(source.counts))
         self.batches_per_epoch = batches_per_rank(self.num_samples, world_size, batch_size)
-        self.epoch, self.batches_done, self.num_skipped = 0, 0, 0
         if device_id is None:
             log.info("DALI in CPU-only mode (no device_id): decoding and augmentation on %d CPU threads", num_threads)
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self.batches_done = epoch, 0
 
     def _epoch_pipeline(self):
         epoch_seed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0] % (2**31))
@@ -197,11 +188,10 @@ class DaliLoader:
         pipe.build()
         return pipe
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def _epoch_batches(self) -> Iterator[Batch]:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        if self.batches_done >= len(self):
-            self.epoch, self.batches_done = self.epoch + 1, 0
+        replay = self.batches_done
         pipe = self._epoch_pipeline()
         it = DALIGenericIterator(
             pipe, ["view1", "view2", "label"], reader_name="Reader", last_batch_policy=LastBatchPolicy.DROP
@@ -210,18 +200,12 @@ class DaliLoader:
             for produced, out in enumerate(it):
                 if produced >= len(self):
                     break
-                if produced < self.batches_done:  # replaying up to a resumed position
+                if produced < replay:  # replaying up to a resumed position
                     continue
                 batch = out[0]
-                self.batches_done += 1
                 yield batch["view1"], batch["view2"], batch["label"].reshape(-1).long()
         finally:
             del it, pipe
-        if self.batches_done >= len(self):
-            self.epoch, self.batches_done = self.epoch + 1, 0
-
-    def metrics(self) -> dict[str, float]:
-        return {"data/skipped": float(self.num_skipped)}
 
     def state_dict(self) -> dict:
         return {

@@ -375,7 +375,41 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers decode and augment one image at a time
 
 
-class TwoViewLoader:
+class EpochLoader:
+    """What every loader shares: `len()` batches per epoch on every rank, the position (epoch and
+    batches handed out), the corrupt-sample count. Subclasses yield one epoch's batches from the
+    current position in `_epoch_batches`."""
+
+    batches_per_epoch: int
+
+    def __init__(self) -> None:
+        self.epoch, self.batches_done, self.num_skipped = 0, 0, 0
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.batches_done = epoch, 0
+
+    def _epoch_batches(self) -> Iterator[Batch]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Batch]:
+        """The rest of the current epoch (all of it unless resumed mid-epoch)."""
+        if self.batches_done >= len(self):
+            self.epoch, self.batches_done = self.epoch + 1, 0
+        for batch in self._epoch_batches():
+            self.batches_done += 1
+            yield batch
+        if self.batches_done >= len(self):
+            self.epoch, self.batches_done = self.epoch + 1, 0
+
+    def metrics(self) -> dict[str, float]:
+        return {"data/skipped": float(self.num_skipped)}
+
+
+class TwoViewLoader(EpochLoader):
     """Iterate one epoch at a time: `for view1, view2, labels in loader: ...`.
 
     `len(loader)` is the number of batches per epoch (equal on every rank). The position advances
@@ -383,24 +417,12 @@ class TwoViewLoader:
     """
 
     def __init__(self, stream: TwoViewStream, pin_memory: bool = False, prefetch_factor: int = 4):
+        super().__init__()
         self.stream = stream
+        self.batches_per_epoch, self.batch_size = stream.batches_per_epoch, stream.batch_size
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
-        self.epoch, self.batches_done, self.num_skipped = 0, 0, 0
 
-    def __len__(self) -> int:
-        return self.stream.batches_per_epoch
-
-    @property
-    def batch_size(self) -> int:
-        return self.stream.batch_size
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self.batches_done = epoch, 0
-
-    def __iter__(self) -> Iterator[Batch]:
-        if self.batches_done >= len(self):
-            self.epoch, self.batches_done = self.epoch + 1, 0
+    def _epoch_batches(self) -> Iterator[Batch]:
         self.stream.configure(self.epoch, self.batches_done)
         workers = self.stream.num_workers
         loader = DataLoader(
@@ -412,7 +434,6 @@ class TwoViewLoader:
             worker_init_fn=_worker_init if workers else None,
         )
         for view1, view2, labels, meta in loader:
-            self.batches_done += 1
             if meta["skipped"]:
                 self.num_skipped += len(meta["skipped"])
                 log.warning(
@@ -423,11 +444,6 @@ class TwoViewLoader:
                     ", ".join(meta["skipped"][:5]),
                 )
             yield view1, view2, labels
-        if self.batches_done >= len(self):
-            self.epoch, self.batches_done = self.epoch + 1, 0
-
-    def metrics(self) -> dict[str, float]:
-        return {"data/skipped": float(self.num_skipped)}
 
     def state_dict(self) -> dict:
         s = self.stream
@@ -470,7 +486,7 @@ class TwoViewLoader:
 # ----------------------------------------------------------------------------- synthetic
 
 
-class SyntheticLoader:
+class SyntheticLoader(EpochLoader):
     """Fixed random batches of the right shape for benchmarks: no decoding, no augmentation cost.
 
     The batch is generated once (seeded) and handed out `len(loader)` times per epoch.
@@ -479,6 +495,7 @@ class SyntheticLoader:
     def __init__(
         self, batch_size: int, crop_size: int = 224, num_samples: int = 1_281_167, world_size: int = 1, seed: int = 0
     ):
+        super().__init__()
         self.batches_per_epoch = batches_per_rank(num_samples, world_size, batch_size)
         g = torch.Generator().manual_seed(seed)
         self._batch = (
@@ -487,25 +504,10 @@ class SyntheticLoader:
             torch.full((batch_size,), -1, dtype=torch.int64),
         )
         self.batch_size = batch_size
-        self.epoch, self.batches_done, self.num_skipped = 0, 0, 0
 
-    def __len__(self) -> int:
-        return self.batches_per_epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self.batches_done = epoch, 0
-
-    def __iter__(self) -> Iterator[Batch]:
-        if self.batches_done >= len(self):
-            self.epoch, self.batches_done = self.epoch + 1, 0
-        while self.batches_done < len(self):
-            self.batches_done += 1
+    def _epoch_batches(self) -> Iterator[Batch]:
+        for _ in range(len(self) - self.batches_done):
             yield self._batch
-        self.epoch, self.batches_done = self.epoch + 1, 0
-
-    def metrics(self) -> dict[str, float]:
-        return {"data/skipped": 0.0}
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batches_done": self.batches_done}

@@ -65,8 +65,10 @@ class AugmentConfig:
         return 2 * math.ceil(3 * self.blur_sigma[1]) + 1
 
 
-def view_transform(cfg: AugmentConfig, view: int) -> T.Compose:
-    """The transform of view 0 or 1: uint8 (3, H, W) in, normalised float32 (3, S, S) out."""
+def view_transform(cfg: AugmentConfig, view: int, normalize: bool = True) -> T.Compose:
+    """The transform of view 0 or 1: uint8 (3, H, W) in, normalised float32 (3, S, S) out
+    (uint8 (3, S, S) with `normalize=False`: a quarter of the bytes between processes; see
+    `Normalize` for the rest)."""
     if view not in (0, 1):
         raise ValueError(f"view must be 0 or 1, got {view}")
     b, c, s, h = cfg.jitter
@@ -78,24 +80,36 @@ def view_transform(cfg: AugmentConfig, view: int) -> T.Compose:
     ]
     if cfg.solarize_p[view] > 0:
         ops.append(T.RandomSolarize(threshold=cfg.solarize_threshold, p=cfg.solarize_p[view]))
-    ops += [
-        T.RandomHorizontalFlip(p=cfg.flip_p),
-        T.ToDtype(torch.float32, scale=True),
-        T.Normalize(mean=cfg.mean, std=cfg.std),
-    ]
+    ops.append(T.RandomHorizontalFlip(p=cfg.flip_p))
+    if normalize:
+        ops += [T.ToDtype(torch.float32, scale=True), T.Normalize(mean=cfg.mean, std=cfg.std)]
     return T.Compose(ops)
 
 
 class TwoViews:
-    """uint8 image (3, H, W) -> (view 1, view 2), each float32 (3, S, S)."""
+    """uint8 image (3, H, W) -> (view 1, view 2), each float32 (3, S, S) (uint8 if not `normalize`)."""
 
-    def __init__(self, cfg: AugmentConfig | None = None):
+    def __init__(self, cfg: AugmentConfig | None = None, normalize: bool = True):
         self.cfg = cfg or AugmentConfig()
-        self.view1 = view_transform(self.cfg, 0)
-        self.view2 = view_transform(self.cfg, 1)
+        self.view1 = view_transform(self.cfg, 0, normalize)
+        self.view2 = view_transform(self.cfg, 1, normalize)
 
     def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.view1(image), self.view2(image)
+
+
+class Normalize:
+    """uint8 batches (B, 3, S, S) -> float32 scaled to [0, 1] and normalised, on their device: the
+    same arithmetic as `ToDtype(scale=True)` + `Normalize`, done after the batch crossed processes
+    (or reached the GPU) instead of per image in a worker."""
+
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.float32).div_(255.0)
+        return x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
 
 
 def eval_transform(crop_size: int = 224, resize: int | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.Compose:
@@ -110,12 +124,3 @@ def eval_transform(crop_size: int = 224, resize: int | None = None, mean=IMAGENE
             T.Normalize(mean=mean, std=std),
         ]
     )
-
-
-def to_rgb_uint8(image: torch.Tensor) -> torch.Tensor:
-    """Decoded image (C, H, W) uint8 with 1, 3 or 4 channels -> 3 channels."""
-    if image.shape[0] == 1:
-        return image.expand(3, -1, -1)
-    if image.shape[0] == 4:
-        return image[:3]
-    return image

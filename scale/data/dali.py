@@ -8,15 +8,16 @@ files that `scale-make-shards` writes) or an ImageFolder tree (`fn.readers.file`
 Same semantics as `augment.py`, with these deliberate differences (the tests bound their effect):
 - Colour jitter: DALI applies brightness and contrast, then saturation and hue, in this fixed
   order; torchvision draws a random order per image. Contrast pivots on the image's mean luminance
-  as in torchvision (passed to `brightness_contrast` as its centre). Hue is rotated in YIQ space by
+  as in torchvision. Hue is rotated in YIQ space by
   +-360 * hue degrees (`fn.hsv`), torchvision shifts it in HSV space by +-hue turns.
 - Grayscale is `fn.hsv(saturation=0)`: luma 0.299 R + 0.587 G + 0.114 B, torchvision's weights.
 - Blur: the same 2 * ceil(3 * sigma_max) + 1 window and sigma range; applied with its probability
   by blending, so the choice is per image.
 - Resize: linear with antialiasing in both.
 
-Epochs: the pipeline is rebuilt every epoch with a seed from (seed, epoch), and the reader's shard
-is rotated by the epoch, so each rank reads a different part each epoch, disjoint from the others.
+Epochs: the pipeline is rebuilt every epoch with a seed from (seed, epoch) and the units (shards or
+files) in the order of the torchvision path's per-epoch permutation, the same on every rank; the
+reader gives each rank a contiguous, disjoint part of that order and shuffles it with its buffer.
 Every rank stops after `num_samples // (world_size * batch_size)` batches. Position: epoch and
 batches handed out; a mid-epoch resume replays the epoch's first batches (decoding them) and lands
 on the same next batch (DALI's random streams are seeded per pipeline).
@@ -30,8 +31,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from scale.data.augment import AugmentConfig
-from scale.data.loader import Batch, EpochLoader, batches_per_rank
-from scale.data.shards import IMAGE_EXTS, LABEL_BIN_EXT, DataError, index_path
+from scale.data.loader import Batch, EpochLoader, batches_per_rank, check_resume_layout, epoch_order
+from scale.data.shards import IMAGE_EXTS, LABEL_BIN_EXT, index_path
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ def require_dali():
 
 
 def _view(fn, types, images, cfg: AugmentConfig, view: int, device: str):
+    import nvidia.dali.math as dmath
+
     """One view from decoded uint8 HWC images (DALI graph)."""
     crop = fn.random_resized_crop(
         images,
@@ -70,12 +73,15 @@ def _view(fn, types, images, cfg: AugmentConfig, view: int, device: str):
         return centre if spread == 0 else centre + jitter * fn.random.uniform(range=[-spread, spread])
 
     bright, contrast, sat, hue = around(1.0, b), around(1.0, c), around(1.0, s), around(0.0, 360.0 * h)
-    # DALI computes brightness * (centre + contrast * (x - centre)); with the centre at the crop's
-    # mean luminance that is torchvision's brightness-then-contrast (clamping aside).
+    # torchvision: brightness, then contrast around the mean luminance, clamping to [0, 255]; i.e.
+    # clamp(b * (luma + c * (x - luma))) with luma of the original crop. Plain arithmetic, so the
+    # per-image luma can stay on the GPU (DALI wants named arguments on the CPU).
     luma = fn.reductions.mean(
         fn.color_space_conversion(crop, image_type=types.RGB, output_type=types.GRAY, device=device), device=device
     )
-    x = fn.brightness_contrast(crop, brightness=bright, contrast=contrast, contrast_center=luma, device=device)
+    xf = fn.cast(crop, dtype=types.FLOAT, device=device)
+    xf = dmath.clamp(bright * (luma + contrast * (xf - luma)), 0.0, 255.0)
+    x = fn.cast(xf, dtype=types.UINT8, device=device)
     gray = fn.random.coin_flip(probability=cfg.grayscale_p)
     x = fn.hsv(x, hue=hue, saturation=sat * (1.0 - gray), device=device)
     blur_on = fn.random.coin_flip(probability=cfg.blur_p[view])
@@ -109,12 +115,18 @@ def build_pipeline(
     shuffle: bool,
     shuffle_buffer: int,
     device_id: int | None,
+    order: list[int] | None = None,
 ):
-    """The DALI pipeline producing (view1, view2, label); `device_id=None` is CPU-only mode."""
+    """The DALI pipeline producing (view1, view2, label); `device_id=None` is CPU-only mode.
+
+    `order`: the units (shards or files) in the order to read them, the same on every rank (a
+    per-epoch permutation); default: as listed.
+    """
     fn, types = require_dali()
     from nvidia.dali import pipeline_def
 
     device = "cpu" if device_id is None else "gpu"
+    order = list(range(len(source.counts))) if order is None else list(order)
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed)
     def two_views():
@@ -127,16 +139,24 @@ def build_pipeline(
             name="Reader",
         )
         if source.kind == "shards":
+            tars = [source.tars[i] for i in order]
             encoded, labels = fn.readers.webdataset(
-                paths=[str(t) for t in source.tars],
-                index_paths=[str(index_path(t)) for t in source.tars],
+                paths=[str(t) for t in tars],
+                index_paths=[str(index_path(t)) for t in tars],
                 ext=[";".join(IMAGE_EXTS), LABEL_BIN_EXT],
                 dtypes=[types.UINT8, types.INT32],
-                missing_component_behavior="error",
+                # Shards from other tools may lack the binary label: -1, as for unlabelled data.
+                missing_component_behavior="empty",
                 **common,
             )
+            labels = fn.pad(labels, axes=[0], shape=[1], fill_value=-1)
         else:
-            encoded, labels = fn.readers.file(file_root=str(source.root), **common)
+            # The same file list as the torchvision path (not DALI's own directory scan).
+            encoded, labels = fn.readers.file(
+                files=[str(source.samples[i][0]) for i in order],
+                labels=[source.samples[i][1] for i in order],
+                **common,
+            )
         images = fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
         return _view(fn, types, images, cfg, 0, device), _view(fn, types, images, cfg, 1, device), labels
 
@@ -177,13 +197,14 @@ class DaliLoader(EpochLoader):
             self.source,
             self.cfg,
             batch_size=self.batch_size,
-            shard_id=(self.rank + self.epoch) % self.world_size,
+            shard_id=self.rank,
             num_shards=self.world_size,
             num_threads=self.num_threads,
             seed=epoch_seed,
             shuffle=self.shuffle,
             shuffle_buffer=self.shuffle_buffer,
             device_id=self.device_id,
+            order=epoch_order(len(self.source.counts), self.seed, self.epoch, self.shuffle),
         )
         pipe.build()
         return pipe
@@ -219,11 +240,6 @@ class DaliLoader(EpochLoader):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        mine = self.state_dict()
-        diff = [k for k in ("seed", "world_size", "batch_size", "num_samples") if state.get(k) != mine[k]]
-        if diff:
-            raise DataError(
-                f"cannot resume the DALI data position exactly ({', '.join(diff)} changed); "
-                "resume with the saved settings, or from a checkpoint taken at an epoch boundary"
-            )
+        layout = {k: v for k, v in self.state_dict().items() if k not in ("epoch", "batches_done")}
+        check_resume_layout(state, layout)
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])

@@ -20,9 +20,13 @@ How an epoch is laid out (torchvision path; `plan_epoch` is the pure function be
 
 Position and resume: `state_dict()` records the epoch and the batches handed out in it. Resuming
 with the same world size, batch size, worker count and data yields exactly the same next batch,
-mid-epoch included: the workers re-read their part of the epoch up to the position (bytes only, no
-decoding) to rebuild the shuffle buffer. One caveat: a corrupt sample is replaced by the previous
-good sample of the same worker, and right after a resume point that may be a different one.
+mid-epoch included: each worker replays its shuffle buffer up to the position on sample positions
+alone (no reading, no decoding) and then reads only the samples still in the buffer. At an epoch
+boundary the layout may change (elastic resume). One caveat: a corrupt sample is replaced by the
+previous good sample of the same worker, and right after a resume point that may be another one.
+
+Workers hand over uint8 views (a quarter of the bytes of float32 through shared memory); the
+loader normalises them in the main process, or on `device` after the copy.
 
 Corrupt or undecodable samples are skipped: replaced (so batch counts stay equal), counted in
 `num_skipped` and the `data/skipped` metric, and logged with their keys.
@@ -43,7 +47,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from scale.data.augment import AugmentConfig, TwoViews
+from scale.data.augment import AugmentConfig, Normalize, TwoViews
 from scale.data.shards import (
     IMAGE_EXTS,
     LABEL_BIN_EXT,
@@ -89,6 +93,7 @@ class ShardSource:
         return f"{len(self.tars)} shards ({sum(self.counts)} samples) in {self.tars[0].parent}"
 
     def read(self, unit: int, start: int, stop: int) -> Iterator[tuple[str, bytes | None, int]]:
+        """(key, image bytes, label) of samples [start, stop) of shard `unit`, read sequentially."""
         if self._index is None or self._index[0] != unit:
             self._index = (unit, read_index(index_path(self.tars[unit])))
         for key, comps in iter_shard(self.tars[unit], self._index[1], start, stop):
@@ -100,6 +105,9 @@ class ShardSource:
             else:
                 label = -1
             yield f"{self.tars[unit].name}/{key}", image, label
+
+    def read_one(self, unit: int, i: int) -> tuple[str, bytes | None, int]:
+        return next(self.read(unit, i, i + 1))
 
 
 class FolderSource:
@@ -116,20 +124,35 @@ class FolderSource:
         return f"image folder {self.root} ({len(self.samples)} images, {len(self.classes)} classes)"
 
     def read(self, unit: int, start: int, stop: int) -> Iterator[tuple[str, bytes | None, int]]:
+        yield self.read_one(unit, 0)
+
+    def read_one(self, unit: int, i: int) -> tuple[str, bytes | None, int]:
         path, label = self.samples[unit]
         try:
             data = path.read_bytes()
         except OSError:
             data = None
-        yield str(path), data, label
+        return str(path), data, label
 
 
 def expand_pattern(spec: str) -> list[Path]:
-    """Brace (`train-{000000..000146}.tar`) and glob patterns -> sorted existing paths."""
+    """Brace (`train-{000000..000146}.tar`) and glob patterns -> sorted paths. Every name a brace
+    range spells out must exist: a missing shard is an error, not a silently smaller dataset."""
     import braceexpand
 
-    paths = sorted({p for part in braceexpand.braceexpand(spec) for p in glob.glob(os.path.expanduser(part))})
-    return [Path(p) for p in paths]
+    paths, missing = set(), []
+    for part in braceexpand.braceexpand(os.path.expanduser(spec)):
+        if any(c in part for c in "*?["):
+            paths.update(glob.glob(part))
+        elif os.path.exists(part):
+            paths.add(part)
+        else:
+            missing.append(part)
+    if missing and paths:
+        raise DataError(
+            f"{len(missing)} file(s) of {spec!r} do not exist, e.g. {missing[0]}; fix the range or the files"
+        )
+    return [Path(p) for p in sorted(paths)]
 
 
 def resolve_source(spec: str) -> ShardSource | FolderSource:
@@ -196,6 +219,11 @@ def batches_per_rank(num_samples: int, world_size: int, batch_size: int) -> int:
     return n
 
 
+def epoch_order(num_units: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """The order of the units (shards or files) in `epoch`: a permutation seeded by (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_units) if shuffle else np.arange(num_units)
+
+
 def plan_epoch(
     counts: list[int],
     *,
@@ -206,12 +234,17 @@ def plan_epoch(
     epoch: int,
     seed: int,
     shuffle: bool,
+    worker: int | None = None,
 ) -> EpochPlan:
-    """Which samples every logical worker of `rank` reads in `epoch` (see the module docstring)."""
+    """Which samples every logical worker of `rank` reads in `epoch` (see the module docstring).
+
+    With `worker`, only that worker's segments are listed (the others are left empty): each
+    DataLoader worker plans for itself, and an ImageFolder source has one unit per file.
+    """
     K = max(1, num_workers)
     counts_arr = np.asarray(counts, dtype=np.int64)
     nb = batches_per_rank(int(counts_arr.sum()), world_size, batch_size)
-    order = np.random.default_rng([seed, epoch]).permutation(len(counts_arr)) if shuffle else np.arange(len(counts_arr))
+    order = epoch_order(len(counts_arr), seed, epoch, shuffle)
     ends = np.cumsum(counts_arr[order])
     starts = ends - counts_arr[order]
     worker_batches = [max(0, (nb - k + K - 1) // K) for k in range(K)]
@@ -220,7 +253,7 @@ def plan_epoch(
         b = a + worker_batches[k] * batch_size
         segs, pos = [], a
         i = int(np.searchsorted(ends, pos, side="right"))
-        while pos < b:
+        while pos < b and (worker is None or worker == k):
             lo, hi = pos - int(starts[i]), min(b, int(ends[i])) - int(starts[i])
             segs.append(Segment(int(order[i]), lo, hi, pos))
             pos = int(starts[i]) + hi
@@ -283,24 +316,40 @@ class TwoViewStream(IterableDataset):
         self.num_samples = int(sum(source.counts))
         self.batches_per_epoch = batches_per_rank(self.num_samples, world_size, batch_size)
         self.epoch, self.skip_batches = 0, 0
+        self._replaying = False
 
     def configure(self, epoch: int, skip_batches: int) -> None:
         """Set the epoch and the batches already consumed in it (before creating the iterator)."""
         self.epoch, self.skip_batches = epoch, skip_batches
 
-    def _raw(self, plan: EpochPlan, k: int) -> Iterator[tuple[int, str, bytes | None, int]]:
-        """(uid, key, image bytes, label) of logical worker k, before shuffling."""
+    def _raw(self, plan: EpochPlan, k: int) -> Iterator[tuple[int, int, int, tuple | None]]:
+        """(uid, unit, index in unit, (key, image bytes, label)) of logical worker k, unshuffled.
+
+        While `self._replaying`, the payload is None and nothing is read: a resume replays the
+        shuffle buffer on positions alone and fetches only the samples left in it.
+        """
         if not self.resampled:
             for seg in plan.worker_segments[k]:
-                for offset, (key, data, label) in enumerate(self.source.read(seg.unit, seg.start, seg.stop)):
-                    yield seg.position + offset, key, data, label
+                reader = None
+                for i in range(seg.start, seg.stop):
+                    uid = seg.position + i - seg.start
+                    if self._replaying:
+                        yield uid, seg.unit, i, None
+                        continue
+                    reader = reader or self.source.read(seg.unit, i, seg.stop)
+                    yield uid, seg.unit, i, next(reader)
             return
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, k, 1])
         uid = ((self.rank * max(1, self.num_workers) + k) << 40) + (1 << 62)  # never equal to a position
         while True:
             unit = int(rng.integers(len(self.source.counts)))
-            for key, data, label in self.source.read(unit, 0, self.source.counts[unit]):
-                yield uid, key, data, label
+            reader = None
+            for i in range(self.source.counts[unit]):
+                if self._replaying:
+                    yield uid, unit, i, None
+                else:
+                    reader = reader or self.source.read(unit, i, self.source.counts[unit])
+                    yield uid, unit, i, next(reader)
                 uid += 1
 
     def _decode(self, data: bytes | None) -> torch.Tensor | None:
@@ -326,13 +375,16 @@ class TwoViewStream(IterableDataset):
             epoch=self.epoch,
             seed=self.seed,
             shuffle=self.shuffle,
+            worker=k,
         )
         skip = _batches_before(self.skip_batches, k, K)
         stream = self._raw(plan, k)
         if self.shuffle_buffer > 1:
             stream = _shuffled(stream, self.shuffle_buffer, random.Random(hash((self.seed, self.epoch, self.rank, k))))
-        for _ in range(skip * self.batch_size):  # re-read to the position without decoding
+        self._replaying = True  # to the resume position: positions only, no reading, no decoding
+        for _ in range(skip * self.batch_size):
             next(stream)
+        self._replaying = False
         last_good: tuple[torch.Tensor, int] | None = None
         pending: list[int] = []  # uids of corrupt samples met before any good one
         ready: deque[tuple[torch.Tensor, int, int]] = deque()  # (image, label, uid), one per raw sample
@@ -340,9 +392,10 @@ class TwoViewStream(IterableDataset):
             skipped = []
             while len(ready) < self.batch_size:
                 try:
-                    uid, key, data, label = next(stream)
+                    uid, unit, i, payload = next(stream)
                 except StopIteration:
                     raise DataError(f"every sample of a worker's range was corrupt (last: {skipped[-1:]})") from None
+                key, data, label = payload or self.source.read_one(unit, i)  # None: in the buffer at resume
                 image = self._decode(data)
                 if image is None:
                     log.warning("skipping corrupt or undecodable sample %s", key)
@@ -416,11 +469,21 @@ class TwoViewLoader(EpochLoader):
     as batches are handed out; `state_dict()` / `load_state_dict()` save and restore it.
     """
 
-    def __init__(self, stream: TwoViewStream, pin_memory: bool = False, prefetch_factor: int = 4):
+    def __init__(
+        self,
+        stream: TwoViewStream,
+        pin_memory: bool = False,
+        prefetch_factor: int = 2,
+        device: str | torch.device | None = None,
+    ):
         super().__init__()
         self.stream = stream
         self.batches_per_epoch, self.batch_size = stream.batches_per_epoch, stream.batch_size
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        # Workers hand over uint8 views (a quarter of the bytes); normalised here, on `device`.
+        self.device = torch.device(device) if device is not None else None
+        cfg = stream.transform.cfg
+        self.normalize = Normalize(cfg.mean, cfg.std)
 
     def _epoch_batches(self) -> Iterator[Batch]:
         self.stream.configure(self.epoch, self.batches_done)
@@ -443,7 +506,9 @@ class TwoViewLoader(EpochLoader):
                     self.num_skipped,
                     ", ".join(meta["skipped"][:5]),
                 )
-            yield view1, view2, labels
+            if self.device is not None:
+                view1, view2 = (v.to(self.device, non_blocking=True) for v in (view1, view2))
+            yield self.normalize(view1), self.normalize(view2), labels
 
     def state_dict(self) -> dict:
         s = self.stream
@@ -457,30 +522,40 @@ class TwoViewLoader(EpochLoader):
             "num_workers": s.num_workers,
             "num_samples": s.num_samples,
             "resampled": s.resampled,
+            "backend": "torchvision",
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a position. Mid-epoch positions need the same layout (world size, batch size,
-        workers, data, seed), else the remaining batches would not be the ones that were left."""
+        """Restore a position. A mid-epoch position needs the same layout (world size, batch size,
+        workers, data, seed), else the remaining batches would not be the ones that were left; at an
+        epoch boundary anything may change (elastic resume)."""
         s = self.stream
         layout = {
+            "backend": "torchvision",
             "seed": s.seed,
             "world_size": s.world_size,
             "batch_size": s.batch_size,
             "num_samples": s.num_samples,
             "resampled": s.resampled,
+            "num_workers": s.num_workers,
         }
-        if state["batches_done"]:
-            layout["num_workers"] = s.num_workers
-        diff = {k: (state.get(k), v) for k, v in layout.items() if state.get(k) != v}
-        if diff:
-            changes = ", ".join(f"{k}: saved {a} vs now {b}" for k, (a, b) in diff.items())
-            raise DataError(
-                f"cannot resume the data position exactly ({changes}); resume with the saved settings, "
-                "or from a checkpoint taken at an epoch boundary"
-            )
+        check_resume_layout(state, layout)
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
         self.num_skipped = int(state.get("num_skipped", 0))
+
+
+def check_resume_layout(state: dict, layout: dict) -> None:
+    """Refuse a mid-epoch resume whose layout differs; log the differences at an epoch boundary."""
+    diff = {k: (state.get(k), v) for k, v in layout.items() if state.get(k) != v}
+    if not diff:
+        return
+    changes = ", ".join(f"{k}: saved {a} vs now {b}" for k, (a, b) in diff.items())
+    if state.get("batches_done", 0):
+        raise DataError(
+            f"cannot resume mid-epoch (batch {state['batches_done']} of epoch {state['epoch']}) exactly: {changes}; "
+            "resume with the saved settings, or from a checkpoint taken at an epoch boundary"
+        )
+    log.info("resuming at the start of epoch %s with a changed data layout: %s", state.get("epoch"), changes)
 
 
 # ----------------------------------------------------------------------------- synthetic
@@ -533,6 +608,7 @@ def build_loader(
     shuffle_buffer: int = 1000,
     resampled: bool = False,
     pin_memory: bool = False,
+    device: str | torch.device | None = None,
     device_id: int | None = None,
     synthetic_samples: int = 1_281_167,
 ):
@@ -543,11 +619,12 @@ def build_loader(
             or a glob), a directory of shards, or an ImageFolder tree.
         batch_size: per rank (per device).
         world_size, rank: default: from torch.distributed when initialised, else 1 and 0.
-        backend: `torchvision` (CPU workers) or `dali` (GPU when `device_id` is given, else DALI's
-            CPU-only mode).
+        backend: `torchvision` (CPU workers) or `dali` (on GPU `device_id`, by default the current CUDA
+            device when there is one, else DALI's CPU-only mode).
         num_workers: DataLoader worker processes (torchvision) or DALI CPU threads.
         shuffle_buffer: samples per worker shuffle buffer (after the per-epoch shard shuffle).
         resampled: draw shards with replacement (very large runs; see the module docstring).
+        device: torchvision path: move the uint8 views there before normalising (e.g. the GPU).
     """
     if world_size is None or rank is None:
         import torch.distributed as dist
@@ -565,6 +642,12 @@ def build_loader(
     if backend == "dali":
         from scale.data.dali import DaliLoader
 
+        if resampled:
+            raise DataError("resampled mode exists for the torchvision path only; use --data.backend=torchvision")
+        if device_id is None and torch.cuda.is_available():
+            device_id = torch.cuda.current_device()
+            log.info("DALI on GPU %d (pass device_id to choose another)", device_id)
+
         return DaliLoader(
             src,
             augment,
@@ -579,7 +662,7 @@ def build_loader(
         )
     stream = TwoViewStream(
         src,
-        TwoViews(augment),
+        TwoViews(augment, normalize=False),
         batch_size=batch_size,
         world_size=world_size,
         rank=rank,
@@ -589,4 +672,4 @@ def build_loader(
         shuffle_buffer=shuffle_buffer,
         resampled=resampled,
     )
-    return TwoViewLoader(stream, pin_memory=pin_memory)
+    return TwoViewLoader(stream, pin_memory=pin_memory, device=device)

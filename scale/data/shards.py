@@ -25,8 +25,10 @@ import json
 import logging
 import os
 import random
+import shutil
 import tarfile
 import time
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -37,7 +39,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+# What torchvision.io.decode_image and DALI both decode.
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 INDEX_VERSION = "v1.2"
 LABEL_TEXT_EXT = "cls"
 LABEL_BIN_EXT = "cls.i32"
@@ -162,11 +165,20 @@ def read_index(idx_path: str | os.PathLike) -> list[IndexedSample]:
 
 
 def _bounded_map(pool: ProcessPoolExecutor, fn, samples: list, window: int) -> Iterator:
-    """(sample, fn(path)) in order, with at most `window` images in flight: the readers may not run
-    ahead of the writer by more than that (ImageNet would not fit in memory)."""
-    for i in range(0, len(samples), window):
-        chunk = samples[i : i + window]
-        yield from zip(chunk, pool.map(fn, [p for p, _ in chunk], chunksize=8), strict=True)
+    """(sample, fn(path)) in order, with at most `window` images in flight: the readers stay busy
+    but may not run ahead of the writer by more than that (ImageNet would not fit in memory)."""
+    pending: deque = deque()
+    todo = iter(samples)
+    for sample in todo:
+        pending.append((sample, pool.submit(fn, sample[0])))
+        if len(pending) >= window:
+            break
+    while pending:
+        sample, future = pending.popleft()
+        nxt = next(todo, None)
+        if nxt is not None:
+            pending.append((nxt, pool.submit(fn, nxt[0])))
+        yield sample, future.result()
 
 
 def label_bytes(label: int) -> bytes:
@@ -196,10 +208,17 @@ def make_shards(
     from tqdm import tqdm
 
     samples, classes = find_images(root)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if any(out.glob(f"{prefix}-*.tar")):
-        raise DataError(f"{str(out)!r} already holds {prefix}-*.tar shards; choose another --prefix or directory")
+    final = Path(out_dir)
+    final.mkdir(parents=True, exist_ok=True)
+    if any(final.glob(f"{prefix}-*")):
+        raise DataError(f"{str(final)!r} already holds {prefix}-* files; choose another --prefix or directory")
+    # Everything is written to a partial directory first and moved in at the end, so an interrupted
+    # run leaves no shards that look complete.
+    out = final / f".{prefix}.partial"
+    if out.exists():
+        log.warning("removing %s left by an interrupted run", out)
+        shutil.rmtree(out)
+    out.mkdir()
     if shuffle:
         random.Random(seed).shuffle(samples)
     (out / f"{prefix}-classes.json").write_text(json.dumps({c: i for i, c in enumerate(classes)}, indent=1))
@@ -229,6 +248,7 @@ def make_shards(
             written += 1
     elapsed = time.time() - start
     if not written:
+        shutil.rmtree(out)
         raise DataError(f"none of the {len(samples)} images under {str(root)!r} could be decoded")
 
     shards = []
@@ -245,6 +265,12 @@ def make_shards(
         "seconds": round(elapsed, 1),
     }
     (out / f"{prefix}-manifest.json").write_text(json.dumps(manifest, indent=1))
+    for path in sorted(out.iterdir()):  # the manifest last: its presence marks a complete set
+        if path.name != f"{prefix}-manifest.json":
+            os.replace(path, final / path.name)
+    os.replace(out / f"{prefix}-manifest.json", final / f"{prefix}-manifest.json")
+    out.rmdir()
+    out = final
     log.info(
         "wrote %d images in %d shards to %s (%.0f img/s); %d skipped",
         written,

@@ -260,3 +260,61 @@ def test_demo_set_is_cached_and_split(tmp_path, monkeypatch):
     assert (tmp_path / "demo-digits-v1" / "train-manifest.json").stat().st_mtime == mtime  # written once
     labels = np.array([label for u, c in enumerate(val.counts) for _, _, label in val.read(u, 0, c)])
     assert set(labels) == set(range(10))
+
+
+def test_uint8_handover_normalises_exactly_like_torchvision():
+    from torchvision.transforms import v2 as T
+
+    from scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, Normalize
+
+    x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    reference = T.Compose([T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    torch.testing.assert_close(Normalize()(x), reference(x), rtol=0, atol=1e-6)
+
+
+def test_dali_reshuffles_between_epochs(unique_shards):
+    pytest.importorskip("nvidia.dali")
+    loader = build_loader(
+        str(unique_shards / "shards"), batch_size=8, augment=AUG, backend="dali", num_workers=1, world_size=1, rank=0,
+        shuffle_buffer=4,
+    )  # fmt: skip
+    first, second = labels_of(loader), labels_of(loader)
+    common = sorted(set(first) & set(second))
+    rank_corr = np.corrcoef([first.index(x) for x in common], [second.index(x) for x in common])[0, 1]
+    assert rank_corr < 0.5, rank_corr  # not the same order again
+
+
+def test_foreign_shards_without_binary_labels(tmp_path):
+    """Shards from other tools: `.cls` text labels only (torchvision reads them; DALI gives -1)."""
+    from PIL import Image
+
+    tar_path = tmp_path / "other-000000.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for i, img in enumerate(random_images(12, size=20)):
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="JPEG")
+            for ext, payload in (("jpg", buf.getvalue()), ("cls", str(i % 3).encode())):
+                info = tarfile.TarInfo(f"s{i:04d}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    write_index(tar_path)
+    tv = build_loader(str(tar_path), batch_size=4, augment=AUG, num_workers=0, world_size=1, rank=0)
+    assert sorted(labels_of(tv)) == sorted(i % 3 for i in range(12))
+    pytest.importorskip("nvidia.dali")
+    dali = build_loader(str(tar_path), batch_size=4, augment=AUG, backend="dali", num_workers=1, world_size=1, rank=0)
+    assert labels_of(dali) == [-1] * 12
+
+
+def test_brace_range_with_a_missing_shard_is_an_error(unique_shards):
+    with pytest.raises(DataError, match="do not exist"):
+        resolve_source(str(unique_shards / "shards" / "train-{000000..000009}.tar"))
+
+
+def test_elastic_resume_at_an_epoch_boundary(unique_shards):
+    loader = build_loader(str(unique_shards / "shards"), batch_size=8, augment=AUG, num_workers=0, world_size=1, rank=0)
+    labels_of(loader)
+    state = loader.state_dict()
+    assert state["batches_done"] == 0 and state["epoch"] == 1
+    other = build_loader(str(unique_shards / "shards"), batch_size=4, augment=AUG, num_workers=2, world_size=2, rank=1)
+    other.load_state_dict(state)  # a new layout is fine at a boundary
+    assert other.epoch == 1 and len(labels_of(other)) == len(other) * 4

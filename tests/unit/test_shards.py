@@ -109,3 +109,4 @@ def test_only_corrupt_images_is_an_error(tmp_path):
     (tmp_path / "bad" / "a" / "x.jpg").write_bytes(np.zeros(10, np.uint8).tobytes())
     with pytest.raises(DataError, match="could be decoded"):
         make_shards(tmp_path / "bad", tmp_path / "out", num_workers=1, progress=False)
+    assert list((tmp_path / "out").iterdir()) == []  # nothing half-written is left behind

@@ -1,0 +1,370 @@
+"""Typed configuration: one dataclass per section, a docstring per field, `--section.field=value`
+overrides checked against the field's type, and the derived values computed in one place.
+
+    python -m scale.pretrain --recipe vit_b_300ep --batch.global_batch_size=2048 --optim.base_lr=1e-4
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration a user got wrong: the message says what to change."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_base"
+    """Backbone preset (scale.models.VIT_PRESETS or an alias such as vit_h14)."""
+    img_size: int = 224
+    """Crop size in pixels, for the model and the augmentation."""
+    patch_size: int | None = None
+    """Patch size override (None: the preset's)."""
+    use_bn: bool | None = None
+    """ViT-BN override (None: the preset's)."""
+    pos_embed: str = "sincos"
+    """'sincos', 'learned' or 'none'."""
+    pool: str = "cls"
+    """'cls' or 'avg'."""
+    random_patch_proj: bool = True
+    """Freeze the random patch projection (paper Sec. 4.2)."""
+    embed_dim: int | None = None
+    """Width override, for small models (None: the preset's)."""
+    depth: int | None = None
+    """Depth override (None: the preset's)."""
+    num_heads: int | None = None
+    """Heads override (None: the preset's)."""
+    dim: int = 256
+    """Output dimension of the projector and predictor."""
+    mlp_dim: int = 4096
+    """Hidden dimension of the projector and predictor."""
+    temperature: float = 0.2
+    """Softmax temperature tau (0.2 for ViT)."""
+
+    def vit_overrides(self) -> dict[str, Any]:
+        keys = ("patch_size", "use_bn", "embed_dim", "depth", "num_heads")
+        out = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        return {
+            **out,
+            "img_size": self.img_size,
+            "pos_embed": self.pos_embed,
+            "pool": self.pool,
+            "random_patch_proj": self.random_patch_proj,
+        }
+
+
+@dataclass
+class DataConfig:
+    source: str = "demo"
+    """'demo', 'synthetic', a shard pattern or directory, or an ImageFolder tree."""
+    backend: str = "torchvision"
+    """'torchvision' or 'dali'."""
+    num_workers: int = 8
+    """DataLoader worker processes (torchvision) or DALI threads, per rank."""
+    shuffle_buffer: int = 1000
+    """Samples in each worker's shuffle buffer."""
+    resampled: bool = False
+    """Draw shards with replacement (very large runs)."""
+    crop_min: float = 0.08
+    """Smallest RandomResizedCrop area fraction (0.08 for ViT)."""
+    eval_source: str = ""
+    """Labelled held-out data for the kNN monitor ('' for none; the demo uses 'demo:val')."""
+    knn_train_source: str = ""
+    """Labelled data whose features form the kNN memory bank ('' for none; the demo: 'demo')."""
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    """'adamw', 'lamb' or 'lars'."""
+    base_lr: float = 1.5e-4
+    """Learning rate per 256 images: lr = base_lr * global_batch_size / 256."""
+    weight_decay: float = 0.1
+    """Weight decay (AdamW decoupled)."""
+    final_weight_decay: float | None = None
+    """If set, weight decay follows a cosine to this value; None keeps it constant (official)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam / LAMB betas."""
+    eps: float = 1e-8
+    momentum: float = 0.9
+    """LARS momentum."""
+    trust_coefficient: float = 0.001
+    """LARS trust coefficient."""
+    exclude_norm_bias_from_wd: bool = False
+    """Exclude norms, biases and tokens from weight decay (the official code decays everything)."""
+    clip_grad: float = 0.0
+    """Clip the global gradient norm to this value; 0 disables (official: no clipping)."""
+    implementation: str = "auto"
+    """'auto' (fused where available), or force 'torch' / 'apex' / 'deepspeed' / 'scale'."""
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: float = 300
+    """Training length in epochs."""
+    warmup_epochs: float = 40
+    """Linear lr warmup from 0, then a half-cycle cosine to 0."""
+    momentum: float = 0.99
+    """Momentum-encoder coefficient at the start; cosine to `final_momentum`."""
+    final_momentum: float = 1.0
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: run all epochs). Schedules still span all epochs."""
+
+
+@dataclass
+class BatchConfig:
+    global_batch_size: int = 4096
+    """Images per optimizer step over all ranks (the paper's batch)."""
+    batch_size_per_device: int = 0
+    """Images per rank per micro-step; 0 derives it as global / (world size x grad_accum_steps)."""
+    grad_accum_steps: int = 1
+    """Micro-steps per optimizer step. Each loss sees only micro-batch x world size negatives."""
+
+
+@dataclass
+class ParallelConfig:
+    backend: str = "auto"
+    """'auto' (ddp when launched with several ranks, else single), 'single' or 'ddp'."""
+    precision: str = "auto"
+    """'auto' (bf16 on GPUs that support it, else fp32), 'fp32', 'bf16' or 'fp16' (GPU only)."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block in the backward pass."""
+    dist_backend: str = "auto"
+    """'auto' (nccl with CUDA, else gloo), 'nccl' or 'gloo'."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs"
+    """Run directory is output_dir/name: config.json, metrics.jsonl, TensorBoard, checkpoints."""
+    seed: int = 0
+    log_every: int = 10
+    """Log metrics every this many optimizer steps."""
+    ckpt_every: int = 0
+    """Checkpoint every this many optimizer steps (0: at the end of every epoch only)."""
+    keep_last: int = 3
+    """Checkpoints kept (older ones are deleted after a newer one is complete)."""
+    resume: str = "auto"
+    """'auto' (newest complete checkpoint of the run directory, if any), 'none', or a path."""
+    max_nonfinite: int = 5
+    """Stop after this many non-finite losses in a row (each one is skipped)."""
+    knn_every_epochs: int = 0
+    """Run the kNN monitor every this many epochs (0: only at the end, when configured)."""
+    knn_k: int = 200
+    """Neighbours in the kNN monitor (Wu et al.: 200)."""
+    knn_temperature: float = 0.07
+    progress: bool = True
+    """A progress bar on rank 0 (else periodic log lines)."""
+    tensorboard: bool = True
+    compile: bool = False
+    """torch.compile the model (GPU runs)."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    recipe: str = ""
+    """The recipe this config started from."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        cfg = cls()
+        for section, values in d.items():
+            if section == "recipe":
+                cfg.recipe = values
+                continue
+            for key, value in values.items():
+                set_field(cfg, f"{section}.{key}", value)
+        return cfg
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def _sections(cfg: Config) -> dict[str, Any]:
+    return {
+        f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))
+    }
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """`value` (a string from the command line, or JSON) as the field's type, or a ConfigError."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if (value is None or (isinstance(value, str) and value.lower() == "none")) and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: cannot parse {value!r}")
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        if len(items) != len(args):
+            raise ConfigError(f"{where} takes {len(args)} comma-separated values, got {value!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(items, args, strict=True))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{where} is a bool (true/false), got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} is an int, got {value!r}")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} is an int, got {value!r}") from None
+        if not math.isfinite(f) or f != int(f):
+            raise ConfigError(f"{where} is an int, got {value!r}")
+        return int(f)
+    if annotation is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} is a float, got {value!r}") from None
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} is a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported field type {annotation}")
+
+
+def set_field(cfg: Config, dotted: str, value: Any) -> None:
+    """Set `section.field` to `value` (parsed and type-checked)."""
+    sections = _sections(cfg)
+    if "." not in dotted:
+        raise ConfigError(f"override {dotted!r} must be SECTION.FIELD; sections: {', '.join(sections)}")
+    section, name = dotted.split(".", 1)
+    if section not in sections:
+        raise ConfigError(f"unknown config section {section!r} in {dotted!r}; sections: {', '.join(sections)}")
+    obj = sections[section]
+    hints = typing.get_type_hints(type(obj))
+    if name not in hints:
+        raise ConfigError(f"unknown key {dotted!r}; valid keys of [{section}]: {', '.join(sorted(hints))}")
+    setattr(obj, name, _coerce(value, hints[name], dotted))
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `--section.field=value` (or `section.field=value`) strings."""
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        if "=" not in text:
+            raise ConfigError(f"override {item!r} needs a value: --section.field=value")
+        key, value = text.split("=", 1)
+        set_field(cfg, key, value)
+    return cfg
+
+
+def describe(cfg: Config) -> str:
+    """Every field with its value and docstring, for --help-config."""
+    import ast
+    import inspect
+
+    lines = []
+    for section, obj in _sections(cfg).items():
+        lines.append(f"[{section}]")
+        docs: dict[str, str] = {}
+        tree = ast.parse(inspect.getsource(type(obj)))
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:] + [None], strict=True):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
+        for f in dataclasses.fields(obj):
+            lines.append(f"  --{section}.{f.name}={getattr(obj, f.name)!r}  {docs.get(f.name, '')}".rstrip())
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- derived values
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Values computed from the config and the launch, in one place (logged at start)."""
+
+    world_size: int
+    batch_size_per_device: int
+    grad_accum_steps: int
+    global_batch_size: int
+    lr: float
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    negatives_per_loss: int
+    """Keys each query is contrasted with: micro-batch x world size."""
+
+    def summary(self) -> str:
+        return (
+            f"world size {self.world_size} x batch per device {self.batch_size_per_device} x grad accumulation "
+            f"{self.grad_accum_steps} = global batch {self.global_batch_size}; lr {self.lr:.3g}; "
+            f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, {self.warmup_steps} warmup steps; "
+            f"{self.negatives_per_loss} keys per loss"
+        )
+
+
+def derive(cfg: Config, world_size: int, num_samples: int) -> Derived:
+    """Check that the batch splits and compute lr, per-device batch and step counts.
+
+    Raises:
+        ConfigError: the global batch does not split into world size x per-device batch x
+            accumulation steps, or the data is smaller than one global batch.
+    """
+    b = cfg.batch
+    if b.global_batch_size < 1 or b.grad_accum_steps < 1 or b.batch_size_per_device < 0:
+        raise ConfigError("batch sizes and grad_accum_steps must be positive")
+    per_device = b.batch_size_per_device or b.global_batch_size // (world_size * b.grad_accum_steps)
+    if per_device * world_size * b.grad_accum_steps != b.global_batch_size or per_device < 1:
+        raise ConfigError(
+            f"global batch {b.global_batch_size} does not split into {world_size} ranks x "
+            f"{b.batch_size_per_device or per_device} per device x {b.grad_accum_steps} accumulation steps; "
+            "change --batch.global_batch_size, --batch.batch_size_per_device or --batch.grad_accum_steps"
+        )
+    steps_per_epoch = num_samples // b.global_batch_size
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"the data has {num_samples} samples, fewer than one global batch of {b.global_batch_size}; "
+            "lower --batch.global_batch_size"
+        )
+    s = cfg.schedule
+    if s.epochs <= 0 or s.warmup_epochs < 0 or s.warmup_epochs > s.epochs:
+        raise ConfigError(f"need 0 <= warmup_epochs ({s.warmup_epochs}) <= epochs ({s.epochs}) and epochs > 0")
+    total = max(1, round(s.epochs * steps_per_epoch))
+    return Derived(
+        world_size=world_size,
+        batch_size_per_device=per_device,
+        grad_accum_steps=b.grad_accum_steps,
+        global_batch_size=b.global_batch_size,
+        lr=cfg.optim.base_lr * b.global_batch_size / 256,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        warmup_steps=round(s.warmup_epochs * steps_per_epoch),
+        negatives_per_loss=per_device * world_size,
+    )

@@ -23,6 +23,7 @@ setup(
         "tqdm>=4.60",
         # the bundled demo set (load_digits) and its split
         "scikit-learn>=1.2",
+        "tensorboard>=2.10",
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.6", "scipy>=1.10"],
@@ -33,6 +34,7 @@ setup(
             "scale-convert-checkpoint=scale.convert_checkpoint:main",
             "scale-flops=benchmarks.flops:main",
             "scale-make-shards=scale.data.shards:main",
+            "scale-pretrain=scale.pretrain:main",
         ],
     },
 )

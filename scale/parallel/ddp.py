@@ -1,0 +1,25 @@
+"""DistributedDataParallel: replicated model and optimizer, gradients all-reduced in buckets
+overlapping the backward pass. Gloo on CPU, NCCL on GPU; launch with torchrun."""
+
+from __future__ import annotations
+
+import contextlib
+
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from scale.parallel.base import Backend
+
+
+class DDPBackend(Backend):
+    name = "ddp"
+
+    def _wrap(self, module: nn.Module) -> nn.Module:
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        # BatchNorm statistics are synchronised by the cross-rank BatchNorm itself, so DDP need not
+        # broadcast buffers every forward. Momentum-encoder parameters have requires_grad=False
+        # and are left out of gradient buckets.
+        return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+
+    def _no_sync(self) -> contextlib.AbstractContextManager:
+        return self.model.no_sync()

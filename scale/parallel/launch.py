@@ -1,0 +1,68 @@
+"""Process-group start-up from the launcher's environment (torchrun, the DeepSpeed launcher,
+SLURM's srun), and the backend factory."""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from scale.parallel.base import Backend, BackendError, SingleProcess
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "single", "ddp")
+
+
+def launched_world_size() -> int:
+    """World size the launcher asked for (WORLD_SIZE, or SLURM_NTASKS under srun), 1 without one."""
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 1
+
+
+def init_distributed(dist_backend: str = "auto", timeout_minutes: int = 30) -> None:
+    """Initialise the default process group from the environment when several ranks were launched.
+
+    torchrun and the DeepSpeed launcher set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT;
+    under SLURM's srun they are derived from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID.
+    """
+    if dist.is_initialized() or launched_world_size() == 1:
+        return
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    for var in ("MASTER_ADDR", "MASTER_PORT"):
+        if var not in os.environ:
+            raise BackendError(f"{var} is not set: launch with torchrun, the deepspeed launcher, or set it under srun")
+    if dist_backend == "auto":
+        dist_backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if dist_backend not in ("nccl", "gloo"):
+        raise BackendError(f"dist_backend {dist_backend!r} is not one of: auto, nccl, gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(dist_backend, timeout=timedelta(minutes=timeout_minutes))
+    log.info("process group: %s, rank %d of %d", dist_backend, dist.get_rank(), dist.get_world_size())
+
+
+def build_backend(name: str, precision: str = "auto") -> Backend:
+    """The backend for this process (call `init_distributed` first)."""
+    if name not in BACKENDS:
+        raise BackendError(f"parallel backend {name!r} is not one of: {', '.join(BACKENDS)}")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if name == "auto":
+        name = "ddp" if world > 1 else "single"
+    if name == "single":
+        if world > 1:
+            raise BackendError(f"backend 'single' cannot run on {world} ranks; use --parallel.backend=ddp")
+        return SingleProcess(precision)
+    if not dist.is_initialized():
+        raise BackendError("backend 'ddp' needs several ranks: launch with torchrun --nproc_per_node N")
+    from scale.parallel.ddp import DDPBackend
+
+    return DDPBackend(precision)

@@ -1,0 +1,1 @@
+"""Where models, data and parallelism meet: the trainer, checkpoints, metrics, the kNN monitor."""

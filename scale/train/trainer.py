@@ -1,0 +1,329 @@
+"""The trainer: builds data, model and backend from a `Config` and runs MoCo v3 pretraining.
+
+Per optimizer step: lr / weight decay / momentum from their schedules (pure functions of the step),
+`grad_accum_steps` micro-batches forward + backward, one optimizer step, then the momentum update
+with the next step's coefficient (the authors update at the start of each iteration, i.e. after the
+previous step: the same order). A step whose gradients are not finite (e.g. a NaN loss) is skipped:
+no optimizer step, no momentum update, BatchNorm statistics restored. The decision is the same on
+every rank because it is taken on the all-reduced gradient norm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scale.config import Config, ConfigError, Derived, derive
+from scale.data.augment import AugmentConfig
+from scale.data.loader import build_loader
+from scale.models import MoCoV3, build_moco
+from scale.models.flops import moco_training_flops
+from scale.models.vit import count_params
+from scale.optim import build_optimizer, lr_at, momentum_at, param_groups, weight_decay_at
+from scale.parallel.checkpointing import apply_activation_checkpointing
+from scale.parallel.dist import AllGatherKeys
+from scale.parallel.launch import build_backend, init_distributed
+from scale.parallel.sync_batchnorm import convert_sync_batchnorm
+from scale.train.checkpoint import find_resume, list_checkpoints, load_checkpoint, save_checkpoint
+from scale.train.metrics import MetricsLogger, Progress, device_peak, peak_memory_gib
+
+log = logging.getLogger(__name__)
+
+# Fields that may differ between a run directory's config and a resumed run's.
+RESUMABLE_CHANGES = {
+    "run.resume", "run.progress", "run.tensorboard", "run.log_every", "run.keep_last", "run.ckpt_every",
+    "run.knn_every_epochs", "schedule.max_steps", "data.num_workers", "parallel.activation_checkpointing",
+}  # fmt: skip
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite losses in a row)."""
+
+
+def build_model(cfg: Config) -> MoCoV3:
+    m = cfg.model
+    return build_moco(m.name, dim=m.dim, mlp_dim=m.mlp_dim, temperature=m.temperature, **m.vit_overrides())
+
+
+def split_batch(cfg: Config, world_size: int) -> int:
+    """Per-device batch; the full check (with the data size) is `scale.config.derive`."""
+    b = cfg.batch
+    per_device = b.batch_size_per_device or b.global_batch_size // max(1, world_size * b.grad_accum_steps)
+    if per_device < 1 or per_device * world_size * b.grad_accum_steps != b.global_batch_size:
+        derive(cfg, world_size, 1 << 62)  # raises the full message
+    return per_device
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_run_dir(run_dir: Path, cfg: Config) -> None:
+    """Refuse a run directory that holds a different config (nothing written before is lost)."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return
+    old, new = _flatten(json.loads(path.read_text())), _flatten(json.loads(cfg.to_json()))
+    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+    if diff:
+        changes = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:8])
+        raise ConfigError(
+            f"run directory {run_dir} holds a different config ({changes}); use another --run.name or "
+            "--run.output_dir, or delete the directory to start over"
+        )
+
+
+class Trainer:
+    """Build everything from `cfg` (or take a prepared `loader` / `backend`) and `fit()`."""
+
+    def __init__(self, cfg: Config, loader=None, backend=None):
+        self.cfg = cfg
+        init_distributed(cfg.parallel.dist_backend)
+        self.backend = b = backend or build_backend(cfg.parallel.backend, cfg.parallel.precision)
+        per_device = split_batch(cfg, b.world_size)
+        self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
+        torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
+
+        self.loader = loader or build_loader(
+            cfg.data.source,
+            batch_size=per_device,
+            world_size=b.world_size,
+            rank=b.rank,
+            augment=AugmentConfig(crop_size=cfg.model.img_size, crop_scale=(cfg.data.crop_min, 1.0)),
+            backend=cfg.data.backend,
+            num_workers=cfg.data.num_workers,
+            seed=cfg.run.seed,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            resampled=cfg.data.resampled,
+            pin_memory=b.device.type == "cuda",
+            device=b.device if b.device.type == "cuda" else None,
+            device_id=b.device.index if b.device.type == "cuda" else None,
+        )
+        self.derived: Derived = derive(cfg, b.world_size, len(self.loader) * per_device * b.world_size)
+
+        model = build_model(cfg)
+        self.vit_cfg = model.base_encoder.cfg
+        if b.world_size > 1:
+            convert_sync_batchnorm(model)
+            model.key_gather = AllGatherKeys()
+        if cfg.parallel.activation_checkpointing:
+            apply_activation_checkpointing(model.base_encoder.blocks)
+        self.optimizer_description = ""
+
+        def optimizer_factory(module):
+            o = cfg.optim
+            groups = param_groups(module, o.exclude_norm_bias_from_wd)
+            opt, self.optimizer_description = build_optimizer(
+                o.name, groups, self.derived.lr, o.weight_decay, o.betas, o.eps, o.momentum, o.trust_coefficient,
+                o.implementation,
+            )  # fmt: skip
+            return opt
+
+        b.setup(model, optimizer_factory)
+        self.flops_per_image = moco_training_flops(self.vit_cfg, cfg.model.dim, cfg.model.mlp_dim).total
+        self.peak_flops, self.peak_label = device_peak(b.device, b.precision)
+        self.step = 0
+        self.nonfinite_in_row = 0
+        self.nonfinite_total = 0
+
+    # ------------------------------------------------------------------ helpers
+
+    def _log_start(self) -> None:
+        b, cfg, d = self.backend, self.cfg, self.derived
+        if not b.is_main:
+            return
+        trainable = sum(p.numel() for p in b.module.parameters() if p.requires_grad)
+        log.info("recipe %s, run directory %s", cfg.recipe or "(none)", self.run_dir)
+        log.info(
+            "model %s: backbone %.1f M params, %d trainable in all; %.1f GFLOPs per training image",
+            cfg.model.name,
+            count_params(b.module.base_encoder) / 1e6,
+            trainable,
+            self.flops_per_image / 1e9,
+        )
+        log.info("backend: %s; optimizer: %s", b.describe(), self.optimizer_description)
+        log.info("derived: %s", d.summary())
+        if d.grad_accum_steps > 1:
+            log.info(
+                "gradient accumulation: each loss contrasts %d keys (micro-batch x world size), not the global batch",
+                d.negatives_per_loss,
+            )
+        log.info("MFU against the %s (%.1f TFLOP/s)", self.peak_label, self.peak_flops / 1e12)
+
+    def _client_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "data": self.loader.state_dict(),
+            "nonfinite_total": self.nonfinite_total,
+            "config": self.cfg.to_dict(),
+            "derived": dataclasses.asdict(self.derived),
+        }
+
+    def save(self) -> Path:
+        return save_checkpoint(self.backend, self.run_dir, self.step, self._client_state(), self.cfg.run.keep_last)
+
+    def _prepare_run_dir(self) -> None:
+        if self.backend.is_main:
+            check_run_dir(self.run_dir, self.cfg)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(self.cfg.to_json())
+        self.backend.barrier()
+
+    def _resume(self) -> None:
+        path = find_resume(self.run_dir, self.cfg.run.resume)
+        if path is None:
+            return
+        client = load_checkpoint(self.backend, path)
+        self.step = int(client["step"])
+        self.nonfinite_total = int(client.get("nonfinite_total", 0))
+        self.loader.load_state_dict(client["data"])
+        log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.loader.epoch)
+
+    # ------------------------------------------------------------------ training
+
+    def train_step(self, micro_batches: list) -> dict[str, float]:
+        """One optimizer step over `grad_accum_steps` micro-batches; returns its metrics."""
+        b, cfg, d = self.backend, self.cfg, self.derived
+        lr = lr_at(self.step, d.lr, d.warmup_steps, d.total_steps)
+        wd = weight_decay_at(self.step, cfg.optim.weight_decay, cfg.optim.final_weight_decay, d.total_steps)
+        saved = b.snapshot_buffers()
+        losses = [
+            b.forward_backward(x1, x2, d.grad_accum_steps, last=i == len(micro_batches) - 1)
+            for i, (x1, x2, _) in enumerate(micro_batches)
+        ]
+        grad_norm = b.step(lr, wd, cfg.optim.clip_grad)
+        loss = float(torch.stack(losses).float().mean())
+        next_momentum = momentum_at(self.step + 1, d.total_steps, cfg.schedule.momentum, cfg.schedule.final_momentum)
+        if grad_norm is None:
+            b.restore_buffers(saved)
+            self.nonfinite_in_row += 1
+            self.nonfinite_total += 1
+            last = list_checkpoints(self.run_dir)
+            log.warning(
+                "step %d: non-finite loss or gradients (loss %s); step skipped (%d in a row, %d in all)",
+                self.step, loss, self.nonfinite_in_row, self.nonfinite_total,
+            )  # fmt: skip
+            if self.nonfinite_in_row >= cfg.run.max_nonfinite:
+                raise TrainingError(
+                    f"{self.nonfinite_in_row} non-finite steps in a row at step {self.step}; stopping. The last good "
+                    f"checkpoint is {last[-1] if last else '(none yet)'}; lower --optim.base_lr, set "
+                    "--optim.clip_grad, or check the data"
+                )
+        else:
+            self.nonfinite_in_row = 0
+            b.momentum_update(next_momentum)
+        self.step += 1
+        return {"loss": loss, "lr": lr, "weight_decay": wd, "momentum": next_momentum,
+                "grad_norm": grad_norm if grad_norm is not None else float("nan")}  # fmt: skip
+
+    def fit(self) -> dict[str, Any]:
+        """Train to the end of the schedule (or `schedule.max_steps`); returns the final metrics."""
+        cfg, b, d = self.cfg, self.backend, self.derived
+        self._prepare_run_dir()
+        self._resume()
+        self._log_start()
+        stop = min(d.total_steps, cfg.schedule.max_steps) if cfg.schedule.max_steps else d.total_steps
+        metrics = MetricsLogger(self.run_dir, b.is_main, cfg.run.tensorboard)
+        progress = Progress(stop, self.step, b.is_main, cfg.run.progress)
+        window = {"t": time.perf_counter(), "steps": 0, "data": 0.0}
+        row: dict[str, Any] = {}
+        try:
+            while self.step < stop:
+                epoch = self.loader.epoch
+                batches = iter(self.loader)
+                micro: list = []
+                t_data = time.perf_counter()
+                for batch in batches:
+                    window["data"] += time.perf_counter() - t_data
+                    micro.append(batch)
+                    if len(micro) == d.grad_accum_steps:
+                        step_metrics = self.train_step(micro)
+                        micro = []
+                        window["steps"] += 1
+                        if self.step % cfg.run.log_every == 0 or self.step == 1 or self.step == stop:
+                            row = self._log_row(step_metrics, window, epoch)
+                            metrics.log(self.step, row)
+                            progress.line(self.step, f"loss {row['loss']:.4f} {row['img_per_s']:.0f} img/s")
+                            window = {"t": time.perf_counter(), "steps": 0, "data": 0.0}
+                            progress.update(
+                                self.step, {"loss": f"{row['loss']:.4f}", "img/s": f"{row['img_per_s']:.0f}"}
+                            )
+                        else:
+                            progress.update(self.step, {})
+                        if cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0:
+                            self.save()
+                        if self.step >= stop:
+                            break
+                    t_data = time.perf_counter()
+                else:  # the epoch is complete
+                    if not cfg.run.ckpt_every and self.step < stop:
+                        self.save()
+                    if cfg.run.knn_every_epochs and (epoch + 1) % cfg.run.knn_every_epochs == 0:
+                        row["knn_top1"] = self.knn_monitor()
+                        metrics.log(self.step, {"knn_top1": row["knn_top1"]})
+                    continue
+                batches.close()  # stopped mid-epoch: release the workers
+            if not list_checkpoints(self.run_dir) or list_checkpoints(self.run_dir)[-1].name != f"step-{self.step:08d}":
+                self.save()
+        finally:
+            progress.close()
+            metrics.close()
+        return {"step": self.step, "nonfinite_total": self.nonfinite_total, **row}
+
+    def _log_row(self, step_metrics: dict[str, float], window: dict, epoch: int) -> dict[str, Any]:
+        b, d = self.backend, self.derived
+        elapsed = time.perf_counter() - window["t"]
+        images = window["steps"] * d.global_batch_size
+        img_per_s = images / max(elapsed, 1e-9)
+        flops_per_device = img_per_s * self.flops_per_image / b.world_size
+        return {
+            **step_metrics,
+            "loss": b.all_reduce_mean(step_metrics["loss"]),
+            "epoch": epoch,
+            "img_per_s": img_per_s,
+            "img_per_s_per_device": img_per_s / b.world_size,
+            "tflops_per_device": flops_per_device / 1e12,
+            "mfu": flops_per_device / self.peak_flops if math.isfinite(self.peak_flops) else float("nan"),
+            "data_time_frac": window["data"] / max(elapsed, 1e-9),
+            "step_time_s": elapsed / max(window["steps"], 1),
+            "peak_mem_gib": peak_memory_gib(b.device),
+            "nonfinite_total": self.nonfinite_total,
+            **self.loader.metrics(),
+        }
+
+    # ------------------------------------------------------------------ evaluation
+
+    def knn_monitor(self, backbone=None) -> float:
+        """kNN top-1 (%) of `backbone` (default: the base encoder's) on the configured held-out data;
+        computed on rank 0, NaN elsewhere."""
+        from scale.train.knn import extract_features, knn_accuracy
+
+        cfg, b = self.cfg, self.backend
+        acc = float("nan")
+        if b.is_main and cfg.data.eval_source and cfg.data.knn_train_source:
+            backbone = backbone or b.eval_model().base_encoder
+            kwargs = dict(crop_size=cfg.model.img_size, device=b.device, autocast_dtype=b.autocast_dtype)
+            train_f, train_y = extract_features(backbone, cfg.data.knn_train_source, **kwargs)
+            test_f, test_y = extract_features(backbone, cfg.data.eval_source, **kwargs)
+            acc = knn_accuracy(train_f, train_y, test_f, test_y, k=cfg.run.knn_k, temperature=cfg.run.knn_temperature)
+        b.barrier()
+        return acc
+
+    def knn_random_init(self) -> float:
+        """The kNN monitor on the same backbone at its initial (random) weights."""
+        torch.manual_seed(self.cfg.run.seed)
+        fresh = build_model(self.cfg).base_encoder.to(self.backend.device)
+        return self.knn_monitor(fresh)

@@ -54,3 +54,83 @@ def random_images(n: int, size: int = 16, seed: int = 0):
 
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+class FixedBatchLoader:
+    """An in-memory loader with the EpochLoader interface: deterministic global batches of random
+    images; rank r of `world` gets rows [r*B, (r+1)*B) of each. `nan_at` puts a NaN into the
+    global batch of those (epoch, index) pairs."""
+
+    def __init__(self, num_batches, global_batch, world=1, rank=0, img=32, seed=0, nan_at=(), dtype=None):
+        import torch
+
+        self.batches_per_epoch, self.global_batch, self.world, self.rank = num_batches, global_batch, world, rank
+        self.img, self.seed, self.nan_at = img, seed, set(nan_at)
+        self.dtype = dtype or torch.get_default_dtype()
+        self.epoch, self.batches_done, self.num_skipped = 0, 0, 0
+        self.batch_size = global_batch // world
+
+    def __len__(self):
+        return self.batches_per_epoch
+
+    def _batch(self, epoch, i):
+        import torch
+
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 1009 + i)
+        x1 = torch.randn(self.global_batch, 3, self.img, self.img, generator=g, dtype=self.dtype)
+        x2 = torch.randn(self.global_batch, 3, self.img, self.img, generator=g, dtype=self.dtype)
+        if (epoch, i) in self.nan_at:
+            x1[0, 0, 0, 0] = float("nan")
+        rows = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        return x1[rows], x2[rows], torch.full((self.batch_size,), -1)
+
+    def __iter__(self):
+        if self.batches_done >= len(self):
+            self.epoch, self.batches_done = self.epoch + 1, 0
+        while self.batches_done < len(self):
+            batch = self._batch(self.epoch, self.batches_done)
+            self.batches_done += 1
+            yield batch
+        self.epoch, self.batches_done = self.epoch + 1, 0
+
+    def set_epoch(self, epoch):
+        self.epoch, self.batches_done = epoch, 0
+
+    def metrics(self):
+        return {"data/skipped": 0.0}
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "batches_done": self.batches_done}
+
+    def load_state_dict(self, state):
+        self.epoch, self.batches_done = state["epoch"], state["batches_done"]
+
+
+def tiny_config(out_dir, name="tiny", **overrides):
+    """A Config for a tiny MoCo v3 ViT that trains in seconds on CPU."""
+    from scale.config import Config, apply_overrides
+
+    cfg = Config(recipe="test")
+    m = cfg.model
+    m.name, m.img_size, m.patch_size, m.embed_dim, m.depth, m.num_heads = "vit_small", 32, 8, 32, 2, 4
+    m.dim, m.mlp_dim = 16, 64
+    cfg.data.source = "synthetic"
+    cfg.batch.global_batch_size = 8
+    cfg.optim.base_lr = 1e-3
+    cfg.schedule.epochs = 3
+    cfg.schedule.warmup_epochs = 1
+    cfg.parallel.precision = "fp32"
+    cfg.run.output_dir = str(out_dir)
+    cfg.run.name = name
+    cfg.run.log_every = 1
+    cfg.run.progress = False
+    cfg.run.tensorboard = False
+    return apply_overrides(cfg, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def read_metrics(run_dir):
+    import json
+    from pathlib import Path
+
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]

@@ -95,6 +95,7 @@ class Trainer:
         self.backend = b = backend or build_backend(cfg.parallel.backend, cfg.parallel.precision)
         per_device = split_batch(cfg, b.world_size)
         self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
+        check_run_dir(self.run_dir, cfg)  # on every rank, before any work
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
 
         self.loader = loader or build_loader(
@@ -177,7 +178,6 @@ class Trainer:
 
     def _prepare_run_dir(self) -> None:
         if self.backend.is_main:
-            check_run_dir(self.run_dir, self.cfg)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(self.cfg.to_json())
         self.backend.barrier()
@@ -205,7 +205,7 @@ class Trainer:
             for i, (x1, x2, _) in enumerate(micro_batches)
         ]
         grad_norm = b.step(lr, wd, cfg.optim.clip_grad)
-        loss = float(torch.stack(losses).float().mean())
+        loss = float(torch.stack(losses).double().mean())
         next_momentum = momentum_at(self.step + 1, d.total_steps, cfg.schedule.momentum, cfg.schedule.final_momentum)
         if grad_norm is None:
             b.restore_buffers(saved)

@@ -1,0 +1,153 @@
+import json
+
+import pytest
+import torch
+
+from scale.config import ConfigError
+from scale.optim import lr_at, momentum_at
+from scale.parallel.base import BackendError
+from scale.train.trainer import Trainer, TrainingError
+from tests.helpers import FixedBatchLoader, read_metrics, tiny_config
+
+
+def make(tmp_path, name="t", loader_kwargs=None, **overrides):
+    cfg = tiny_config(tmp_path, name, **overrides)
+    loader = FixedBatchLoader(4, cfg.batch.global_batch_size, **(loader_kwargs or {}))
+    return Trainer(cfg, loader=loader)
+
+
+def test_schedules_applied_every_step_match_closed_forms(tmp_path):
+    trainer = make(tmp_path)
+    d = trainer.derived
+    assert (d.steps_per_epoch, d.total_steps, d.warmup_steps) == (4, 12, 4)
+    assert d.lr == pytest.approx(1e-3 * 8 / 256)
+    trainer.fit()
+    rows = read_metrics(trainer.run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    for r in rows:
+        t = r["step"] - 1  # the metrics of step t are logged once it is done (step counter t + 1)
+        assert r["lr"] == pytest.approx(lr_at(t, d.lr, 4, 12))
+        assert r["momentum"] == pytest.approx(momentum_at(t + 1, 12, 0.99, 1.0))
+    assert rows[4]["lr"] == pytest.approx(d.lr)  # warmup end: the peak
+    assert rows[-1]["lr"] == pytest.approx(lr_at(11, d.lr, 4, 12)) and rows[-1]["lr"] < 0.1 * d.lr
+    assert rows[-1]["momentum"] == pytest.approx(1.0)
+
+
+def test_frozen_params_are_bitwise_unchanged_and_not_in_the_optimizer(tmp_path):
+    trainer = make(tmp_path, **{"schedule.max_steps": 3})
+    model = trainer.backend.module
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    assert "base_encoder.patch_embed.proj.weight" in frozen and "base_encoder.pos_embed" in frozen
+    in_optimizer = {id(p) for g in trainer.backend.optimizer.param_groups for p in g["params"]}
+    assert not any(id(p) in in_optimizer for p in model.parameters() if not p.requires_grad)
+    trainable_before = model.base_encoder.blocks[0].attn.qkv.weight.detach().clone()
+    trainer.fit()
+    for name, p in model.named_parameters():
+        if name in frozen and name.startswith("base_encoder."):
+            assert torch.equal(p, frozen[name]), name
+    assert not torch.equal(model.base_encoder.blocks[0].attn.qkv.weight, trainable_before)
+
+
+def test_nan_loss_is_skipped_without_touching_weights_or_momentum_encoder(tmp_path):
+    trainer = make(tmp_path, loader_kwargs={"nan_at": {(0, 2)}}, **{"schedule.max_steps": 2})
+    trainer.fit()  # two good steps
+    state = {k: v.clone() for k, v in trainer.backend.module.state_dict().items()}
+    trainer.cfg.schedule.max_steps = 3
+    trainer.fit()  # the third batch holds a NaN
+    after = trainer.backend.module.state_dict()
+    assert all(torch.equal(state[k], after[k]) for k in state), "weights, momentum encoder or BN statistics moved"
+    assert trainer.nonfinite_total == 1 and trainer.step == 3
+    rows = read_metrics(trainer.run_dir)
+    assert rows[-1]["nonfinite_total"] == 1 and rows[-1]["grad_norm"] != rows[-1]["grad_norm"]  # NaN
+
+
+def test_too_many_nonfinite_steps_stop_with_the_last_checkpoint_intact(tmp_path):
+    bad = {(1, i) for i in range(4)}  # every batch of epoch 1
+    trainer = make(tmp_path, loader_kwargs={"nan_at": bad}, **{"run.max_nonfinite": 3})
+    with pytest.raises(TrainingError, match="3 non-finite steps in a row.*step-00000004"):
+        trainer.fit()
+    ckpts = sorted(p.name for p in (trainer.run_dir / "checkpoints").iterdir())
+    assert ckpts == ["step-00000004"]
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
+    full = make(tmp_path, "full")
+    full.fit()
+    expected = [r["loss"] for r in read_metrics(full.run_dir)]
+    # Stop mid-epoch at step 6 (checkpoint), then a fresh process-like trainer resumes.
+    first = make(tmp_path, "split", **{"schedule.max_steps": 6})
+    first.fit()
+    second = make(tmp_path, "split")
+    assert second.step == 0
+    second.fit()
+    assert second.step == 12
+    got = [r["loss"] for r in read_metrics(second.run_dir)]
+    assert len(got) == 12 and got == expected  # bitwise: same data, state, order
+
+
+def test_run_directory_with_a_different_config_is_refused(tmp_path):
+    make(tmp_path, "r", **{"schedule.max_steps": 1}).fit()
+    with pytest.raises(ConfigError, match=r"different config \(optim.base_lr: 0.001 -> 0.002"):
+        make(tmp_path, "r", **{"optim.base_lr": 0.002})
+    make(tmp_path, "r", **{"schedule.max_steps": 2, "run.log_every": 5})  # allowed changes
+
+
+def test_checkpoints_keep_last_k_and_hold_everything(tmp_path):
+    trainer = make(tmp_path, **{"run.ckpt_every": 1, "run.keep_last": 2})
+    trainer.fit()
+    names = sorted(p.name for p in (trainer.run_dir / "checkpoints").iterdir())
+    assert names == ["step-00000011", "step-00000012"]
+    client = torch.load(trainer.run_dir / "checkpoints" / "step-00000012" / "client.pt", weights_only=False)
+    assert client["step"] == 12 and client["config"]["model"]["embed_dim"] == 32 and "data" in client
+    state = torch.load(trainer.run_dir / "checkpoints" / "step-00000012" / "model.pt", weights_only=False)
+    assert {"model", "optimizer", "scaler"} <= state.keys()
+    assert any(k.startswith("momentum_encoder.") for k in state["model"])
+    assert json.loads((trainer.run_dir / "config.json").read_text())["model"]["depth"] == 2
+
+
+def test_impossible_batch_split_and_bad_settings_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not split"):
+        make(tmp_path, **{"batch.global_batch_size": 10, "batch.grad_accum_steps": 3})
+    with pytest.raises(BackendError, match="fp16 needs a CUDA GPU"):
+        make(tmp_path, **{"parallel.precision": "fp16"})
+    with pytest.raises(BackendError, match="needs several ranks"):
+        make(tmp_path, **{"parallel.backend": "ddp"})
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        make(tmp_path, **{"optim.name": "sgd"})
+
+
+def test_grad_accumulation_equals_the_large_batch_without_batchnorm_coupling(tmp_path):
+    """With accumulation the loss sees micro-batch negatives, so the losses differ from one big
+    batch; the step still averages the micro-batch gradients: check the count and the lr schedule."""
+    trainer = make(tmp_path, **{"batch.grad_accum_steps": 2, "schedule.max_steps": 2})
+    assert trainer.derived.batch_size_per_device == 4 and trainer.derived.negatives_per_loss == 4
+    trainer.loader = FixedBatchLoader(8, 4)
+    trainer.fit()
+    assert trainer.step == 2 and trainer.loader.batches_done == 4
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    trainer = make(tmp_path, **{"parallel.precision": "bf16", "schedule.max_steps": 2})
+    result = trainer.fit()
+    assert trainer.backend.autocast_dtype == torch.bfloat16 and result["loss"] == result["loss"]
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(tmp_path):
+    from scale.parallel.checkpointing import apply_activation_checkpointing
+    from scale.train.trainer import build_model
+
+    cfg = tiny_config(tmp_path)
+    torch.manual_seed(0)
+    plain = build_model(cfg)
+    ckpt = build_model(cfg)
+    ckpt.load_state_dict(plain.state_dict())
+    assert apply_activation_checkpointing(ckpt.base_encoder.blocks) == 2
+    assert plain.state_dict().keys() == ckpt.state_dict().keys()  # names unchanged
+    x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    a, b = plain(x1, x2), ckpt(x1, x2)
+    a.backward()
+    b.backward()
+    assert torch.equal(a, b)
+    for (n, p), q in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7, msg=n)

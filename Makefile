@@ -1,4 +1,4 @@
-# Two commands on a fresh machine: `make demo` (main job on its default) and `make test`.
+# Two commands on a fresh machine: `make demo` (the CPU demo: python -m scale.pretrain) and `make test`.
 # Both create .venv from the pinned requirements first, if it is not there yet.
 PY ?= python3
 VENV := .venv
@@ -16,7 +16,7 @@ $(BIN)/.installed: setup.py requirements/cpu-dev.txt
 install: $(BIN)/.installed
 
 demo: install
-	$(BIN)/python -m benchmarks.flops
+	$(BIN)/python -m scale.pretrain
 
 test: install
 	$(BIN)/python -m pytest -m "not slow" tests

@@ -298,7 +298,12 @@ def verify_shards(out_dir: str | os.PathLike, prefix: str = "train") -> None:
         index = read_index(index_path(tar))
         if len(index) != shard["samples"]:
             raise DataError(f"{tar}: index has {len(index)} samples, manifest {shard['samples']}")
-        for n, sample in enumerate(wds.WebDataset(str(tar), shardshuffle=False, empty_check=False)):
+        # Every shard on this process, also when torch.distributed is initialised (webdataset's
+        # default node splitter refuses to run there without an explicit one).
+        reader = wds.WebDataset(
+            str(tar), shardshuffle=False, empty_check=False, nodesplitter=_all_shards, workersplitter=_all_shards
+        )
+        for n, sample in enumerate(reader):
             entry = index[n]
             image_ext = next(e for e in sample if e in IMAGE_EXTS)
             label_txt = int(sample[LABEL_TEXT_EXT])
@@ -312,6 +317,10 @@ def verify_shards(out_dir: str | os.PathLike, prefix: str = "train") -> None:
     if total != manifest["num_samples"] or digest.hexdigest() != manifest["sha1_of_images"]:
         raise DataError(f"verification of {out}/{prefix}-*.tar failed: {total} samples read back")
     log.info("verified %d samples in %d shards", total, len(manifest["shards"]))
+
+
+def _all_shards(urls):
+    return urls
 
 
 def iter_shard(

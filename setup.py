@@ -34,7 +34,7 @@ setup(
             "scale-convert-checkpoint=scale.convert_checkpoint:main",
             "scale-flops=benchmarks.flops:main",
             "scale-make-shards=scale.data.shards:main",
-            "scale-pretrain=scale.pretrain:main",
+            "scale-pretrain=scale.pretrain:cli",
         ],
     },
 )

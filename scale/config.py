@@ -138,6 +138,8 @@ class ParallelConfig:
     """Recompute each transformer block in the backward pass."""
     dist_backend: str = "auto"
     """'auto' (nccl with CUDA, else gloo), 'nccl' or 'gloo'."""
+    timeout_minutes: int = 30
+    """Collective timeout of the process group."""
 
 
 @dataclass
@@ -164,8 +166,6 @@ class RunConfig:
     progress: bool = True
     """A progress bar on rank 0 (else periodic log lines)."""
     tensorboard: bool = True
-    compile: bool = False
-    """torch.compile the model (GPU runs)."""
 
 
 @dataclass
@@ -352,6 +352,12 @@ def derive(cfg: Config, world_size: int, num_samples: int) -> Derived:
         raise ConfigError(
             f"the data has {num_samples} samples, fewer than one global batch of {b.global_batch_size}; "
             "lower --batch.global_batch_size"
+        )
+    r = cfg.run
+    if r.log_every < 1 or r.ckpt_every < 0 or r.keep_last < 1 or r.max_nonfinite < 1:
+        raise ConfigError(
+            "need run.log_every >= 1, run.ckpt_every >= 0, run.keep_last >= 1 and run.max_nonfinite >= 1 "
+            f"(got {r.log_every}, {r.ckpt_every}, {r.keep_last}, {r.max_nonfinite})"
         )
     s = cfg.schedule
     if s.epochs <= 0 or s.warmup_epochs < 0 or s.warmup_epochs > s.epochs:

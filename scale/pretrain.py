@@ -94,5 +94,10 @@ def main(argv: list[str] | None = None) -> dict:
             dist.destroy_process_group()
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry (`scale-pretrain`): exit status 0 on success."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -100,6 +100,8 @@ class FixedBatchLoader:
         return {"data/skipped": 0.0}
 
     def state_dict(self):
+        if self.batches_done >= len(self):
+            return {"epoch": self.epoch + 1, "batches_done": 0}
         return {"epoch": self.epoch, "batches_done": self.batches_done}
 
     def load_state_dict(self, state):

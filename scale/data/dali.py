@@ -229,9 +229,10 @@ class DaliLoader(EpochLoader):
             del it, pipe
 
     def state_dict(self) -> dict:
+        epoch, done = self.position()
         return {
-            "epoch": self.epoch,
-            "batches_done": self.batches_done,
+            "epoch": epoch,
+            "batches_done": done,
             "seed": self.seed,
             "world_size": self.world_size,
             "batch_size": self.batch_size,

@@ -445,6 +445,12 @@ class EpochLoader:
         if epoch != self.epoch:
             self.epoch, self.batches_done = epoch, 0
 
+    def position(self) -> tuple[int, int]:
+        """(epoch, batches handed out in it), with a finished epoch reported as (epoch + 1, 0)."""
+        if self.batches_done >= len(self):
+            return self.epoch + 1, 0
+        return self.epoch, self.batches_done
+
     def _epoch_batches(self) -> Iterator[Batch]:
         raise NotImplementedError
 
@@ -512,9 +518,10 @@ class TwoViewLoader(EpochLoader):
 
     def state_dict(self) -> dict:
         s = self.stream
+        epoch, done = self.position()
         return {
-            "epoch": self.epoch,
-            "batches_done": self.batches_done,
+            "epoch": epoch,
+            "batches_done": done,
             "num_skipped": self.num_skipped,
             "seed": s.seed,
             "world_size": s.world_size,
@@ -585,7 +592,8 @@ class SyntheticLoader(EpochLoader):
             yield self._batch
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_done": self.batches_done}
+        epoch, done = self.position()
+        return {"epoch": epoch, "batches_done": done}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])

@@ -153,7 +153,10 @@ def build_optimizer(
             try:
                 from apex.optimizers import FusedLAMB
 
-                return FusedLAMB(groups, lr=lr, betas=betas, eps=eps), "apex FusedLAMB"
+                # The same algorithm as `Lamb`: no internal global-norm clipping (clip with
+                # optim.clip_grad instead) and the trust ratio on every group (NVLAMB).
+                opt = FusedLAMB(groups, lr=lr, betas=betas, eps=eps, max_grad_norm=float("inf"), use_nvlamb=True)
+                return opt, "apex FusedLAMB (no internal clipping, trust ratio on every group)"
             except ImportError:
                 if implementation == "apex":
                     raise ValueError(
@@ -165,7 +168,10 @@ def build_optimizer(
             try:
                 from deepspeed.ops.lamb import FusedLamb
 
-                return FusedLamb(groups, lr=lr, betas=betas, eps=eps), "deepspeed FusedLamb"
+                # DeepSpeed clamps the trust ratio to [min_coeff, max_coeff] (0.01, 10 by default);
+                # unclamped here, as `Lamb` and the paper's LAMB.
+                opt = FusedLamb(groups, lr=lr, betas=betas, eps=eps, max_coeff=1e9, min_coeff=0.0)
+                return opt, "deepspeed FusedLamb (trust ratio unclamped)"
             except ImportError:
                 if implementation == "deepspeed":
                     raise ValueError("deepspeed is not installed: pip install deepspeed") from None

@@ -76,8 +76,15 @@ class Backend:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def setup(self, model: nn.Module, optimizer_factory: OptimizerFactory) -> None:
-        """Move `model` to the device, wrap it (hook), build the optimizer over its parameters."""
+    def setup(
+        self, model: nn.Module, optimizer_factory: OptimizerFactory, cfg: Any = None, derived: Any = None
+    ) -> None:
+        """Move `model` to the device, wrap it (hook), build the optimizer over its parameters.
+
+        `cfg` (the run's `scale.config.Config`) and `derived` (`scale.config.Derived`) are kept for
+        backends that need them (micro-batch, accumulation, clipping, stages).
+        """
+        self.cfg, self.derived = cfg, derived
         self.module = model.to(self.device)
         self.model = self._wrap(self.module)
         self.optimizer = optimizer_factory(self.module)
@@ -151,6 +158,28 @@ class Backend:
             t /= self.world_size
         return float(t)
 
+    def all_true(self, flag: bool | torch.Tensor) -> bool:
+        """True if `flag` holds on every rank."""
+        t = torch.as_tensor(flag, dtype=torch.int32, device=self._comm_device()).reshape(1)
+        if self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank (for decisions that must agree, e.g. where to resume)."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
@@ -184,8 +213,13 @@ class Backend:
         self.load_state_dict(state)
 
     def eval_model(self) -> nn.Module:
-        """The plain model (e.g. for the kNN monitor on rank 0)."""
+        """The model to run evaluation forwards with, on every rank (sharded backends return their
+        sharded module: every rank must run the same number of forwards)."""
         return self.module
+
+    def num_params(self, module: nn.Module, trainable_only: bool = False) -> int:
+        """Parameter count of `module` (sharded backends count the full tensors)."""
+        return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
     def describe(self) -> str:
         return f"{self.name} on {self.device}, {self.world_size} rank(s), {self.precision}"

@@ -51,7 +51,8 @@ def init_distributed(dist_backend: str = "auto", timeout_minutes: int = 30) -> N
 
 
 def build_backend(name: str, precision: str = "auto") -> Backend:
-    """The backend for this process (call `init_distributed` first)."""
+    """The backend for this process (call `init_distributed` first). The backend receives the run's
+    full `Config` and derived values in `setup` (sharded backends need stages, micro-batches...)."""
     if name not in BACKENDS:
         raise BackendError(f"parallel backend {name!r} is not one of: {', '.join(BACKENDS)}")
     world = dist.get_world_size() if dist.is_initialized() else 1

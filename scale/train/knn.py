@@ -11,12 +11,29 @@ from scale.data.augment import Normalize
 from scale.data.loader import ShardSource, resolve_source
 
 
+def _share(counts: list[int], rank: int, world_size: int) -> tuple[list[tuple[int, int, int]], int]:
+    """This rank's contiguous share of all samples as (unit, start, stop) runs, and the share size
+    every rank pads to (so every rank runs the same number of forward passes)."""
+    total = sum(counts)
+    per_rank = -(-total // world_size)
+    lo, hi = min(rank * per_rank, total), min((rank + 1) * per_rank, total)
+    runs, offset = [], 0
+    for unit, count in enumerate(counts):
+        a, b = max(lo, offset), min(hi, offset + count)
+        if a < b:
+            runs.append((unit, a - offset, b - offset))
+        offset += count
+    return runs, per_rank
+
+
 @torch.no_grad()
 def extract_features(
     backbone: nn.Module, source: str, crop_size: int, batch_size: int = 256, device: torch.device | None = None,
-    autocast_dtype: torch.dtype | None = None,
+    autocast_dtype: torch.dtype | None = None, rank: int = 0, world_size: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """L2-normalised pooled features (N, D) and labels (N,) of every sample of `source`, in order.
+    """L2-normalised pooled features (n, D) and labels (n,) of this rank's contiguous share of
+    `source` (all of it with one rank), in order. Call on every rank: each runs the same number of
+    forwards (the last share is padded), as sharded models need.
 
     Images are resized (shorter side to crop / 0.875) and centre-cropped, as for evaluation.
     """
@@ -24,34 +41,37 @@ def extract_features(
     from torchvision.transforms import v2 as T
 
     src = resolve_source(source)
+    runs, per_rank = _share(src.counts, rank, world_size)
     resize = T.Compose([T.Resize(round(crop_size / 0.875), antialias=True), T.CenterCrop(crop_size)])
     normalize = Normalize()
     device = device or next(backbone.parameters()).device
     was_training = backbone.training
     backbone.eval()
-    feats, labels, batch, batch_labels = [], [], [], []
+    feats, labels, batch = [], [], []
+    forwards = -(-per_rank // batch_size)  # the same on every rank
 
-    def flush():
-        x = normalize(torch.stack(batch).to(device))
+    def flush(images: list[torch.Tensor]) -> None:
+        x = normalize(torch.stack(images).to(device))
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             f = backbone.forward_head(backbone.forward_features(x), pre_logits=True)
         feats.append(F.normalize(f.float(), dim=1).cpu())
-        labels.extend(batch_labels)
-        batch.clear()
-        batch_labels.clear()
 
-    for unit, count in enumerate(src.counts):
-        reader = src.read(unit, 0, count) if isinstance(src, ShardSource) else [src.read_one(unit, 0)]
+    for unit, a, b in runs:
+        reader = src.read(unit, a, b) if isinstance(src, ShardSource) else [src.read_one(unit, 0)]
         for _, data, label in reader:
             image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
             batch.append(resize(image))
-            batch_labels.append(label)
+            labels.append(label)
             if len(batch) == batch_size:
-                flush()
+                flush(batch)
+                batch = []
     if batch:
-        flush()
+        flush(batch)
+    real = len(labels)
+    for _ in range(forwards - len(feats)):  # padding forwards: sharded models need them on every rank
+        flush([torch.zeros(3, crop_size, crop_size, dtype=torch.uint8)])
     backbone.train(was_training)
-    return torch.cat(feats), torch.tensor(labels, dtype=torch.int64)
+    return torch.cat(feats)[:real], torch.tensor(labels, dtype=torch.int64)
 
 
 def knn_accuracy(

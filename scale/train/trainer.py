@@ -25,7 +25,6 @@ from scale.data.augment import AugmentConfig
 from scale.data.loader import build_loader
 from scale.models import MoCoV3, build_moco
 from scale.models.flops import moco_training_flops
-from scale.models.vit import count_params
 from scale.optim import build_optimizer, lr_at, momentum_at, param_groups, weight_decay_at
 from scale.parallel.checkpointing import apply_activation_checkpointing
 from scale.parallel.dist import AllGatherKeys
@@ -91,7 +90,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, loader=None, backend=None):
         self.cfg = cfg
-        init_distributed(cfg.parallel.dist_backend)
+        init_distributed(cfg.parallel.dist_backend, cfg.parallel.timeout_minutes)
         self.backend = b = backend or build_backend(cfg.parallel.backend, cfg.parallel.precision)
         per_device = split_batch(cfg, b.world_size)
         self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
@@ -133,12 +132,15 @@ class Trainer:
             )  # fmt: skip
             return opt
 
-        b.setup(model, optimizer_factory)
+        b.setup(model, optimizer_factory, cfg, self.derived)
         self.flops_per_image = moco_training_flops(self.vit_cfg, cfg.model.dim, cfg.model.mlp_dim).total
         self.peak_flops, self.peak_label = device_peak(b.device, b.precision)
         self.step = 0
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
+        self.scaler_skips = 0
+        self.last_saved_step: int | None = None
+        b.barrier()  # every rank has checked the run directory before rank 0 writes into it
 
     # ------------------------------------------------------------------ helpers
 
@@ -146,12 +148,12 @@ class Trainer:
         b, cfg, d = self.backend, self.cfg, self.derived
         if not b.is_main:
             return
-        trainable = sum(p.numel() for p in b.module.parameters() if p.requires_grad)
+        trainable = b.num_params(b.module, trainable_only=True)
         log.info("recipe %s, run directory %s", cfg.recipe or "(none)", self.run_dir)
         log.info(
             "model %s: backbone %.1f M params, %d trainable in all; %.1f GFLOPs per training image",
             cfg.model.name,
-            count_params(b.module.base_encoder) / 1e6,
+            b.num_params(b.module.base_encoder) / 1e6,
             trainable,
             self.flops_per_image / 1e9,
         )
@@ -174,28 +176,41 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        return save_checkpoint(self.backend, self.run_dir, self.step, self._client_state(), self.cfg.run.keep_last)
+        path = save_checkpoint(self.backend, self.run_dir, self.step, self._client_state(), self.cfg.run.keep_last)
+        self.last_saved_step = self.step
+        return path
 
     def _prepare_run_dir(self) -> None:
         if self.backend.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(self.cfg.to_json())
+            tmp = self.run_dir / ".config.json.tmp"
+            tmp.write_text(self.cfg.to_json())
+            tmp.replace(self.run_dir / "config.json")
         self.backend.barrier()
 
     def _resume(self) -> None:
-        path = find_resume(self.run_dir, self.cfg.run.resume)
-        if path is None:
-            return
-        client = load_checkpoint(self.backend, path)
-        self.step = int(client["step"])
-        self.nonfinite_total = int(client.get("nonfinite_total", 0))
-        self.loader.load_state_dict(client["data"])
-        log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.loader.epoch)
+        # Rank 0 decides, so every rank resumes from the same checkpoint whatever its view of the disk.
+        path = self.backend.broadcast_object(
+            find_resume(self.run_dir, self.cfg.run.resume) if self.backend.is_main else None
+        )
+        start = 0
+        if path is not None:
+            client = load_checkpoint(self.backend, Path(path))
+            self.step = start = int(client["step"])
+            self.nonfinite_total = int(client.get("nonfinite_total", 0))
+            self.loader.load_state_dict(client["data"])
+            self.last_saved_step = self.step
+            log.info("resumed from %s at step %d", path, self.step)
+        if self.backend.is_main:
+            set_aside_newer(self.run_dir, start)
+            truncate_metrics(self.run_dir / "metrics.jsonl", start)
+        self.backend.barrier()
 
     # ------------------------------------------------------------------ training
 
-    def train_step(self, micro_batches: list) -> dict[str, float]:
-        """One optimizer step over `grad_accum_steps` micro-batches; returns its metrics."""
+    def train_step(self, micro_batches: list) -> dict[str, Any]:
+        """One optimizer step over `grad_accum_steps` micro-batches; returns its metrics (the loss as
+        a tensor: converting it would synchronise with the device every step)."""
         b, cfg, d = self.backend, self.cfg, self.derived
         lr = lr_at(self.step, d.lr, d.warmup_steps, d.total_steps)
         wd = weight_decay_at(self.step, cfg.optim.weight_decay, cfg.optim.final_weight_decay, d.total_steps)
@@ -205,29 +220,38 @@ class Trainer:
             for i, (x1, x2, _) in enumerate(micro_batches)
         ]
         grad_norm = b.step(lr, wd, cfg.optim.clip_grad)
-        loss = float(torch.stack(losses).double().mean())
+        loss = torch.stack(losses).double().mean()
         next_momentum = momentum_at(self.step + 1, d.total_steps, cfg.schedule.momentum, cfg.schedule.final_momentum)
         if grad_norm is None:
             b.restore_buffers(saved)
-            self.nonfinite_in_row += 1
-            self.nonfinite_total += 1
-            last = list_checkpoints(self.run_dir)
-            log.warning(
-                "step %d: non-finite loss or gradients (loss %s); step skipped (%d in a row, %d in all)",
-                self.step, loss, self.nonfinite_in_row, self.nonfinite_total,
-            )  # fmt: skip
-            if self.nonfinite_in_row >= cfg.run.max_nonfinite:
-                raise TrainingError(
-                    f"{self.nonfinite_in_row} non-finite steps in a row at step {self.step}; stopping. The last good "
-                    f"checkpoint is {last[-1] if last else '(none yet)'}; lower --optim.base_lr, set "
-                    "--optim.clip_grad, or check the data"
-                )
+            # Under fp16 the loss scaler skips steps whose scaled gradients overflow: expected, not
+            # a failure, as long as every rank's loss is finite.
+            if b.scaler is not None and b.all_true(torch.isfinite(loss)):
+                self.scaler_skips += 1
+                log.info("step %d: fp16 loss-scale overflow, step skipped (%d so far)", self.step, self.scaler_skips)
+            else:
+                self._nonfinite(float(loss))
         else:
             self.nonfinite_in_row = 0
             b.momentum_update(next_momentum)
         self.step += 1
         return {"loss": loss, "lr": lr, "weight_decay": wd, "momentum": next_momentum,
                 "grad_norm": grad_norm if grad_norm is not None else float("nan")}  # fmt: skip
+
+    def _nonfinite(self, loss: float) -> None:
+        self.nonfinite_in_row += 1
+        self.nonfinite_total += 1
+        log.warning(
+            "step %d: non-finite loss or gradients (loss %s); step skipped (%d in a row, %d in all)",
+            self.step, loss, self.nonfinite_in_row, self.nonfinite_total,
+        )  # fmt: skip
+        if self.nonfinite_in_row >= self.cfg.run.max_nonfinite:
+            last = list_checkpoints(self.run_dir)
+            raise TrainingError(
+                f"{self.nonfinite_in_row} non-finite steps in a row at step {self.step}; stopping. The last good "
+                f"checkpoint is {last[-1] if last else '(none yet)'}; lower --optim.base_lr, set "
+                "--optim.clip_grad, or check the data"
+            )
 
     def fit(self) -> dict[str, Any]:
         """Train to the end of the schedule (or `schedule.max_steps`); returns the final metrics."""
@@ -238,92 +262,139 @@ class Trainer:
         stop = min(d.total_steps, cfg.schedule.max_steps) if cfg.schedule.max_steps else d.total_steps
         metrics = MetricsLogger(self.run_dir, b.is_main, cfg.run.tensorboard)
         progress = Progress(stop, self.step, b.is_main, cfg.run.progress)
-        window = {"t": time.perf_counter(), "steps": 0, "data": 0.0}
+        window = _Window()
         row: dict[str, Any] = {}
         try:
             while self.step < stop:
-                epoch = self.loader.epoch
                 batches = iter(self.loader)
                 micro: list = []
                 t_data = time.perf_counter()
                 for batch in batches:
-                    window["data"] += time.perf_counter() - t_data
+                    window.data += time.perf_counter() - t_data
                     micro.append(batch)
                     if len(micro) == d.grad_accum_steps:
                         step_metrics = self.train_step(micro)
                         micro = []
-                        window["steps"] += 1
+                        window.add(step_metrics["loss"])
                         if self.step % cfg.run.log_every == 0 or self.step == 1 or self.step == stop:
-                            row = self._log_row(step_metrics, window, epoch)
+                            row = self._log_row(step_metrics, window)
                             metrics.log(self.step, row)
                             progress.line(self.step, f"loss {row['loss']:.4f} {row['img_per_s']:.0f} img/s")
-                            window = {"t": time.perf_counter(), "steps": 0, "data": 0.0}
                             progress.update(
                                 self.step, {"loss": f"{row['loss']:.4f}", "img/s": f"{row['img_per_s']:.0f}"}
                             )
+                            window = _Window()
                         else:
                             progress.update(self.step, {})
                         if cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0:
                             self.save()
+                            window.restart()
                         if self.step >= stop:
                             break
                     t_data = time.perf_counter()
                 else:  # the epoch is complete
+                    epoch = self.step // d.steps_per_epoch  # epochs completed
                     if not cfg.run.ckpt_every and self.step < stop:
                         self.save()
-                    if cfg.run.knn_every_epochs and (epoch + 1) % cfg.run.knn_every_epochs == 0:
+                    if cfg.run.knn_every_epochs and epoch % cfg.run.knn_every_epochs == 0 and self.step < stop:
                         row["knn_top1"] = self.knn_monitor()
                         metrics.log(self.step, {"knn_top1": row["knn_top1"]})
+                    window.restart()
                     continue
                 batches.close()  # stopped mid-epoch: release the workers
-            if not list_checkpoints(self.run_dir) or list_checkpoints(self.run_dir)[-1].name != f"step-{self.step:08d}":
+            if self.last_saved_step != self.step:
                 self.save()
         finally:
             progress.close()
             metrics.close()
         return {"step": self.step, "nonfinite_total": self.nonfinite_total, **row}
 
-    def _log_row(self, step_metrics: dict[str, float], window: dict, epoch: int) -> dict[str, Any]:
+    def _log_row(self, step_metrics: dict[str, Any], window: _Window) -> dict[str, Any]:
         b, d = self.backend, self.derived
-        elapsed = time.perf_counter() - window["t"]
-        images = window["steps"] * d.global_batch_size
-        img_per_s = images / max(elapsed, 1e-9)
+        elapsed = time.perf_counter() - window.start
+        img_per_s = window.steps * d.global_batch_size / max(elapsed, 1e-9)
         flops_per_device = img_per_s * self.flops_per_image / b.world_size
         return {
             **step_metrics,
-            "loss": b.all_reduce_mean(step_metrics["loss"]),
-            "epoch": epoch,
+            "loss": b.all_reduce_mean(window.mean_loss()),  # mean over the window and the ranks
+            "epoch": self.step / d.steps_per_epoch,
             "img_per_s": img_per_s,
             "img_per_s_per_device": img_per_s / b.world_size,
             "tflops_per_device": flops_per_device / 1e12,
             "mfu": flops_per_device / self.peak_flops if math.isfinite(self.peak_flops) else float("nan"),
-            "data_time_frac": window["data"] / max(elapsed, 1e-9),
-            "step_time_s": elapsed / max(window["steps"], 1),
+            "data_time_frac": window.data / max(elapsed, 1e-9),
+            "step_time_s": elapsed / max(window.steps, 1),
             "peak_mem_gib": peak_memory_gib(b.device),
             "nonfinite_total": self.nonfinite_total,
+            "scaler_skips": self.scaler_skips,
             **self.loader.metrics(),
         }
 
     # ------------------------------------------------------------------ evaluation
 
     def knn_monitor(self, backbone=None) -> float:
-        """kNN top-1 (%) of `backbone` (default: the base encoder's) on the configured held-out data;
-        computed on rank 0, NaN elsewhere."""
+        """kNN top-1 (%) of `backbone` (default: the base encoder's) on the configured held-out data.
+
+        Every rank extracts the features of its share (sharded models need every rank's forward);
+        rank 0 gathers them and votes. NaN when no kNN data is configured.
+        """
         from scale.train.knn import extract_features, knn_accuracy
 
         cfg, b = self.cfg, self.backend
-        acc = float("nan")
-        if b.is_main and cfg.data.eval_source and cfg.data.knn_train_source:
-            backbone = backbone or b.eval_model().base_encoder
-            kwargs = dict(crop_size=cfg.model.img_size, device=b.device, autocast_dtype=b.autocast_dtype)
-            train_f, train_y = extract_features(backbone, cfg.data.knn_train_source, **kwargs)
-            test_f, test_y = extract_features(backbone, cfg.data.eval_source, **kwargs)
-            acc = knn_accuracy(train_f, train_y, test_f, test_y, k=cfg.run.knn_k, temperature=cfg.run.knn_temperature)
-        b.barrier()
-        return acc
+        if not (cfg.data.eval_source and cfg.data.knn_train_source):
+            return float("nan")
+        backbone = backbone or b.eval_model().base_encoder
+        kwargs = dict(crop_size=cfg.model.img_size, device=b.device, autocast_dtype=b.autocast_dtype,
+                      rank=b.rank, world_size=b.world_size)  # fmt: skip
+        parts = [b.all_gather_object(extract_features(backbone, src, **kwargs))
+                 for src in (cfg.data.knn_train_source, cfg.data.eval_source)]  # fmt: skip
+        (train_f, train_y), (test_f, test_y) = (
+            (torch.cat([f for f, _ in p]), torch.cat([y for _, y in p])) for p in parts
+        )
+        acc = knn_accuracy(train_f, train_y, test_f, test_y, k=cfg.run.knn_k, temperature=cfg.run.knn_temperature)
+        return b.broadcast_object(acc)
 
     def knn_random_init(self) -> float:
         """The kNN monitor on the same backbone at its initial (random) weights."""
         torch.manual_seed(self.cfg.run.seed)
         fresh = build_model(self.cfg).base_encoder.to(self.backend.device)
         return self.knn_monitor(fresh)
+
+
+class _Window:
+    """Accumulates the steps between two log lines (throughput, data time, mean loss)."""
+
+    def __init__(self):
+        self.restart()
+        self.steps, self.data, self.losses = 0, 0.0, []
+
+    def restart(self) -> None:
+        """Start timing afresh (after a checkpoint or evaluation), keeping the losses."""
+        self.start, self.steps, self.data = time.perf_counter(), 0, 0.0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.steps += 1
+        self.losses.append(loss)
+
+    def mean_loss(self) -> float:
+        return float(torch.stack(self.losses).mean()) if self.losses else float("nan")
+
+
+def set_aside_newer(run_dir: Path, step: int) -> None:
+    """Rename checkpoints newer than `step` (a rollback or a fresh start in an old run directory) to
+    `abandoned-step-*`: kept, but neither resumed from nor counted by `keep_last`."""
+    for path in list_checkpoints(run_dir):
+        if int(path.name.split("-")[1]) > step:
+            target = path.with_name(f"abandoned-{path.name}")
+            log.warning("checkpoint %s is newer than the start step %d: renamed to %s", path.name, step, target.name)
+            path.rename(target)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric rows after `step` (they are about to be recomputed by the resumed run)."""
+    if not path.is_file():
+        return
+    rows = path.read_text().splitlines()
+    kept = [r for r in rows if r.strip() and json.loads(r).get("step", 0) <= step]
+    if len(kept) != len(rows):
+        path.write_text("".join(r + "\n" for r in kept))

@@ -61,3 +61,11 @@ def test_bad_command_lines_fail_with_clear_messages(args, message, tmp_path, cap
         main([*args, f"--run.output_dir={tmp_path}"])
     text = str(e.value.code) + capsys.readouterr().err
     assert message in text
+
+
+def test_console_script_exits_zero(tmp_path):
+    script = Path(sys.executable).parent / "scale-pretrain"
+    if not script.exists():
+        pytest.skip("package not installed with its console scripts (pip install -e .)")
+    out = run([str(script), "--recipe", "vit_h_300ep", "--print-config"], tmp_path)
+    assert out.returncode == 0 and json.loads(out.stdout)["model"]["name"] == "vit_huge"

@@ -151,3 +151,31 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tmp_path):
     for (n, p), q in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
         if p.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_fresh_start_in_an_old_run_directory_sets_old_checkpoints_aside(tmp_path):
+    make(tmp_path, "old", **{"run.keep_last": 2}).fit()  # steps 4, 8, 12 -> keeps 8 and 12
+    again = make(tmp_path, "old", **{"run.keep_last": 2, "run.resume": "none", "schedule.max_steps": 4})
+    again.fit()
+    names = sorted(p.name for p in (again.run_dir / "checkpoints").iterdir())
+    assert names == ["abandoned-step-00000008", "abandoned-step-00000012", "step-00000004"]
+    resumed = make(tmp_path, "old", **{"run.keep_last": 2, "schedule.max_steps": 5})
+    resumed.fit()
+    assert resumed.step == 5  # resumed from step 4, not from the abandoned step 12
+    assert [r["step"] for r in read_metrics(resumed.run_dir)] == [1, 2, 3, 4, 5]  # no stale rows
+
+
+def test_epoch_end_checkpoint_resumes_in_the_next_epoch(tmp_path):
+    first = make(tmp_path, "e", **{"schedule.max_steps": 4, "run.ckpt_every": 4})  # ends on an epoch's last batch
+    first.fit()
+    client = torch.load(first.run_dir / "checkpoints" / "step-00000004" / "client.pt", weights_only=False)
+    assert client["data"] == {"epoch": 1, "batches_done": 0}
+    second = make(tmp_path, "e", **{"schedule.max_steps": 6, "run.ckpt_every": 4})
+    second.fit()
+    assert second.loader.state_dict() == {"epoch": 1, "batches_done": 2}
+    assert [r["epoch"] for r in read_metrics(second.run_dir)][-2:] == [1.25, 1.5]
+
+
+def test_run_settings_are_validated(tmp_path):
+    with pytest.raises(ConfigError, match="run.log_every >= 1"):
+        make(tmp_path, **{"run.log_every": 0})

@@ -131,11 +131,14 @@ class BatchConfig:
 @dataclass
 class ParallelConfig:
     backend: str = "auto"
-    """'auto' (ddp when launched with several ranks, else single), 'single' or 'ddp'."""
+    """'auto' (ddp when launched with several ranks, else single), 'single', 'ddp' or 'fsdp'."""
     precision: str = "auto"
     """'auto' (bf16 on GPUs that support it, else fp32), 'fp32', 'bf16' or 'fp16' (GPU only)."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in the backward pass."""
+    reshard_after_forward: bool = True
+    """FSDP2: free gathered parameters after each block's forward (ZeRO-3-like); false keeps them
+    until the backward (ZeRO-2-like: more memory, less communication)."""
     dist_backend: str = "auto"
     """'auto' (nccl with CUDA, else gloo), 'nccl' or 'gloo'."""
     timeout_minutes: int = 30

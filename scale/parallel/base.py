@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,29 @@ log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class ShardingPlan:
+    """What a sharded backend needs to know about a model, given by whoever knows the model.
+
+    units: modules to shard one by one, innermost first (e.g. every transformer block of both
+        encoders, then the encoders); the root is sharded last by the backend.
+    forward_methods: (module, method name) pairs called from outside besides `forward` (e.g. an
+        encoder's `forward_features` for evaluation), so sharded backends gather parameters for them.
+    """
+
+    units: list[nn.Module] = field(default_factory=list)
+    forward_methods: list[tuple[nn.Module, str]] = field(default_factory=list)
+
+
+@torch.no_grad()
+def ema_(targets: list[torch.Tensor], sources: list[torch.Tensor], momentum: float) -> None:
+    """targets <- momentum * targets + (1 - momentum) * sources, in place, the authors' operation
+    order (`scale.models.MoCoV3.momentum_update`), on whatever local tensors a backend holds."""
+    if targets:
+        torch._foreach_mul_(targets, momentum)
+        torch._foreach_add_(targets, sources, alpha=1.0 - momentum)
 
 
 class BackendError(ValueError):
@@ -77,14 +101,20 @@ class Backend:
         return self.rank == 0
 
     def setup(
-        self, model: nn.Module, optimizer_factory: OptimizerFactory, cfg: Any = None, derived: Any = None
+        self,
+        model: nn.Module,
+        optimizer_factory: OptimizerFactory,
+        cfg: Any = None,
+        derived: Any = None,
+        plan: ShardingPlan | None = None,
     ) -> None:
         """Move `model` to the device, wrap it (hook), build the optimizer over its parameters.
 
         `cfg` (the run's `scale.config.Config`) and `derived` (`scale.config.Derived`) are kept for
-        backends that need them (micro-batch, accumulation, clipping, stages).
+        backends that need them (micro-batch, accumulation, clipping, stages); `plan` says how to
+        shard the model (replicated backends ignore it).
         """
-        self.cfg, self.derived = cfg, derived
+        self.cfg, self.derived, self.plan = cfg, derived, plan or ShardingPlan()
         self.module = model.to(self.device)
         self.model = self._wrap(self.module)
         self.optimizer = optimizer_factory(self.module)
@@ -216,6 +246,10 @@ class Backend:
         """The model to run evaluation forwards with, on every rank (sharded backends return their
         sharded module: every rank must run the same number of forwards)."""
         return self.module
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's complete state dict on CPU (on every rank), e.g. to export or compare."""
+        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
 
     def num_params(self, module: nn.Module, trainable_only: bool = False) -> int:
         """Parameter count of `module` (sharded backends count the full tensors)."""

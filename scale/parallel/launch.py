@@ -14,7 +14,7 @@ from scale.parallel.base import Backend, BackendError, SingleProcess
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "single", "ddp")
+BACKENDS = ("auto", "single", "ddp", "fsdp")
 
 
 def launched_world_size() -> int:
@@ -63,7 +63,11 @@ def build_backend(name: str, precision: str = "auto") -> Backend:
             raise BackendError(f"backend 'single' cannot run on {world} ranks; use --parallel.backend=ddp")
         return SingleProcess(precision)
     if not dist.is_initialized():
-        raise BackendError("backend 'ddp' needs several ranks: launch with torchrun --nproc_per_node N")
+        raise BackendError(f"backend {name!r} needs several ranks: launch with torchrun --nproc_per_node N")
+    if name == "fsdp":
+        from scale.parallel.fsdp import FSDPBackend
+
+        return FSDPBackend(precision)
     from scale.parallel.ddp import DDPBackend
 
     return DDPBackend(precision)

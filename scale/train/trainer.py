@@ -26,6 +26,7 @@ from scale.data.loader import build_loader
 from scale.models import MoCoV3, build_moco
 from scale.models.flops import moco_training_flops
 from scale.optim import build_optimizer, lr_at, momentum_at, param_groups, weight_decay_at
+from scale.parallel.base import ShardingPlan
 from scale.parallel.checkpointing import apply_activation_checkpointing
 from scale.parallel.dist import AllGatherKeys
 from scale.parallel.launch import build_backend, init_distributed
@@ -49,6 +50,16 @@ class TrainingError(RuntimeError):
 def build_model(cfg: Config) -> MoCoV3:
     m = cfg.model
     return build_moco(m.name, dim=m.dim, mlp_dim=m.mlp_dim, temperature=m.temperature, **m.vit_overrides())
+
+
+def sharding_plan(model: MoCoV3) -> ShardingPlan:
+    """Shard every transformer block of both encoders, then the encoders and the predictor; the
+    momentum encoder gets exactly the base encoder's layout (its EMA then runs on local shards)."""
+    enc, mom = model.base_encoder, model.momentum_encoder
+    return ShardingPlan(
+        units=[*enc.blocks, *mom.blocks, enc, mom, model.predictor],
+        forward_methods=[(enc, "forward_features"), (mom, "forward_features")],
+    )
 
 
 def split_batch(cfg: Config, world_size: int) -> int:
@@ -132,7 +143,7 @@ class Trainer:
             )  # fmt: skip
             return opt
 
-        b.setup(model, optimizer_factory, cfg, self.derived)
+        b.setup(model, optimizer_factory, cfg, self.derived, sharding_plan(model))
         self.flops_per_image = moco_training_flops(self.vit_cfg, cfg.model.dim, cfg.model.mlp_dim).total
         self.peak_flops, self.peak_label = device_peak(b.device, b.precision)
         self.step = 0

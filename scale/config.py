@@ -131,11 +131,13 @@ class BatchConfig:
 @dataclass
 class ParallelConfig:
     backend: str = "auto"
-    """'auto' (ddp when launched with several ranks, else single), 'single', 'ddp' or 'fsdp'."""
+    """'auto' (ddp when launched with several ranks, else single), 'single', 'ddp', 'fsdp' or 'deepspeed'."""
     precision: str = "auto"
     """'auto' (bf16 on GPUs that support it, else fp32), 'fp32', 'bf16' or 'fp16' (GPU only)."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in the backward pass."""
+    deepspeed_config: str = ""
+    """DeepSpeed JSON (ds_configs/zero{1,2,3}.json); `--deepspeed PATH` sets it and the backend."""
     reshard_after_forward: bool = True
     """FSDP2: free gathered parameters after each block's forward (ZeRO-3-like); false keeps them
     until the backward (ZeRO-2-like: more memory, less communication)."""

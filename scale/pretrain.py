@@ -3,6 +3,7 @@
     python -m scale.pretrain                                   # the CPU demo (recipe cpu_demo)
     python -m scale.pretrain --recipe vit_b_300ep --data.source=/data/in1k/train-*.tar
     torchrun --nproc_per_node 8 scale/pretrain.py --recipe vit_bn_l7_300ep
+    deepspeed scale/pretrain.py --deepspeed ds_configs/zero2.json --recipe vit_l_300ep
     python -m scale.pretrain --recipe vit_s_300ep --help-config   # every field with its docstring
 
 Overrides are `--section.field=value` (see `scale/config.py`); a wrong key or type is an error that
@@ -48,6 +49,12 @@ def parse(argv: list[str] | None = None):
     )
     parser.add_argument("--recipe", default="cpu_demo", help=f"one of: {', '.join(RECIPES)} (default cpu_demo)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--deepspeed",
+        metavar="JSON",
+        default=None,
+        help="DeepSpeed ZeRO config (ds_configs/zero2.json): sets the backend",
+    )
     parser.add_argument("--help-config", action="store_true", help="print every config field and exit")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     args, rest = parser.parse_known_args(argv)
@@ -61,7 +68,10 @@ def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     args, overrides = parse(argv)
     try:
-        cfg = apply_overrides(get_recipe(args.recipe), overrides)
+        cfg = get_recipe(args.recipe)
+        if args.deepspeed:
+            overrides = ["--parallel.backend=deepspeed", f"--parallel.deepspeed_config={args.deepspeed}", *overrides]
+        cfg = apply_overrides(cfg, overrides)
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
     if args.help_config:

@@ -16,6 +16,8 @@ TINY_HEADS = dict(dim=16, mlp_dim=64)
 
 def _entry(rank: int, fn, world_size: int, init_file: str, args: tuple) -> None:
     torch.set_num_threads(1)
+    # What torchrun sets (DeepSpeed checks LOCAL_RANK).
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)

@@ -14,7 +14,7 @@ from scale.parallel.base import Backend, BackendError, SingleProcess
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "single", "ddp", "fsdp")
+BACKENDS = ("auto", "single", "ddp", "fsdp", "deepspeed")
 
 
 def launched_world_size() -> int:
@@ -50,7 +50,7 @@ def init_distributed(dist_backend: str = "auto", timeout_minutes: int = 30) -> N
     log.info("process group: %s, rank %d of %d", dist_backend, dist.get_rank(), dist.get_world_size())
 
 
-def build_backend(name: str, precision: str = "auto") -> Backend:
+def build_backend(name: str, precision: str = "auto", deepspeed_config: str = "") -> Backend:
     """The backend for this process (call `init_distributed` first). The backend receives the run's
     full `Config` and derived values in `setup` (sharded backends need stages, micro-batches...)."""
     if name not in BACKENDS:
@@ -58,6 +58,12 @@ def build_backend(name: str, precision: str = "auto") -> Backend:
     world = dist.get_world_size() if dist.is_initialized() else 1
     if name == "auto":
         name = "ddp" if world > 1 else "single"
+    if name == "deepspeed":
+        if not deepspeed_config:
+            raise BackendError("backend 'deepspeed' needs a config: --deepspeed ds_configs/zero2.json")
+        from scale.parallel.deepspeed import DeepSpeedBackend
+
+        return DeepSpeedBackend(deepspeed_config, precision)
     if name == "single":
         if world > 1:
             raise BackendError(f"backend 'single' cannot run on {world} ranks; use --parallel.backend=ddp")

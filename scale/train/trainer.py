@@ -102,7 +102,9 @@ class Trainer:
     def __init__(self, cfg: Config, loader=None, backend=None):
         self.cfg = cfg
         init_distributed(cfg.parallel.dist_backend, cfg.parallel.timeout_minutes)
-        self.backend = b = backend or build_backend(cfg.parallel.backend, cfg.parallel.precision)
+        self.backend = b = backend or build_backend(
+            cfg.parallel.backend, cfg.parallel.precision, cfg.parallel.deepspeed_config
+        )
         per_device = split_batch(cfg, b.world_size)
         self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
         check_run_dir(self.run_dir, cfg)  # on every rank, before any work

@@ -1,4 +1,4 @@
-"""The trainer on 2 real gloo ranks (DDP) against one process with the concatenated batch."""
+"""The trainer on 2 real gloo ranks (DDP, FSDP2) against one process with the concatenated batch."""
 
 import pytest
 import torch
@@ -20,19 +20,21 @@ TOL = {torch.float64: dict(loss=1e-9, param_rtol=1e-7, param_atol=1e-9),
        torch.float32: dict(loss=1e-5, param_rtol=1e-4, param_atol=2 * LR_SUM)}  # fmt: skip
 
 
-def _train(rank, world, out_dir, dtype, name):
+def _train(rank, world, out_dir, dtype, name, backend="auto"):
     torch.set_default_dtype(dtype)
-    cfg = tiny_config(out_dir, name, **{"schedule.max_steps": STEPS})
+    cfg = tiny_config(out_dir, name, **{"schedule.max_steps": STEPS, "parallel.backend": backend})
     trainer = Trainer(cfg, loader=FixedBatchLoader(4, cfg.batch.global_batch_size, world=world, rank=rank, dtype=dtype))
-    assert trainer.backend.name == ("ddp" if world > 1 else "single")
+    assert trainer.backend.name == (backend if backend != "auto" else "ddp" if world > 1 else "single")
     trainer.fit()
+    full = trainer.backend.full_state_dict()  # a collective under FSDP
     if rank == 0:
-        torch.save(trainer.backend.module.state_dict(), f"{out_dir}/{name}-final.pt")
+        torch.save(full, f"{out_dir}/{name}-final.pt")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-def test_ddp_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path, dtype):
-    run_ranks(_train, 2, str(tmp_path), dtype, "ddp")
+@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
+def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path, dtype, backend):
+    run_ranks(_train, 2, str(tmp_path), dtype, "ddp", backend)
     previous = torch.get_default_dtype()
     try:
         _train(0, 1, str(tmp_path), dtype, "single")
@@ -69,5 +71,20 @@ def _resume(rank, world, out_dir):
         assert len(got) == 12 and got == expected
 
 
-def test_ddp_resume_gives_the_same_losses(tmp_path):
-    run_ranks(_resume, 2, str(tmp_path))
+@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
+def test_resume_gives_the_same_losses(tmp_path, backend):
+    run_ranks(_resume, 2, str(tmp_path), backend)
+
+
+def _shard_sizes(rank, world, out_dir):
+    cfg = tiny_config(out_dir, "sizes", **{"parallel.backend": "fsdp", "model.embed_dim": 64})
+    trainer = Trainer(cfg, loader=FixedBatchLoader(4, 8, world=world, rank=rank))
+    b, model = trainer.backend, trainer.backend.module
+    for encoder in (model.base_encoder, model.momentum_encoder):
+        full = sum(p.numel() for p in encoder.parameters())  # DTensors report the full size
+        local = b.local_numel(encoder)
+        assert abs(local / full - 1 / world) < 0.02, (local, full)
+
+
+def test_fsdp_each_rank_holds_half_of_both_encoders(tmp_path):
+    run_ranks(_shard_sizes, 2, str(tmp_path))

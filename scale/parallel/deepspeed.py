@@ -1,0 +1,197 @@
+"""DeepSpeed ZeRO-1/2/3 behind the backend contract.
+
+    deepspeed scale/pretrain.py --deepspeed ds_configs/zero2.json [--recipe NAME] [overrides]
+
+The ZeRO stage, overlap and bucket settings come from the JSON given with `--deepspeed`; batch,
+precision and clipping fields are filled from the scale config (or checked against it: a
+contradiction is a clear error). The optimizer is scale's (`build_optimizer`; DeepSpeed's fused
+FusedAdam/FusedLamb on GPU), passed to `deepspeed.initialize` as a client optimizer.
+
+Momentum encoder: under ZeRO-1/2 it is a replicated module; under ZeRO-3 its parameters are
+partitioned exactly like the base encoder's (same shapes, same partitioning), so the EMA runs on the
+local partitions (`param.ds_tensor`) with no gathering. DeepSpeed's bf16 mode keeps module
+parameters in bf16, where (1 - m) * (q - k) falls below bf16 resolution late in training: the EMA
+therefore runs on an fp32 master of the momentum encoder's local part, copied into the bf16
+parameters after every update.
+
+Non-finite steps: a loss that is not finite on some rank poisons the step on every rank (one flag
+all-reduce per micro-batch); its backward is not run, accumulated gradients are dropped and the
+engine takes no step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from scale.parallel.base import Backend, BackendError, ema_
+
+log = logging.getLogger(__name__)
+
+# Fields scale sets from its own config (a JSON value that disagrees is an error).
+OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
+
+
+def require_deepspeed():
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise BackendError("DeepSpeed is not installed: pip install deepspeed (or use --parallel.backend=fsdp)") from e
+    return deepspeed
+
+
+def resolve_ds_config(path: str | Path, cfg: Any, derived: Any, precision: str) -> dict[str, Any]:
+    """The DeepSpeed JSON with scale's batch, precision and clipping fields filled in or checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackendError(f"DeepSpeed config {str(path)!r} does not exist; see ds_configs/")
+    ds = json.loads(path.read_text())
+    ds.pop("//", None)
+    wanted = {
+        "train_batch_size": derived.global_batch_size,
+        "train_micro_batch_size_per_gpu": derived.batch_size_per_device,
+        "gradient_accumulation_steps": derived.grad_accum_steps,
+        "gradient_clipping": float(cfg.optim.clip_grad),
+    }
+    for key, value in wanted.items():
+        if key in ds and ds[key] != "auto" and ds[key] != value:
+            raise BackendError(
+                f'{path}: {key}={ds[key]} contradicts the scale config ({value}); set it to "auto" or change '
+                "the matching --batch.* / --optim.clip_grad"
+            )
+        ds[key] = value
+    for key in ("bf16", "fp16"):
+        section = ds.get(key, {})
+        enabled = section.get("enabled", "auto")
+        if enabled not in ("auto", precision == key):
+            raise BackendError(
+                f'{path}: {key}.enabled={enabled} contradicts --parallel.precision={precision}; set it to "auto"'
+            )
+        ds[key] = {**section, "enabled": precision == key}
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise BackendError(
+                f"{path}: remove the {key!r} section: scale builds the optimizer (--optim.*) and sets the lr every step"
+            )
+    if "zero_optimization" not in ds:
+        raise BackendError(f"{path}: no zero_optimization section (stage 1, 2 or 3)")
+    return ds
+
+
+class DeepSpeedBackend(Backend):
+    name = "deepspeed"
+
+    def __init__(self, config_path: str, precision: str = "auto", device: torch.device | None = None):
+        super().__init__(precision, device)
+        if self.precision == "fp16" and self.device.type != "cuda":
+            raise BackendError("fp16 needs a CUDA GPU (DeepSpeed refuses it on CPU); use --parallel.precision=bf16")
+        self.config_path = config_path
+        self.scaler = None  # DeepSpeed scales fp16 losses itself
+        self.autocast_dtype = None  # the engine casts the module to bf16/fp16
+        self.stage = 0
+        self._poisoned = False
+        self._masters: list[torch.Tensor] | None = None
+
+    def setup(self, model, optimizer_factory, cfg=None, derived=None, plan=None) -> None:
+        deepspeed = require_deepspeed()
+        self.cfg, self.derived = cfg, derived
+        ds_config = resolve_ds_config(self.config_path, cfg, derived, self.precision)
+        self.stage = int(ds_config["zero_optimization"].get("stage", 0))
+        model = model.to(self.device)
+        optimizer = optimizer_factory(model)
+        self.model, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=ds_config, dist_init_required=False
+        )
+        self.module = self.model.module
+        self.dtype = next(self.module.parameters()).dtype
+        log.info("DeepSpeed ZeRO-%d from %s, module parameters in %s", self.stage, self.config_path, self.dtype)
+
+    # ------------------------------------------------------------------ the step
+
+    def forward_backward(self, x1, x2, accum_steps: int = 1, last: bool = True) -> torch.Tensor:
+        x1 = x1.to(self.device, self.dtype, non_blocking=True)
+        x2 = x2.to(self.device, self.dtype, non_blocking=True)
+        loss = self.model(x1, x2)
+        if not self.all_true(torch.isfinite(loss)):
+            self._poisoned = True
+        if not self._poisoned:
+            self.model.set_gradient_accumulation_boundary(last)
+            self.model.backward(loss)  # DeepSpeed divides by the accumulation steps itself
+        return loss.detach()
+
+    def step(self, lr: float, weight_decay: float, clip_grad: float = 0.0) -> float | None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+            g["weight_decay"] = weight_decay * g.get("wd_scale", 1.0)
+        if self._poisoned:
+            self._poisoned = False
+            self.model.zero_grad()
+            self.model.set_gradient_accumulation_boundary(None)
+            return None
+        self.model.step()
+        self.model.set_gradient_accumulation_boundary(None)
+        norm = self.model.get_global_grad_norm()
+        if self.precision == "fp16" and getattr(self.optimizer, "overflow", False):
+            return None
+        norm = float(norm) if norm is not None else 0.0
+        return norm if norm == norm else None
+
+    # ------------------------------------------------------------------ momentum encoder
+
+    def _local_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        ks, qs = self.module.momentum_pairs()
+        if self.stage == 3:  # the local partitions; both encoders are partitioned alike
+            return [k.ds_tensor for k in ks], [q.ds_tensor for q in qs]
+        return [k.data for k in ks], [q.data for q in qs]
+
+    @torch.no_grad()
+    def momentum_update(self, momentum: float) -> None:
+        ks, qs = self._local_pairs()
+        if self.dtype == torch.float32:
+            ema_(ks, qs, momentum)
+            return
+        if self._masters is None:  # fp32 master of this rank's part of the momentum encoder
+            self._masters = [k.detach().float().clone() for k in ks]
+        ema_(self._masters, [q.float() for q in qs], momentum)
+        torch._foreach_copy_(ks, self._masters)
+
+    def snapshot_buffers(self) -> list[torch.Tensor]:
+        return [b.detach().clone() for b in self.module.buffers()]
+
+    # ------------------------------------------------------------------ state
+
+    def save(self, directory: Path) -> None:
+        self.model.save_checkpoint(str(directory), tag="engine", save_latest=False)
+        if self._masters is not None:
+            torch.save(self._masters, directory / f"momentum-master-rank{self.rank}.pt")
+
+    def load(self, directory: Path) -> None:
+        path, _ = self.model.load_checkpoint(str(directory), tag="engine", load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed engine checkpoint in {directory}")
+        master = directory / f"momentum-master-rank{self.rank}.pt"
+        self._masters = torch.load(master, weights_only=True) if master.is_file() else None
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.stage != 3:
+            return {k: v.detach().float().cpu() for k, v in self.module.state_dict().items()}
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+            return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+
+    def num_params(self, module: nn.Module, trainable_only: bool = False) -> int:
+        return sum(
+            getattr(p, "ds_numel", p.numel()) for p in module.parameters() if p.requires_grad or not trainable_only
+        )
+
+    def local_numel(self, module: nn.Module) -> int:
+        return sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).numel() for p in module.parameters())
+
+    def describe(self) -> str:
+        return f"deepspeed ZeRO-{self.stage} on {self.device}, {self.world_size} rank(s), {self.precision}"

@@ -346,6 +346,11 @@ class VisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> pooled backbone features (B, D), without the head: for kNN and linear
+        probes. Its own method so that sharding wrappers can gather parameters for it."""
+        return self.forward_head(self.forward_features(x), pre_logits=True)
+
 
 def build_vit(name: str, **overrides) -> VisionTransformer:
     """Build a preset backbone (see `VIT_PRESETS` and `VIT_ALIASES`) with config overrides.

@@ -40,7 +40,7 @@ class ShardingPlan:
     units: modules to shard one by one, innermost first (e.g. every transformer block of both
         encoders, then the encoders); the root is sharded last by the backend.
     forward_methods: (module, method name) pairs called from outside besides `forward` (e.g. an
-        encoder's `forward_features` for evaluation), so sharded backends gather parameters for them.
+        encoder's `pooled_features` for evaluation), so sharded backends gather parameters for them.
     """
 
     units: list[nn.Module] = field(default_factory=list)

@@ -9,7 +9,8 @@ FusedAdam/FusedLamb on GPU), passed to `deepspeed.initialize` as a client optimi
 
 Momentum encoder: under ZeRO-1/2 it is a replicated module; under ZeRO-3 its parameters are
 partitioned exactly like the base encoder's (same shapes, same partitioning), so the EMA runs on the
-local partitions (`param.ds_tensor`) with no gathering. DeepSpeed's bf16 mode keeps module
+local partitions (`param.ds_tensor`) with no gathering (parameters under
+`stage3_param_persistence_threshold` are kept whole on every rank and updated whole). DeepSpeed's bf16 mode keeps module
 parameters in bf16, where (1 - m) * (q - k) falls below bf16 resolution late in training: the EMA
 therefore runs on an fp32 master of the momentum encoder's local part, copied into the bf16
 parameters after every update.
@@ -144,10 +145,28 @@ class DeepSpeedBackend(Backend):
     # ------------------------------------------------------------------ momentum encoder
 
     def _local_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The momentum encoder's local tensors, paired with the base encoder's.
+
+        ZeRO-3 partitions each parameter: this rank's part is `ds_tensor`, which the forward gathers
+        from. A parameter under `stage3_param_persistence_threshold` is in addition kept whole in
+        `.data` on every rank (and re-gathered from the parts after optimizer steps): both are
+        updated, with the same arithmetic, so they stay consistent. Both encoders have the same
+        shapes, so their parameters are partitioned and persisted alike.
+        """
         ks, qs = self.module.momentum_pairs()
-        if self.stage == 3:  # the local partitions; both encoders are partitioned alike
-            return [k.ds_tensor for k in ks], [q.ds_tensor for q in qs]
-        return [k.data for k in ks], [q.data for q in qs]
+        if self.stage != 3:
+            return [k.data for k in ks], [q.data for q in qs]
+        local_k, local_q = [], []
+        for k, q in zip(ks, qs, strict=True):
+            assert getattr(k, "ds_persist", False) == getattr(q, "ds_persist", False), (
+                "encoders partitioned differently"
+            )
+            local_k.append(k.ds_tensor)
+            local_q.append(q.ds_tensor)
+            if getattr(k, "ds_persist", False):
+                local_k.append(k.data)
+                local_q.append(q.data)
+        return local_k, local_q
 
     @torch.no_grad()
     def momentum_update(self, momentum: float) -> None:
@@ -178,12 +197,18 @@ class DeepSpeedBackend(Backend):
         self._masters = torch.load(master, weights_only=True) if master.is_file() else None
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Complete tensors on CPU, floating point ones in fp32 (the momentum encoder from its master)."""
+
+        def export() -> dict[str, torch.Tensor]:
+            return {k: (v.float() if v.is_floating_point() else v).detach().cpu().clone()
+                    for k, v in self.module.state_dict().items()}  # fmt: skip
+
         if self.stage != 3:
-            return {k: v.detach().float().cpu() for k, v in self.module.state_dict().items()}
+            return export()
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
-            return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+            return export()
 
     def num_params(self, module: nn.Module, trainable_only: bool = False) -> int:
         return sum(
@@ -191,7 +216,12 @@ class DeepSpeedBackend(Backend):
         )
 
     def local_numel(self, module: nn.Module) -> int:
-        return sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).numel() for p in module.parameters())
+        """Elements of `module`'s parameters held by this rank (persistent ZeRO-3 ones in full)."""
+        held = 0
+        for p in module.parameters():
+            partitioned = hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False)
+            held += p.ds_tensor.numel() if partitioned else p.numel()
+        return held
 
     def describe(self) -> str:
         return f"deepspeed ZeRO-{self.stage} on {self.device}, {self.world_size} rank(s), {self.precision}"

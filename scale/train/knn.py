@@ -53,7 +53,7 @@ def extract_features(
     def flush(images: list[torch.Tensor]) -> None:
         x = normalize(torch.stack(images).to(device))
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            f = backbone.forward_head(backbone.forward_features(x), pre_logits=True)
+            f = backbone.pooled_features(x)
         feats.append(F.normalize(f.float(), dim=1).cpu())
 
     for unit, a, b in runs:

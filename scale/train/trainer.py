@@ -58,7 +58,7 @@ def sharding_plan(model: MoCoV3) -> ShardingPlan:
     enc, mom = model.base_encoder, model.momentum_encoder
     return ShardingPlan(
         units=[*enc.blocks, *mom.blocks, enc, mom, model.predictor],
-        forward_methods=[(enc, "forward_features"), (mom, "forward_features")],
+        forward_methods=[(enc, "pooled_features"), (mom, "pooled_features")],
     )
 
 

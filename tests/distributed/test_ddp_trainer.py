@@ -1,5 +1,8 @@
 """The trainer on 2 real gloo ranks (DDP, FSDP2) against one process with the concatenated batch."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -20,19 +23,42 @@ TOL = {torch.float64: dict(loss=1e-9, param_rtol=1e-7, param_atol=1e-9),
        torch.float32: dict(loss=1e-5, param_rtol=1e-4, param_atol=2 * LR_SUM)}  # fmt: skip
 
 
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def backend_overrides(backend: str) -> dict:
+    """Config overrides selecting `backend` ('ddp', 'fsdp', 'zero1', 'zero2', 'zero3')."""
+    if backend.startswith("zero"):
+        return {
+            "parallel.backend": "deepspeed",
+            "parallel.deepspeed_config": str(ROOT / "ds_configs" / f"{backend}.json"),
+        }
+    return {"parallel.backend": backend}
+
+
 def _train(rank, world, out_dir, dtype, name, backend="auto"):
     torch.set_default_dtype(dtype)
-    cfg = tiny_config(out_dir, name, **{"schedule.max_steps": STEPS, "parallel.backend": backend})
+    cfg = tiny_config(out_dir, name, **{"schedule.max_steps": STEPS, **backend_overrides(backend)})
     trainer = Trainer(cfg, loader=FixedBatchLoader(4, cfg.batch.global_batch_size, world=world, rank=rank, dtype=dtype))
-    assert trainer.backend.name == (backend if backend != "auto" else "ddp" if world > 1 else "single")
+    expected = {
+        "auto": "ddp" if world > 1 else "single",
+        "zero1": "deepspeed",
+        "zero2": "deepspeed",
+        "zero3": "deepspeed",
+    }
+    assert trainer.backend.name == expected.get(backend, backend)
     trainer.fit()
     full = trainer.backend.full_state_dict()  # a collective under FSDP
     if rank == 0:
         torch.save(full, f"{out_dir}/{name}-final.pt")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
+@pytest.mark.parametrize(
+    "backend, dtype",
+    [(b, torch.float32) for b in ("ddp", "fsdp", "zero1", "zero2", "zero3")]
+    + [(b, torch.float64) for b in ("ddp", "fsdp")],  # DeepSpeed keeps fp32 as its widest dtype
+    ids=lambda v: {torch.float32: "fp32", torch.float64: "fp64"}.get(v, v),
+)
 def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path, dtype, backend):
     run_ranks(_train, 2, str(tmp_path), dtype, "ddp", backend)
     previous = torch.get_default_dtype()
@@ -55,15 +81,16 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path, dtype, 
     assert moved > 10  # the momentum encoder is compared too
 
 
-def _resume(rank, world, out_dir):
-    cfg_full = tiny_config(out_dir, "full")
-    full = Trainer(cfg_full, loader=FixedBatchLoader(4, 8, world=world, rank=rank))
+def _resume(rank, world, out_dir, backend):
+    b = backend_overrides(backend)
+    full = Trainer(tiny_config(out_dir, "full", **b), loader=FixedBatchLoader(4, 8, world=world, rank=rank))
     full.fit()
     first = Trainer(
-        tiny_config(out_dir, "split", **{"schedule.max_steps": 6}), loader=FixedBatchLoader(4, 8, world, rank)
+        tiny_config(out_dir, "split", **b, **{"schedule.max_steps": 6}), loader=FixedBatchLoader(4, 8, world, rank)
     )
     first.fit()
-    second = Trainer(tiny_config(out_dir, "split"), loader=FixedBatchLoader(4, 8, world, rank))
+    second = Trainer(tiny_config(out_dir, "split", **b), loader=FixedBatchLoader(4, 8, world, rank))
+    assert second.step == 0
     second.fit()
     if rank == 0:
         expected = [r["loss"] for r in read_metrics(full.run_dir)]
@@ -71,20 +98,28 @@ def _resume(rank, world, out_dir):
         assert len(got) == 12 and got == expected
 
 
-@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
+@pytest.mark.parametrize("backend", ["ddp", "fsdp", "zero1", "zero2", "zero3"])
 def test_resume_gives_the_same_losses(tmp_path, backend):
     run_ranks(_resume, 2, str(tmp_path), backend)
 
 
-def _shard_sizes(rank, world, out_dir):
-    cfg = tiny_config(out_dir, "sizes", **{"parallel.backend": "fsdp", "model.embed_dim": 64})
+def _shard_sizes(rank, world, out_dir, backend):
+    overrides = backend_overrides(backend)
+    if backend == "zero3":  # a tiny model: partition every parameter, however small
+        ds = json.loads(Path(overrides["parallel.deepspeed_config"]).read_text())
+        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        path = Path(out_dir) / "zero3-all.json"
+        path.write_text(json.dumps(ds))
+        overrides["parallel.deepspeed_config"] = str(path)
+    cfg = tiny_config(out_dir, "sizes", **overrides, **{"model.embed_dim": 64})
     trainer = Trainer(cfg, loader=FixedBatchLoader(4, 8, world=world, rank=rank))
     b, model = trainer.backend, trainer.backend.module
     for encoder in (model.base_encoder, model.momentum_encoder):
-        full = sum(p.numel() for p in encoder.parameters())  # DTensors report the full size
+        full = b.num_params(encoder)
         local = b.local_numel(encoder)
         assert abs(local / full - 1 / world) < 0.02, (local, full)
 
 
-def test_fsdp_each_rank_holds_half_of_both_encoders(tmp_path):
-    run_ranks(_shard_sizes, 2, str(tmp_path))
+@pytest.mark.parametrize("backend", ["fsdp", "zero3"])
+def test_each_rank_holds_half_of_both_encoders(tmp_path, backend):
+    run_ranks(_shard_sizes, 2, str(tmp_path), backend)

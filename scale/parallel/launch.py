@@ -10,7 +10,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from scale.parallel.base import Backend, BackendError, SingleProcess
+from scale.parallel.base import Backend, BackendError, SingleProcess, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ def build_backend(name: str, precision: str = "auto", deepspeed_config: str = ""
     full `Config` and derived values in `setup` (sharded backends need stages, micro-batches...)."""
     if name not in BACKENDS:
         raise BackendError(f"parallel backend {name!r} is not one of: {', '.join(BACKENDS)}")
+    resolve_precision(precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))  # fail early
     world = dist.get_world_size() if dist.is_initialized() else 1
     if name == "auto":
         name = "ddp" if world > 1 else "single"

@@ -179,3 +179,36 @@ def test_epoch_end_checkpoint_resumes_in_the_next_epoch(tmp_path):
 def test_run_settings_are_validated(tmp_path):
     with pytest.raises(ConfigError, match="run.log_every >= 1"):
         make(tmp_path, **{"run.log_every": 0})
+
+
+def test_activation_checkpointing_cuts_the_activations_kept_for_backward(tmp_path):
+    """Memory effect, measured as the bytes of tensors autograd keeps for the backward pass
+    (deterministic, unlike process memory): with checkpointing a block keeps only its input."""
+    from scale.parallel.checkpointing import apply_activation_checkpointing
+    from scale.train.trainer import build_model
+
+    cfg = tiny_config(tmp_path, **{"model.depth": 6, "model.embed_dim": 64, "model.patch_size": 4})
+
+    def saved_bytes(model) -> int:
+        seen, total = set(), 0
+
+        def pack(t):
+            nonlocal total
+            key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            if key not in seen:
+                seen.add(key)
+                total += key[1]
+            return t
+
+        x1, x2 = torch.randn(16, 3, 32, 32), torch.randn(16, 3, 32, 32)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(x1, x2)
+        loss.backward()
+        return total
+
+    torch.manual_seed(0)
+    plain = build_model(cfg)
+    full = saved_bytes(plain)
+    apply_activation_checkpointing(plain.base_encoder.blocks)
+    checkpointed = saved_bytes(plain)
+    assert checkpointed < 0.5 * full, (checkpointed, full)

@@ -1,0 +1,97 @@
+"""Sharded backends as users run them: the DeepSpeed launcher on CPU, bf16, refusals."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from scale.parallel.base import BackendError
+from scale.train.trainer import Trainer
+from tests.distributed.test_ddp_trainer import backend_overrides
+from tests.helpers import FixedBatchLoader, read_metrics, run_ranks, tiny_config
+
+pytestmark = pytest.mark.distributed
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = [
+    "--data.source=synthetic", "--model.img_size=32", "--model.patch_size=8", "--model.embed_dim=32",
+    "--model.depth=2", "--model.num_heads=4", "--model.dim=16", "--model.mlp_dim=64",
+    "--batch.global_batch_size=8", "--schedule.max_steps=8", "--schedule.warmup_epochs=0",
+    "--optim.base_lr=0.05", "--run.log_every=1", "--run.progress=false", "--run.tensorboard=false",
+    "--data.eval_source=", "--data.knn_train_source=",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_launcher_on_cpu_logs_falling_loss_and_a_checkpoint(tmp_path, stage):
+    launcher = Path(sys.executable).parent / "deepspeed"
+    if not launcher.exists():
+        pytest.skip("deepspeed is not installed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", "29561" if stage == "zero2" else "29562",
+           str(ROOT / "scale" / "pretrain.py"), "--deepspeed", str(ROOT / "ds_configs" / f"{stage}.json"), *TINY,
+           f"--run.output_dir={tmp_path}", f"--run.name={stage}"]  # fmt: skip
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    losses = [r["loss"] for r in read_metrics(tmp_path / stage)]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    ckpt = tmp_path / stage / "checkpoints" / "step-00000008"
+    assert (ckpt / "client.pt").is_file() and (ckpt / "engine").is_dir()
+
+
+def _bf16(rank, world, out_dir, backend):
+    cfg = tiny_config(out_dir, backend, **backend_overrides(backend),
+                      **{"parallel.precision": "bf16", "schedule.max_steps": 3})  # fmt: skip
+    trainer = Trainer(cfg, loader=FixedBatchLoader(4, 8, world=world, rank=rank))
+    trainer.fit()
+    rows = read_metrics(trainer.run_dir)
+    assert all(r["loss"] == r["loss"] and r["grad_norm"] == r["grad_norm"] for r in rows)
+    b = trainer.backend
+    if backend.startswith("zero"):
+        # bf16 module parameters; the momentum encoder's EMA keeps an fp32 master that they round.
+        assert b.dtype == torch.bfloat16 and b._masters and all(m.dtype == torch.float32 for m in b._masters)
+        ks, _ = b._local_pairs()
+        for k, master in zip(ks, b._masters, strict=True):
+            assert torch.equal(k, master.to(torch.bfloat16))
+    else:  # FSDP2: fp32 sharded masters, bf16 compute
+        assert all(p.dtype == torch.float32 for p in b.module.parameters())
+
+
+@pytest.mark.parametrize("backend", ["fsdp", "zero2", "zero3"])
+def test_bf16_runs_under_sharded_backends(tmp_path, backend):
+    run_ranks(_bf16, 2, str(tmp_path), backend)
+
+
+@pytest.mark.parametrize("backend", ["fsdp", "zero2"])
+def test_fp16_on_cpu_is_refused_with_a_clear_message(tmp_path, backend):
+    from scale.parallel.launch import build_backend
+
+    overrides = backend_overrides(backend)
+    with pytest.raises(BackendError, match="fp16 needs a CUDA GPU"):
+        build_backend(overrides["parallel.backend"], "fp16", overrides.get("parallel.deepspeed_config", ""))
+
+
+def test_deepspeed_config_contradictions_are_errors(tmp_path):
+    from types import SimpleNamespace
+
+    from scale.parallel.deepspeed import resolve_ds_config
+
+    cfg = SimpleNamespace(optim=SimpleNamespace(clip_grad=0.0))
+    derived = SimpleNamespace(global_batch_size=4096, batch_size_per_device=64, grad_accum_steps=1)
+    ds = resolve_ds_config(ROOT / "ds_configs" / "zero2.json", cfg, derived, "bf16")
+    assert ds["train_batch_size"] == 4096 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    bad = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    bad["train_batch_size"] = 1024
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(BackendError, match="train_batch_size=1024 contradicts the scale config"):
+        resolve_ds_config(tmp_path / "bad.json", cfg, derived, "bf16")
+    bad = {**json.loads((ROOT / "ds_configs" / "zero2.json").read_text()), "optimizer": {"type": "Adam"}}
+    (tmp_path / "opt.json").write_text(json.dumps(bad))
+    with pytest.raises(BackendError, match="scale builds the optimizer"):
+        resolve_ds_config(tmp_path / "opt.json", cfg, derived, "fp32")
+    with pytest.raises(BackendError, match="does not exist"):
+        resolve_ds_config(tmp_path / "missing.json", cfg, derived, "fp32")

@@ -77,6 +77,8 @@ class Backend:
     """One process's model, optimizer, precision and communication."""
 
     name = "single"
+    preferred_optimizer = None
+    """Optimizer implementation this backend prefers under `--optim.implementation=auto`."""
 
     def __init__(self, precision: str = "auto", device: torch.device | None = None):
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1

@@ -17,7 +17,9 @@ parameters after every update.
 
 Non-finite steps: a loss that is not finite on some rank poisons the step on every rank (one flag
 all-reduce per micro-batch); its backward is not run, accumulated gradients are dropped and the
-engine takes no step.
+engine takes no step. (Gradients that overflow from a finite loss are only seen after the engine
+stepped, in bf16/fp32: the step is then reported as skipped, but the weights have moved. fp16
+relies on DeepSpeed's own loss-scale overflow check, which skips the step.)
 """
 
 from __future__ import annotations
@@ -92,6 +94,8 @@ class DeepSpeedBackend(Backend):
         if self.precision == "fp16" and self.device.type != "cuda":
             raise BackendError("fp16 needs a CUDA GPU (DeepSpeed refuses it on CPU); use --parallel.precision=bf16")
         self.config_path = config_path
+        # DeepSpeed's fused FusedAdam / FusedLamb on GPUs; scale's own optimizers elsewhere.
+        self.preferred_optimizer = "deepspeed" if self.device.type == "cuda" else None
         self.scaler = None  # DeepSpeed scales fp16 losses itself
         self.autocast_dtype = None  # the engine casts the module to bf16/fp16
         self.stage = 0

@@ -11,7 +11,8 @@ gathers them again for backward (ZeRO-3-like, least memory); false keeps them un
 (ZeRO-2-like, less communication).
 
 Checkpoints: torch.distributed.checkpoint (sharded files, every rank writes its part). A checkpoint
-resumes on the same world size; DCP can reshard it to another one (tested with 2 -> 1 ranks).
+resumes on the same world size, and DCP reshards it for another one (tested: 2 ranks -> 1 rank from
+an epoch-end checkpoint gives the same losses; mid-epoch the data position needs the same layout).
 """
 
 from __future__ import annotations

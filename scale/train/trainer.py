@@ -139,10 +139,12 @@ class Trainer:
         def optimizer_factory(module):
             o = cfg.optim
             groups = param_groups(module, o.exclude_norm_bias_from_wd)
+            impl = o.implementation
+            if impl == "auto" and b.preferred_optimizer and o.name in ("adamw", "lamb"):
+                impl = b.preferred_optimizer
             opt, self.optimizer_description = build_optimizer(
-                o.name, groups, self.derived.lr, o.weight_decay, o.betas, o.eps, o.momentum, o.trust_coefficient,
-                o.implementation,
-            )  # fmt: skip
+                o.name, groups, self.derived.lr, o.weight_decay, o.betas, o.eps, o.momentum, o.trust_coefficient, impl
+            )
             return opt
 
         b.setup(model, optimizer_factory, cfg, self.derived, sharding_plan(model))

@@ -95,3 +95,56 @@ def test_deepspeed_config_contradictions_are_errors(tmp_path):
         resolve_ds_config(tmp_path / "opt.json", cfg, derived, "fp32")
     with pytest.raises(BackendError, match="does not exist"):
         resolve_ds_config(tmp_path / "missing.json", cfg, derived, "fp32")
+
+
+def _accumulate(rank, world, out_dir, backend):
+    overrides = {**backend_overrides(backend), "batch.grad_accum_steps": 2, "schedule.max_steps": 3}
+    trainer = Trainer(tiny_config(out_dir, backend, **overrides), loader=FixedBatchLoader(8, 8, world=world, rank=rank))
+    assert trainer.derived.batch_size_per_device == 2
+    trainer.loader = FixedBatchLoader(8, 4, world=world, rank=rank)  # micro-batches of 2 per rank
+    trainer.fit()
+    full = trainer.backend.full_state_dict()
+    if rank == 0:
+        torch.save(full, f"{out_dir}/{backend}.pt")
+
+
+def test_gradient_accumulation_agrees_across_backends(tmp_path):
+    for backend in ("ddp", "fsdp", "zero2", "zero3"):
+        run_ranks(_accumulate, 2, str(tmp_path), backend)
+    reference = [r["loss"] for r in read_metrics(tmp_path / "ddp")]
+    ref_state = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    for backend in ("fsdp", "zero2", "zero3"):
+        losses = [r["loss"] for r in read_metrics(tmp_path / backend)]
+        assert losses == pytest.approx(reference, rel=1e-5), backend
+        state = torch.load(tmp_path / f"{backend}.pt", weights_only=True)
+        for name, value in ref_state.items():
+            torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-4, msg=f"{backend} {name}")
+
+
+def _fsdp_run(rank, world, out_dir, name, steps):
+    cfg = tiny_config(out_dir, name, **{"parallel.backend": "fsdp", "schedule.max_steps": steps})
+    Trainer(cfg, loader=FixedBatchLoader(4, 8, world=world, rank=rank)).fit()
+
+
+def test_fsdp_checkpoint_resumes_on_another_world_size(tmp_path):
+    """DCP reshards: a 2-rank FSDP2 checkpoint (taken at an epoch end) continues on 1 rank."""
+    run_ranks(_fsdp_run, 2, str(tmp_path), "straight", 6)
+    run_ranks(_fsdp_run, 2, str(tmp_path), "moved", 4)
+    run_ranks(_fsdp_run, 1, str(tmp_path), "moved", 6)
+    straight = [r["loss"] for r in read_metrics(tmp_path / "straight")]
+    moved = [r["loss"] for r in read_metrics(tmp_path / "moved")]
+    assert len(moved) == 6 and moved == pytest.approx(straight, rel=1e-5)
+
+
+def _ac(rank, world, out_dir, backend, ac):
+    overrides = {**backend_overrides(backend), "parallel.activation_checkpointing": ac, "schedule.max_steps": 2}
+    Trainer(tiny_config(out_dir, f"{backend}-{ac}", **overrides), loader=FixedBatchLoader(4, 8, world, rank)).fit()
+
+
+@pytest.mark.parametrize("backend", ["fsdp", "zero3"])
+def test_activation_checkpointing_under_sharded_backends(tmp_path, backend):
+    run_ranks(_ac, 2, str(tmp_path), backend, False)
+    run_ranks(_ac, 2, str(tmp_path), backend, True)
+    plain = [r["loss"] for r in read_metrics(tmp_path / f"{backend}-False")]
+    checkpointed = [r["loss"] for r in read_metrics(tmp_path / f"{backend}-True")]
+    assert checkpointed == pytest.approx(plain, rel=1e-6)

@@ -28,6 +28,7 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.6", "scipy>=1.10"],
         "dali": ["nvidia-dali-cuda120>=1.40"],
+        "deepspeed": ["deepspeed>=0.14"],
     },
     entry_points={
         "console_scripts": [

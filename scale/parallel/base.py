@@ -79,6 +79,8 @@ class Backend:
     name = "single"
     preferred_optimizer = None
     """Optimizer implementation this backend prefers under `--optim.implementation=auto`."""
+    has_loss_scaling = False
+    """True when skipped steps can be loss-scale overflows (fp16), not failures."""
 
     def __init__(self, precision: str = "auto", device: torch.device | None = None):
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
@@ -92,6 +94,7 @@ class Backend:
         self.precision = resolve_precision(precision, device)
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        self.has_loss_scaling = self.scaler is not None
         self.model: nn.Module | None = None  # the (possibly wrapped) module that runs the forward
         self.module: nn.Module | None = None  # the plain model underneath
         self.optimizer: torch.optim.Optimizer | None = None
@@ -243,6 +246,13 @@ class Backend:
     def load(self, directory: Path) -> None:
         state = torch.load(directory / "model.pt", map_location=self.device, weights_only=False)
         self.load_state_dict(state)
+
+    @contextlib.contextmanager
+    def evaluation(self, module: nn.Module):
+        """Context in which `module` (a part of this backend's model) can run evaluation forwards
+        outside the training forward; yields a function x -> module.pooled_features(x) that
+        prepares the input as this backend needs. Call on every rank."""
+        yield module.pooled_features
 
     def eval_model(self) -> nn.Module:
         """The model to run evaluation forwards with, on every rank (sharded backends return their

@@ -15,17 +15,21 @@ parameters in bf16, where (1 - m) * (q - k) falls below bf16 resolution late in 
 therefore runs on an fp32 master of the momentum encoder's local part, copied into the bf16
 parameters after every update.
 
-Non-finite steps: a loss that is not finite on some rank poisons the step on every rank (one flag
-all-reduce per micro-batch); its backward is not run, accumulated gradients are dropped and the
-engine takes no step. (Gradients that overflow from a finite loss are only seen after the engine
-stepped, in bf16/fp32: the step is then reported as skipped, but the weights have moved. fp16
-relies on DeepSpeed's own loss-scale overflow check, which skips the step.)
+Non-finite steps: DeepSpeed checks the reduced gradients itself in every mode (fp16 loss scaling,
+bf16 `check_grad_overflow`, fp32 ZeRO overflow checks) and skips a step whose gradients are not
+finite, clearing its accumulated gradient state; the backend reports it as skipped, and the trainer
+then restores the BatchNorm statistics and skips the momentum update.
+
+LAMB and LARS compute per-tensor trust ratios, which ZeRO's flattened partitions would change, so
+they are refused here (use DDP or FSDP2 for them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +42,14 @@ log = logging.getLogger(__name__)
 
 # Fields scale sets from its own config (a JSON value that disagrees is an error).
 OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
+
+
+def _offloads_optimizer(path: str | Path) -> bool:
+    try:
+        zero = json.loads(Path(path).read_text()).get("zero_optimization", {})
+    except (OSError, ValueError):
+        return False  # reported properly by resolve_ds_config
+    return zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
 
 
 def require_deepspeed():
@@ -94,18 +106,25 @@ class DeepSpeedBackend(Backend):
         if self.precision == "fp16" and self.device.type != "cuda":
             raise BackendError("fp16 needs a CUDA GPU (DeepSpeed refuses it on CPU); use --parallel.precision=bf16")
         self.config_path = config_path
-        # DeepSpeed's fused FusedAdam / FusedLamb on GPUs; scale's own optimizers elsewhere.
-        self.preferred_optimizer = "deepspeed" if self.device.type == "cuda" else None
+        # DeepSpeed's fused FusedAdam on GPUs; scale's own optimizers elsewhere, and when optimizer
+        # states are offloaded to the CPU (FusedAdam only updates CUDA tensors).
+        offload = _offloads_optimizer(config_path)
+        self.preferred_optimizer = "deepspeed" if self.device.type == "cuda" and not offload else None
+        self.has_loss_scaling = self.precision == "fp16"
         self.scaler = None  # DeepSpeed scales fp16 losses itself
         self.autocast_dtype = None  # the engine casts the module to bf16/fp16
         self.stage = 0
-        self._poisoned = False
         self._masters: list[torch.Tensor] | None = None
 
     def setup(self, model, optimizer_factory, cfg=None, derived=None, plan=None) -> None:
         deepspeed = require_deepspeed()
         self.cfg, self.derived = cfg, derived
         ds_config = resolve_ds_config(self.config_path, cfg, derived, self.precision)
+        if cfg is not None and cfg.optim.name != "adamw":
+            raise BackendError(
+                f"--optim.name={cfg.optim.name} under DeepSpeed ZeRO: its per-tensor trust ratios would be computed "
+                "on ZeRO's flattened partitions; use --parallel.backend=fsdp (or ddp) for LAMB and LARS"
+            )
         self.stage = int(ds_config["zero_optimization"].get("stage", 0))
         model = model.to(self.device)
         optimizer = optimizer_factory(model)
@@ -122,29 +141,24 @@ class DeepSpeedBackend(Backend):
         x1 = x1.to(self.device, self.dtype, non_blocking=True)
         x2 = x2.to(self.device, self.dtype, non_blocking=True)
         loss = self.model(x1, x2)
-        if not self.all_true(torch.isfinite(loss)):
-            self._poisoned = True
-        if not self._poisoned:
-            self.model.set_gradient_accumulation_boundary(last)
-            self.model.backward(loss)  # DeepSpeed divides by the accumulation steps itself
+        self.model.set_gradient_accumulation_boundary(last)
+        self.model.backward(loss)  # DeepSpeed divides by the accumulation steps itself
         return loss.detach()
 
     def step(self, lr: float, weight_decay: float, clip_grad: float = 0.0) -> float | None:
+        """DeepSpeed checks the gradients itself (fp16 loss scaling; bf16 `check_grad_overflow`;
+        fp32 ZeRO overflow checks) and skips a step whose gradients are not finite, clearing its
+        partitioned gradient state: the step is reported as skipped (None)."""
         for g in self.optimizer.param_groups:
             g["lr"] = lr
             g["weight_decay"] = weight_decay * g.get("wd_scale", 1.0)
-        if self._poisoned:
-            self._poisoned = False
-            self.model.zero_grad()
-            self.model.set_gradient_accumulation_boundary(None)
-            return None
         self.model.step()
         self.model.set_gradient_accumulation_boundary(None)
         norm = self.model.get_global_grad_norm()
-        if self.precision == "fp16" and getattr(self.optimizer, "overflow", False):
-            return None
         norm = float(norm) if norm is not None else 0.0
-        return norm if norm == norm else None
+        if not (math.isfinite(norm) and self.model.was_step_applied()):
+            return None
+        return norm
 
     # ------------------------------------------------------------------ momentum encoder
 
@@ -183,6 +197,21 @@ class DeepSpeedBackend(Backend):
         ema_(self._masters, [q.float() for q in qs], momentum)
         torch._foreach_copy_(ks, self._masters)
 
+    @contextlib.contextmanager
+    def evaluation(self, module: nn.Module):
+        """Evaluation forwards outside the engine: inputs in the module's dtype, and under ZeRO-3
+        the module's parameters gathered for the duration (one encoder at a time)."""
+        import deepspeed
+
+        def features(x: torch.Tensor) -> torch.Tensor:
+            return module.pooled_features(x.to(self.dtype))
+
+        if self.stage == 3:
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                yield features
+        else:
+            yield features
+
     def snapshot_buffers(self) -> list[torch.Tensor]:
         return [b.detach().clone() for b in self.module.buffers()]
 
@@ -201,7 +230,7 @@ class DeepSpeedBackend(Backend):
         self._masters = torch.load(master, weights_only=True) if master.is_file() else None
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Complete tensors on CPU, floating point ones in fp32 (the momentum encoder from its master)."""
+        """Complete tensors on CPU, floating point ones converted to fp32 (from the module's own dtype)."""
 
         def export() -> dict[str, torch.Tensor]:
             return {k: (v.float() if v.is_floating_point() else v).detach().cpu().clone()

@@ -17,6 +17,7 @@ an epoch-end checkpoint gives the same losses; mid-epoch the data position needs
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ class FSDPBackend(Backend):
             from torch.amp import GradScaler
 
             self.scaler = GradScaler("cuda")
+            self.has_loss_scaling = True
         # Parameters are cast by the mixed-precision policy, not by autocast.
         self.mp_dtype, self.autocast_dtype = self.autocast_dtype, None
 
@@ -58,6 +60,15 @@ class FSDPBackend(Backend):
         log.info("FSDP2: %d units + root, reshard_after_forward=%s, params %s", len(self.plan.units), reshard,
                  self.mp_dtype or "fp32")  # fmt: skip
         return module
+
+    @contextlib.contextmanager
+    def _no_sync(self):
+        """Accumulate gradients locally on micro-batches before the last (no reduce-scatter)."""
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
 
     def momentum_update(self, momentum: float) -> None:
         ks, qs = self.module.momentum_pairs()

@@ -29,7 +29,7 @@ def _share(counts: list[int], rank: int, world_size: int) -> tuple[list[tuple[in
 @torch.no_grad()
 def extract_features(
     backbone: nn.Module, source: str, crop_size: int, batch_size: int = 256, device: torch.device | None = None,
-    autocast_dtype: torch.dtype | None = None, rank: int = 0, world_size: int = 1,
+    autocast_dtype: torch.dtype | None = None, rank: int = 0, world_size: int = 1, features_fn=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """L2-normalised pooled features (n, D) and labels (n,) of this rank's contiguous share of
     `source` (all of it with one rank), in order. Call on every rank: each runs the same number of
@@ -53,7 +53,7 @@ def extract_features(
     def flush(images: list[torch.Tensor]) -> None:
         x = normalize(torch.stack(images).to(device))
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            f = backbone.pooled_features(x)
+            f = (features_fn or backbone.pooled_features)(x)
         feats.append(F.normalize(f.float(), dim=1).cpu())
 
     for unit, a, b in runs:

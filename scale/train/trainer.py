@@ -241,7 +241,7 @@ class Trainer:
             b.restore_buffers(saved)
             # Under fp16 the loss scaler skips steps whose scaled gradients overflow: expected, not
             # a failure, as long as every rank's loss is finite.
-            if b.scaler is not None and b.all_true(torch.isfinite(loss)):
+            if b.has_loss_scaling and b.all_true(torch.isfinite(loss)):
                 self.scaler_skips += 1
                 log.info("step %d: fp16 loss-scale overflow, step skipped (%d so far)", self.step, self.scaler_skips)
             else:
@@ -358,11 +358,17 @@ class Trainer:
         cfg, b = self.cfg, self.backend
         if not (cfg.data.eval_source and cfg.data.knn_train_source):
             return float("nan")
-        backbone = backbone or b.eval_model().base_encoder
         kwargs = dict(crop_size=cfg.model.img_size, device=b.device, autocast_dtype=b.autocast_dtype,
                       rank=b.rank, world_size=b.world_size)  # fmt: skip
-        parts = [b.all_gather_object(extract_features(backbone, src, **kwargs))
-                 for src in (cfg.data.knn_train_source, cfg.data.eval_source)]  # fmt: skip
+        sources = (cfg.data.knn_train_source, cfg.data.eval_source)
+        if backbone is None:  # the trained base encoder, as the backend runs it
+            backbone = b.eval_model().base_encoder
+            with b.evaluation(backbone) as features:
+                parts = [
+                    b.all_gather_object(extract_features(backbone, s, features_fn=features, **kwargs)) for s in sources
+                ]
+        else:
+            parts = [b.all_gather_object(extract_features(backbone, s, **kwargs)) for s in sources]
         (train_f, train_y), (test_f, test_y) = (
             (torch.cat([f for f, _ in p]), torch.cat([y for _, y in p])) for p in parts
         )

@@ -148,3 +148,51 @@ def test_activation_checkpointing_under_sharded_backends(tmp_path, backend):
     plain = [r["loss"] for r in read_metrics(tmp_path / f"{backend}-False")]
     checkpointed = [r["loss"] for r in read_metrics(tmp_path / f"{backend}-True")]
     assert checkpointed == pytest.approx(plain, rel=1e-6)
+
+
+def _knn(rank, world, out_dir, backend, cache):
+    import os
+
+    os.environ["SCALE_CACHE"] = cache
+    overrides = {**backend_overrides(backend), "parallel.precision": "bf16", "schedule.max_steps": 1,
+                 "data.knn_train_source": "demo:val", "data.eval_source": "demo:val", "run.knn_k": 5}  # fmt: skip
+    trainer = Trainer(tiny_config(out_dir, backend, **overrides), loader=FixedBatchLoader(4, 8, world, rank))
+    trainer.fit()
+    acc = trainer.knn_monitor()
+    assert 0.0 <= acc <= 100.0  # the same number on every rank (broadcast)
+    assert trainer.knn_random_init() == trainer.knn_random_init()
+
+
+@pytest.mark.parametrize("backend", ["fsdp", "zero2", "zero3"])
+def test_knn_monitor_runs_under_sharded_backends_in_bf16(tmp_path, backend):
+    run_ranks(_knn, 2, str(tmp_path), backend, str(tmp_path / "cache"))
+
+
+def _nan_step(rank, world, out_dir, backend):
+    overrides = {**backend_overrides(backend), "schedule.max_steps": 2}
+    trainer = Trainer(
+        tiny_config(out_dir, backend, **overrides), loader=FixedBatchLoader(4, 8, world, rank, nan_at={(0, 2)})
+    )
+    trainer.fit()
+    before = trainer.backend.full_state_dict()
+    trainer.cfg.schedule.max_steps = 3
+    trainer.fit()  # the third global batch holds a NaN (on rank 0's half only)
+    after = trainer.backend.full_state_dict()
+    assert trainer.nonfinite_total == 1
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+
+
+@pytest.mark.parametrize("backend", ["fsdp", "zero2", "zero3"])
+def test_nan_step_is_skipped_on_every_rank_under_sharded_backends(tmp_path, backend):
+    run_ranks(_nan_step, 2, str(tmp_path), backend)
+
+
+def test_lamb_under_zero_is_refused(tmp_path):
+    with pytest.raises(Exception, match="per-tensor trust ratios"):
+        run_ranks(_lamb_zero, 2, str(tmp_path))
+
+
+def _lamb_zero(rank, world, out_dir):
+    overrides = {**backend_overrides("zero2"), "optim.name": "lamb"}
+    Trainer(tiny_config(out_dir, "lamb", **overrides), loader=FixedBatchLoader(4, 8, world, rank))

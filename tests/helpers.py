@@ -23,6 +23,14 @@ def _entry(rank: int, fn, world_size: int, init_file: str, args: tuple) -> None:
         fn(rank, world_size, *args)
     finally:
         dist.destroy_process_group()
+    # Success: leave without interpreter teardown, where background threads of gloo/FSDP were
+    # occasionally seen to abort ("terminate called without an active exception") after the work
+    # was done. Failures still propagate above, through mp.spawn's error channel.
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(fn, world_size: int = 2, *args) -> None:

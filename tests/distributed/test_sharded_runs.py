@@ -196,3 +196,26 @@ def test_lamb_under_zero_is_refused(tmp_path):
 def _lamb_zero(rank, world, out_dir):
     overrides = {**backend_overrides("zero2"), "optim.name": "lamb"}
     Trainer(tiny_config(out_dir, "lamb", **overrides), loader=FixedBatchLoader(4, 8, world, rank))
+
+
+def _optimizer_run(rank, world, out_dir, backend, optimizer):
+    overrides = {**backend_overrides(backend), "optim.name": optimizer, "schedule.max_steps": 3}
+    trainer = Trainer(tiny_config(out_dir, backend, **overrides), loader=FixedBatchLoader(4, 8, world, rank))
+    trainer.fit()
+    full = trainer.backend.full_state_dict()
+    if rank == 0:
+        torch.save(full, f"{out_dir}/{backend}.pt")
+
+
+@pytest.mark.parametrize("optimizer", ["lamb", "lars"])
+def test_trust_ratio_optimizers_under_fsdp_equal_ddp(tmp_path, optimizer):
+    """LAMB/LARS per-tensor trust ratios: FSDP2's DTensor norms cover the whole tensor, so the
+    sharded run equals the replicated one."""
+    for backend in ("ddp", "fsdp"):
+        run_ranks(_optimizer_run, 2, str(tmp_path), backend, optimizer)
+    ddp, fsdp = (torch.load(tmp_path / f"{b}.pt", weights_only=True) for b in ("ddp", "fsdp"))
+    assert [r["loss"] for r in read_metrics(tmp_path / "fsdp")] == pytest.approx(
+        [r["loss"] for r in read_metrics(tmp_path / "ddp")], rel=1e-5
+    )
+    for name, value in ddp.items():
+        torch.testing.assert_close(fsdp[name], value, rtol=1e-4, atol=1e-5, msg=name)

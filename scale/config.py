@@ -145,6 +145,8 @@ class ParallelConfig:
     """'auto' (nccl with CUDA, else gloo), 'nccl' or 'gloo'."""
     timeout_minutes: int = 30
     """Collective timeout of the process group."""
+    skip_memory_check: bool = False
+    """Start even when the per-rank memory estimate exceeds the device's (or host's) memory."""
 
 
 @dataclass

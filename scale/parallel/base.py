@@ -267,6 +267,11 @@ class Backend:
         """Parameter count of `module` (sharded backends count the full tensors)."""
         return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
+    def model_state_bytes(self, trainable: int, momentum: int) -> float:
+        """Bytes per rank of parameters, gradients, AdamW state and the momentum encoder, for the
+        memory check before training (docs/scaling.md): replicated fp32 here, 16P + 4M."""
+        return 16 * trainable + 4 * momentum
+
     def describe(self) -> str:
         return f"{self.name} on {self.device}, {self.world_size} rank(s), {self.precision}"
 

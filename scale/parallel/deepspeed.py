@@ -44,6 +44,13 @@ log = logging.getLogger(__name__)
 OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
 
 
+def _stage(path: str | Path) -> int:
+    try:
+        return int(json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage", 0))
+    except (OSError, ValueError):
+        return 0  # reported properly by resolve_ds_config
+
+
 def _offloads_optimizer(path: str | Path) -> bool:
     try:
         zero = json.loads(Path(path).read_text()).get("zero_optimization", {})
@@ -109,11 +116,11 @@ class DeepSpeedBackend(Backend):
         # DeepSpeed's fused FusedAdam on GPUs; scale's own optimizers elsewhere, and when optimizer
         # states are offloaded to the CPU (FusedAdam only updates CUDA tensors).
         offload = _offloads_optimizer(config_path)
+        self.stage = _stage(config_path)
         self.preferred_optimizer = "deepspeed" if self.device.type == "cuda" and not offload else None
         self.has_loss_scaling = self.precision == "fp16"
         self.scaler = None  # DeepSpeed scales fp16 losses itself
         self.autocast_dtype = None  # the engine casts the module to bf16/fp16
-        self.stage = 0
         self._masters: list[torch.Tensor] | None = None
 
     def setup(self, model, optimizer_factory, cfg=None, derived=None, plan=None) -> None:
@@ -255,6 +262,17 @@ class DeepSpeedBackend(Backend):
             partitioned = hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False)
             held += p.ds_tensor.numel() if partitioned else p.numel()
         return held
+
+    def model_state_bytes(self, trainable: int, momentum: int) -> float:
+        half = 2 if self.precision in ("bf16", "fp16") else 4  # module parameters and gradients
+        master = 4 if half == 2 else 0  # fp32 master of the momentum encoder
+        P, M, N = trainable, momentum, self.world_size
+        optim = (12 if half == 2 else 8) * P  # fp32 master weights (mixed precision) + Adam moments
+        if self.stage >= 3:
+            return (2 * half * P + optim + (half + master) * M) / N
+        if self.stage == 2:
+            return half * P + (half * P + optim) / N + (half + master) * M
+        return 2 * half * P + optim / N + (half + master) * M
 
     def describe(self) -> str:
         return f"deepspeed ZeRO-{self.stage} on {self.device}, {self.world_size} rank(s), {self.precision}"

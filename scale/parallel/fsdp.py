@@ -70,6 +70,9 @@ class FSDPBackend(Backend):
         finally:
             self.model.set_requires_gradient_sync(True)
 
+    def model_state_bytes(self, trainable: int, momentum: int) -> float:
+        return (16 * trainable + 4 * momentum) / self.world_size
+
     def momentum_update(self, momentum: float) -> None:
         ks, qs = self.module.momentum_pairs()
         ema_([_local(k) for k in ks], [_local(q) for q in qs], momentum)

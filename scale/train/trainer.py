@@ -32,6 +32,7 @@ from scale.parallel.dist import AllGatherKeys
 from scale.parallel.launch import build_backend, init_distributed
 from scale.parallel.sync_batchnorm import convert_sync_batchnorm
 from scale.train.checkpoint import find_resume, list_checkpoints, load_checkpoint, save_checkpoint
+from scale.train.memory import check_memory
 from scale.train.metrics import MetricsLogger, Progress, device_peak, peak_memory_gib
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,8 @@ class Trainer:
             cfg.parallel.backend, cfg.parallel.precision, cfg.parallel.deepspeed_config
         )
         per_device = split_batch(cfg, b.world_size)
+        if not cfg.parallel.skip_memory_check:
+            check_memory(cfg, b, per_device)  # before building anything large
         self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
         check_run_dir(self.run_dir, cfg)  # on every rank, before any work
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank

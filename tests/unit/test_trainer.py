@@ -212,3 +212,20 @@ def test_activation_checkpointing_cuts_the_activations_kept_for_backward(tmp_pat
     apply_activation_checkpointing(plain.base_encoder.blocks)
     checkpointed = saved_bytes(plain)
     assert checkpointed < 0.5 * full, (checkpointed, full)
+
+
+def test_runs_that_cannot_fit_are_refused_before_building_anything(tmp_path):
+    from scale.config import apply_overrides
+    from scale.recipes import get_recipe
+    from scale.train.memory import activation_bytes
+
+    cfg = apply_overrides(get_recipe("vit_h_300ep"), ["--data.source=synthetic", f"--run.output_dir={tmp_path}"])
+    with pytest.raises(BackendError, match=r"model state 12.2 GiB .* would not fit.*--parallel.backend=fsdp"):
+        Trainer(cfg)
+    assert not (tmp_path / "vit_h_300ep").exists()  # refused before touching the run directory
+    # The activation arithmetic of docs/scaling.md: ViT-H/14, one image, two views, bf16.
+    from scale.models import resolve_vit_config
+
+    h = resolve_vit_config("vit_huge")
+    assert activation_bytes(h, 1, "bf16", False) / 2**30 == pytest.approx(0.67, abs=0.01)
+    assert activation_bytes(h, 1, "bf16", True) < 0.1 * activation_bytes(h, 1, "bf16", False)

@@ -34,6 +34,7 @@ setup(
         "console_scripts": [
             "scale-convert-checkpoint=scale.convert_checkpoint:main",
             "scale-flops=benchmarks.flops:main",
+            "scale-throughput=benchmarks.throughput:cli",
             "scale-make-shards=scale.data.shards:main",
             "scale-pretrain=scale.pretrain:cli",
         ],

@@ -138,17 +138,25 @@ class Backend:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """The loss of one micro-batch (graph kept for `backward`)."""
+        x1 = x1.to(self.device, non_blocking=True)
+        x2 = x2.to(self.device, non_blocking=True)
+        with self.autocast():
+            return self.model(x1, x2)
+
+    def backward(self, loss: torch.Tensor, accum_steps: int = 1, last: bool = True) -> None:
+        scaled = loss / accum_steps
+        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+
     def forward_backward(
         self, x1: torch.Tensor, x2: torch.Tensor, accum_steps: int = 1, last: bool = True
     ) -> torch.Tensor:
-        """Forward and backward of one micro-batch; returns the (unscaled, detached) loss."""
-        x1 = x1.to(self.device, non_blocking=True)
-        x2 = x2.to(self.device, non_blocking=True)
+        """Forward and backward of one micro-batch; returns the (unscaled, detached) loss. Gradients
+        are synchronised across ranks on the `last` micro-batch of a step only."""
         with self._no_sync() if not last else contextlib.nullcontext():
-            with self.autocast():
-                loss = self.model(x1, x2)
-            scaled = loss / accum_steps
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss = self.forward(x1, x2)
+            self.backward(loss, accum_steps, last)
         return loss.detach()
 
     def step(self, lr: float, weight_decay: float, clip_grad: float = 0.0) -> float | None:

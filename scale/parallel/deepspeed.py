@@ -144,13 +144,14 @@ class DeepSpeedBackend(Backend):
 
     # ------------------------------------------------------------------ the step
 
-    def forward_backward(self, x1, x2, accum_steps: int = 1, last: bool = True) -> torch.Tensor:
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         x1 = x1.to(self.device, self.dtype, non_blocking=True)
         x2 = x2.to(self.device, self.dtype, non_blocking=True)
-        loss = self.model(x1, x2)
+        return self.model(x1, x2)
+
+    def backward(self, loss: torch.Tensor, accum_steps: int = 1, last: bool = True) -> None:
         self.model.set_gradient_accumulation_boundary(last)
         self.model.backward(loss)  # DeepSpeed divides by the accumulation steps itself
-        return loss.detach()
 
     def step(self, lr: float, weight_decay: float, clip_grad: float = 0.0) -> float | None:
         """DeepSpeed checks the gradients itself (fp16 loss scaling; bf16 `check_grad_overflow`;

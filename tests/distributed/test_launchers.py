@@ -69,3 +69,14 @@ def test_console_script_exits_zero(tmp_path):
         pytest.skip("package not installed with its console scripts (pip install -e .)")
     out = run([str(script), "--recipe", "vit_h_300ep", "--print-config"], tmp_path)
     assert out.returncode == 0 and json.loads(out.stdout)["model"]["name"] == "vit_huge"
+
+
+def test_throughput_cli_under_torchrun_with_fsdp(tmp_path):
+    from tests.unit.test_benchmarks import TINY_ARGS
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519"]
+    out = run([*torchrun, "-m", "benchmarks.throughput", *TINY_ARGS, "--backend", "fsdp", "--out", str(tmp_path)],
+              tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "throughput-vit_small-fsdp-2x.json").read_text())
+    assert result["world_size"] == 2 and result["img_per_s_per_device"] > 0

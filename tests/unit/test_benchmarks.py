@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 
 def test_flops_cli_writes_the_table(tmp_path):
     from benchmarks.flops import main
@@ -19,3 +21,26 @@ def test_data_benchmark_runs_end_to_end(tmp_path):
     rows = {(r["backend"], r["source"], r["workers"]): r for r in result["rows"]}
     assert ("torchvision", "shards", 1) in rows and ("dali-cpu", "shards", 1) in rows
     assert all(r["images_per_s"] > 0 for r in rows.values() if "error" not in r)
+
+
+TINY_ARGS = ["--model", "vit_small", "--img-size", "32", "--patch-size", "8", "--embed-dim", "32", "--depth", "2",
+             "--num-heads", "4", "--dim", "16", "--mlp-dim", "64", "--batch-size", "8", "--precision", "fp32",
+             "--warmup", "1", "--steps", "2", "--workers", "0"]  # fmt: skip
+
+
+def test_throughput_cli_reports_flops_that_agree_with_the_model(tmp_path):
+    from benchmarks.throughput import main, paper_view
+    from scale.models import resolve_vit_config
+    from scale.models.flops import moco_training_flops
+
+    result = main([*TINY_ARGS, "--out", str(tmp_path)])
+    cfg = resolve_vit_config("vit_small", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4)
+    assert result["flops_per_image"] == moco_training_flops(cfg, 16, 64).total
+    assert result["img_per_s_per_device"] > 0 and 0 < result["mfu"] < 1
+    assert result["step_s"] == pytest.approx(sum(result["phases_s"].values()))
+    assert result["paper_table3"] is None  # not the paper's configuration
+    saved = json.loads((tmp_path / "throughput-vit_small-single-1x.json").read_text())
+    assert saved["tflops_per_device"] == pytest.approx(saved["img_per_s_per_device"] * saved["flops_per_image"] / 1e12)
+    assert (tmp_path / "throughput-vit_small-single-1x.md").read_text().startswith("# Throughput")
+    b = paper_view("vit_base")  # Table 3: 2.1 h per 100 epochs on 256 TPU-v3 cores
+    assert b["img_per_s_per_core"] == pytest.approx(1_281_167 * 100 / (2.1 * 3600 * 256))

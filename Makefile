@@ -18,11 +18,14 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/python -m scale.pretrain
 
+# DeepSpeed JIT-builds its CPU communication op once per environment: keep it inside .venv.
+TEST_ENV := TORCH_EXTENSIONS_DIR=$(CURDIR)/$(VENV)/torch_extensions
+
 test: install
-	$(BIN)/python -m pytest -m "not slow" tests
+	$(TEST_ENV) $(BIN)/python -m pytest -m "not slow" tests
 
 test-all: install
-	$(BIN)/python -m pytest tests
+	$(TEST_ENV) $(BIN)/python -m pytest tests
 
 lint: install
 	$(BIN)/ruff check .

@@ -34,6 +34,7 @@ Corrupt or undecodable samples are skipped: replaced (so batch counts stay equal
 
 from __future__ import annotations
 
+import abc
 import glob
 import logging
 import os
@@ -428,7 +429,7 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers decode and augment one image at a time
 
 
-class EpochLoader:
+class EpochLoader(abc.ABC):
     """What every loader shares: `len()` batches per epoch on every rank, the position (epoch and
     batches handed out), the corrupt-sample count. Subclasses yield one epoch's batches from the
     current position in `_epoch_batches`."""
@@ -451,8 +452,9 @@ class EpochLoader:
             return self.epoch + 1, 0
         return self.epoch, self.batches_done
 
+    @abc.abstractmethod
     def _epoch_batches(self) -> Iterator[Batch]:
-        raise NotImplementedError
+        """The batches of the current epoch from the current position (`batches_done`)."""
 
     def __iter__(self) -> Iterator[Batch]:
         """The rest of the current epoch (all of it unless resumed mid-epoch)."""

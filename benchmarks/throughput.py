@@ -106,18 +106,18 @@ def measure(trainer, warmup: int, steps: int) -> dict:
     return {"step_s": sum(per_step.values()), "phases_s": per_step}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_step_args(parser: argparse.ArgumentParser, batch_size: int = 32, steps: int = 10, workers: int = 4) -> None:
+    """The options that define the measured training step (shared with benchmarks.memory)."""
     parser.add_argument("--model", default="vit_base", help="any build_vit name (vit_small ... vit_bn_large_p7)")
     parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=32, help="images per device")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="images per device")
     parser.add_argument("--backend", default="single", choices=["single", "ddp", "fsdp", "zero1", "zero2", "zero3"])
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--data", default="synthetic", help="'synthetic' or a data source as for training")
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=workers)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--patch-size", type=int)
     parser.add_argument("--embed-dim", type=int)
     parser.add_argument("--depth", type=int)
@@ -126,6 +126,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mlp-dim", type=int, default=4096)
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(RESULTS), help="results directory ('-' for none)")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_step_args(parser)
     args = parser.parse_args(argv)
 
     import torch.distributed as dist

@@ -275,10 +275,16 @@ class Backend:
         """Parameter count of `module` (sharded backends count the full tensors)."""
         return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
-    def model_state_bytes(self, trainable: int, momentum: int) -> float:
-        """Bytes per rank of parameters, gradients, AdamW state and the momentum encoder, for the
-        memory check before training (docs/scaling.md): replicated fp32 here, 16P + 4M."""
-        return 16 * trainable + 4 * momentum
+    def state_bytes(self, trainable: int, momentum: int, accum_steps: int = 1) -> dict[str, float]:
+        """Theoretical bytes per rank of parameters, gradients, optimizer state and the momentum
+        encoder, by component (`scale.train.memory.state_bytes`, docs/scaling.md)."""
+        from scale.train.memory import state_bytes
+
+        return state_bytes("ddp", trainable, momentum, self.world_size, self.precision)
+
+    def model_state_bytes(self, trainable: int, momentum: int, accum_steps: int = 1) -> float:
+        """Total of `state_bytes`, for the memory check before training."""
+        return sum(self.state_bytes(trainable, momentum, accum_steps).values())
 
     def describe(self) -> str:
         return f"{self.name} on {self.device}, {self.world_size} rank(s), {self.precision}"

@@ -59,6 +59,27 @@ def _offloads_optimizer(path: str | Path) -> bool:
     return zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
 
 
+def persistent_buffer_bytes(path: str | Path, precision: str, accum_steps: int = 1) -> float:
+    """Bytes of the gradient buckets DeepSpeed holds beside the model state (contiguous_gradients):
+    ZeRO-3 allocates one `reduce_bucket_size` bucket in the communication dtype once and keeps it;
+    ZeRO-1 allocates its (fp32, two with overlap_comm) on the first micro-batch of an accumulated
+    step and keeps them until the boundary. ZeRO-2's live only within a backward (transient)."""
+    try:
+        ds = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return 0.0  # reported properly by resolve_ds_config
+    zero = ds.get("zero_optimization", {})
+    stage, bucket = int(zero.get("stage", 0)), float(zero.get("reduce_bucket_size", 500_000_000))
+    if not zero.get("contiguous_gradients", True):
+        return 0.0
+    if stage >= 3:
+        comm = ds.get("communication_data_type")
+        return bucket * (4 if comm in ("fp32", "float32") or precision not in ("bf16", "fp16") else 2)
+    if stage == 1 and accum_steps > 1:
+        return bucket * 4 * (2 if zero.get("overlap_comm", False) else 1)
+    return 0.0
+
+
 def require_deepspeed():
     try:
         import deepspeed
@@ -264,16 +285,13 @@ class DeepSpeedBackend(Backend):
             held += p.ds_tensor.numel() if partitioned else p.numel()
         return held
 
-    def model_state_bytes(self, trainable: int, momentum: int) -> float:
-        half = 2 if self.precision in ("bf16", "fp16") else 4  # module parameters and gradients
-        master = 4 if half == 2 else 0  # fp32 master of the momentum encoder
-        P, M, N = trainable, momentum, self.world_size
-        optim = (12 if half == 2 else 8) * P  # fp32 master weights (mixed precision) + Adam moments
-        if self.stage >= 3:
-            return (2 * half * P + optim + (half + master) * M) / N
-        if self.stage == 2:
-            return half * P + (half * P + optim) / N + (half + master) * M
-        return 2 * half * P + optim / N + (half + master) * M
+    def state_bytes(self, trainable: int, momentum: int, accum_steps: int = 1) -> dict[str, float]:
+        from scale.train.memory import state_bytes
+
+        return state_bytes(
+            "deepspeed", trainable, momentum, self.world_size, self.precision, self.stage,
+            buffers=persistent_buffer_bytes(self.config_path, self.precision, accum_steps), accum_steps=accum_steps,
+        )  # fmt: skip
 
     def describe(self) -> str:
         return f"deepspeed ZeRO-{self.stage} on {self.device}, {self.world_size} rank(s), {self.precision}"

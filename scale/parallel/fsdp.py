@@ -70,8 +70,10 @@ class FSDPBackend(Backend):
         finally:
             self.model.set_requires_gradient_sync(True)
 
-    def model_state_bytes(self, trainable: int, momentum: int) -> float:
-        return (16 * trainable + 4 * momentum) / self.world_size
+    def state_bytes(self, trainable: int, momentum: int, accum_steps: int = 1) -> dict[str, float]:
+        from scale.train.memory import state_bytes
+
+        return state_bytes("fsdp", trainable, momentum, self.world_size, self.precision)
 
     def momentum_update(self, momentum: float) -> None:
         ks, qs = self.module.momentum_pairs()

@@ -45,6 +45,62 @@ def available_bytes(device: torch.device, world_size: int) -> float:
     return info.get("MemAvailable", info.get("MemTotal", 0)) / max(1, local)
 
 
+def state_bytes(
+    kind: str,
+    trainable: int,
+    momentum: int,
+    world_size: int,
+    precision: str,
+    stage: int = 0,
+    buffers: float = 0.0,
+    accum_steps: int = 1,
+) -> dict[str, float]:
+    """Theoretical bytes per rank of the model state, by component (docs/scaling.md).
+
+    kind: 'single' / 'ddp' (replicated; autocast keeps fp32 parameters; DDP's gradient buckets are
+    the gradients themselves, gradient_as_bucket_view), 'fsdp' (FSDP2: fp32 parameters, gradients
+    and AdamW moments sharded; under bf16 the unsharded 16-bit copies exist one unit at a time),
+    'deepspeed' with ZeRO `stage` (module parameters and gradients in the training precision, an
+    fp32 master partition that DeepSpeed keeps even in fp32, AdamW moments; the momentum encoder in
+    the training precision plus scale's fp32 master of it under bf16/fp16). ZeRO-1 keeps whole
+    gradients only while it accumulates micro-batches (`accum_steps` > 1): DeepSpeed reduces them in
+    buckets at the accumulation boundary and keeps this rank's partition, as ZeRO-2 does always
+    (measured, DeepSpeed 0.19 with overlap_comm and contiguous_gradients). Transient buffers
+    (gathers, per-backward buckets) are not counted; `buffers` are persistent ones (ZeRO-3's gradient
+    bucket), reported apart.
+    """
+    P, M, N = trainable, momentum, world_size
+    accumulating = accum_steps > 1
+    if kind in ("single", "ddp"):
+        # Accumulated gradients and DDP's bucket are both alive in the last micro-batch.
+        grads = 8 * P if kind == "ddp" and accumulating else 4 * P
+        return {"params": 4 * P, "grads": grads, "optimizer": 8 * P, "momentum": 4 * M}
+    if kind == "fsdp":
+        # Without gradient sync on the first micro-batches, FSDP2 keeps unsharded gradients.
+        grads = 4 * P if accumulating else 4 * P / N
+        return {"params": 4 * P / N, "grads": grads, "optimizer": 8 * P / N, "momentum": 4 * M / N}
+    if kind != "deepspeed":
+        raise ValueError(f"unknown backend kind {kind!r}")
+    h = 2 if precision in ("bf16", "fp16") else 4
+    mom = (h + (4 if h == 2 else 0)) * M
+    out = {
+        "params": h * P / (N if stage >= 3 else 1),
+        "grads": h * P / (N if stage >= 2 or not accumulating else 1),
+        "optimizer": 12 * P / N,  # fp32 master partition + AdamW moments
+        "momentum": mom / (N if stage >= 3 else 1),
+    }
+    if buffers:
+        out["buffers"] = buffers
+    return out
+
+
+def resolve_vit(cfg):
+    """The ViT configuration of `cfg.model` without building anything."""
+    from scale.models import resolve_vit_config
+
+    return resolve_vit_config(cfg.model.name, **cfg.model.vit_overrides())
+
+
 def activation_bytes(vit_cfg, batch_per_device: int, precision: str, activation_checkpointing: bool) -> float:
     """34 x tokens x width bytes per block per image in 16 bits (Korthikanti et al. 2022, fused
     attention), 2 x tokens x width with checkpointing plus one block being recomputed; two views."""
@@ -65,7 +121,7 @@ def estimate(cfg, backend, batch_per_device: int) -> MemoryEstimate:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     momentum = sum(p.numel() for p in model.momentum_encoder.parameters())
     return MemoryEstimate(
-        model_state=backend.model_state_bytes(trainable, momentum),
+        model_state=backend.model_state_bytes(trainable, momentum, cfg.batch.grad_accum_steps),
         activations=activation_bytes(
             model.base_encoder.cfg, batch_per_device, backend.precision, cfg.parallel.activation_checkpointing
         ),

@@ -1,0 +1,438 @@
+"""Memory per rank of the real MoCo v3 training step, per backend: `python -m benchmarks.memory`
+(also `scale-memory`).
+
+    python -m benchmarks.memory                                    # ViT-B and ViT-L sweep, 2 ranks
+    python -m benchmarks.memory --models vit_huge --backends ddp,zero3,fsdp --precision bf16 \\
+        --batch-size 1 --activation-checkpointing on               # the ViT-H/14 headline
+    python -m benchmarks.memory --models vit_base --backends zero2 --nproc 2 --ac off --steps 3
+
+For every (model, backend, activation checkpointing) it first predicts the peak memory of all ranks
+from the theoretical model state (`scale.train.memory.state_bytes`), the activations and a measured
+per-process runtime overhead, and refuses, with the numbers, what would not fit in this machine's
+available memory (a GPU's memory when there is one). Otherwise it launches the ranks (torchrun),
+builds the trainer of `scale.train` (the same backend, model and optimizer as training) and runs
+real steps on every rank.
+
+After a warm-up step (optimizers create their state in the first), each measured step records
+(the last one is reported):
+
+- state: live bytes right after the backward of the step (the most over its micro-batches) (parameters, gradients, optimizer
+  state, the momentum encoder, the backend's own buffers; the activations are freed by then),
+  above the bytes live before the trainer was built. On a CPU, live bytes are glibc's heap in use
+  (mallinfo2: arena + mmapped chunks, where every torch CPU tensor lives); on a GPU,
+  torch.cuda.memory_allocated.
+- activations: live bytes after the forward minus before it (what the backward will use).
+- peak: the process's peak resident memory (VmHWM, reset before the measured step) on a CPU, or
+  torch.cuda.max_memory_allocated on a GPU.
+
+JSON and a markdown table go to benchmarks/results/memory-*.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from benchmarks.throughput import add_step_args, build_config
+
+GIB = 2**30
+# Resident memory of one rank before its trainer is built (python, torch, deepspeed, gloo),
+# measured on this machine (about 0.6 GiB); used only to predict the peak before launching.
+RUNTIME_OVERHEAD = 1.0 * GIB
+
+
+# ---------------------------------------------------------------------------------- measuring
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (n, ctypes.c_size_t)
+        for n in [
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        ]
+    ]
+
+
+_mallinfo2 = None
+
+
+def live_bytes(device: torch.device) -> int:
+    """Bytes in use by the allocator that holds this device's tensors."""
+    global _mallinfo2
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_allocated(device)
+    if _mallinfo2 is None:
+        try:
+            _mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+        except (OSError, AttributeError) as e:
+            raise RuntimeError("the CPU memory benchmark needs glibc >= 2.33 (mallinfo2)") from e
+        _mallinfo2.restype = _MallInfo2
+    m = _mallinfo2()
+    return m.uordblks + m.hblkhd
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so RSS is what is live
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+
+class LivePeak:
+    """The highest `live_bytes` seen while the context is open: exact on a GPU (the allocator's
+    own peak), sampled every `interval` seconds by a thread on a CPU (torch releases the GIL in its
+    kernels; a buffer living shorter than the interval can be missed)."""
+
+    def __init__(self, device: torch.device, interval: float = 0.002):
+        self.device, self.interval, self.peak = device, interval, 0
+        self._stop = threading.Event()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, live_bytes(self.device))
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.peak = live_bytes(self.device)
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, live_bytes(self.device))
+
+
+def peak_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device)  # what the caching allocator held
+    return _status_kib("VmHWM") * 1024
+
+
+def rss_bytes() -> int:
+    return _status_kib("VmRSS") * 1024
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+# ---------------------------------------------------------------------------------- theory
+
+
+def backend_kind(backend: str) -> tuple[str, int]:
+    """('ddp'|'fsdp'|'deepspeed'|'single', ZeRO stage)."""
+    if backend.startswith("zero"):
+        return "deepspeed", int(backend[4:])
+    return backend, 0
+
+
+def count_params(cfg) -> tuple[int, int]:
+    """(trainable, momentum-encoder) parameter counts of the MoCo v3 model of `cfg`, on meta."""
+    from scale.train.trainer import build_model
+
+    with torch.device("meta"):
+        model = build_model(cfg)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.momentum_encoder.parameters())
+
+
+def config(args, world: int, out_dir: str):
+    """The training config of the measured step (benchmarks.throughput's), with accumulation."""
+    from scale.config import apply_overrides
+
+    cfg = build_config(args, world, out_dir)
+    if args.accum > 1:
+        cfg = apply_overrides(cfg, [f"--batch.global_batch_size={args.batch_size * world * args.accum}",
+                                    f"--batch.grad_accum_steps={args.accum}"])  # fmt: skip
+    return cfg
+
+
+def predict(args, backend: str, ac: bool, precision: str, world: int) -> dict:
+    """Theoretical bytes per rank and the predicted peak of the whole machine."""
+    from scale.train.memory import activation_bytes, resolve_vit, state_bytes
+
+    a = argparse.Namespace(**{**vars(args), "backend": backend, "activation_checkpointing": ac})
+    cfg = config(a, world, "/nonexistent")
+    trainable, momentum = count_params(cfg)
+    kind, stage = backend_kind(backend)
+    buffers, transient = 0.0, 0.0
+    if kind == "deepspeed":
+        from scale.parallel.deepspeed import persistent_buffer_bytes
+
+        buffers = persistent_buffer_bytes(cfg.parallel.deepspeed_config, precision, args.accum)
+        transient = transient_bucket_bytes(cfg.parallel.deepspeed_config, trainable, precision)
+    state = state_bytes(kind, trainable, momentum, world, precision, stage, buffers=buffers, accum_steps=args.accum)
+    act = activation_bytes(resolve_vit(cfg), args.batch_size, precision, ac)
+    # The model is built whole (fp32) on every rank before it is sharded.
+    build = 4 * (trainable + momentum)
+    per_rank = RUNTIME_OVERHEAD + max(build, sum(state.values()) + act + transient)
+    return {"trainable": trainable, "momentum": momentum, "theory": state, "theory_activations": act,
+            "predicted_peak_per_rank": per_rank}  # fmt: skip
+
+
+def transient_bucket_bytes(ds_config: str, trainable: int, precision: str) -> float:
+    """ZeRO-1/2's gradient buckets during a backward (two with overlap_comm). On a CPU only the
+    pages the gradients touch become resident, so at most the gradients' size is counted there."""
+    zero = json.loads(Path(ds_config).read_text()).get("zero_optimization", {})
+    if int(zero.get("stage", 0)) >= 3 or not zero.get("contiguous_gradients", True):
+        return 0.0
+    n = 2 if zero.get("overlap_comm", False) else 1
+    bucket = float(zero.get("reduce_bucket_size", 500_000_000))
+    if not torch.cuda.is_available():
+        bucket = min(bucket, trainable)
+    return n * bucket * 4  # fp32 staging under ZeRO-1; an upper bound for ZeRO-2's
+
+
+# ---------------------------------------------------------------------------------- one run
+
+
+def worker(args) -> None:
+    """One rank of one configuration (under torchrun)."""
+    import torch.distributed as dist
+
+    from scale.parallel.launch import init_distributed
+    from scale.train.trainer import Trainer
+
+    init_distributed()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    base = live_bytes(device)
+    rss0 = rss_bytes()
+    with tempfile.TemporaryDirectory(prefix="scale-memory-") as tmp:
+        trainer = Trainer(config(args, world, tmp))
+        b = trainer.backend
+        after_setup = live_bytes(device)
+        batches = iter(trainer.loader)
+        for _ in range(1 + args.steps):  # a warm-up step first: optimizer state exists after it
+            reset_peak(device)
+            state = activations = 0
+            with LivePeak(device) as live_peak:
+                for j in range(args.accum):
+                    x1, x2, _ = next(batches)
+                    last = j == args.accum - 1
+                    with contextlib.nullcontext() if last else b._no_sync():
+                        before = live_bytes(device)
+                        loss = b.forward(x1, x2)
+                        activations = max(activations, live_bytes(device) - before)
+                        b.backward(loss, args.accum, last)
+                        del loss
+                        state = max(state, live_bytes(device) - base)
+                b.step(trainer.derived.lr, trainer.cfg.optim.weight_decay)
+                b.momentum_update(0.99)
+            after_step = live_bytes(device)
+            peak = peak_bytes(device)
+    row = {
+        "rank": b.rank,
+        "setup": after_setup - base,
+        "state": state,
+        "activations": activations,
+        "between_steps": after_step - base,
+        "peak": peak,
+        "peak_live": live_peak.peak - base,
+        "runtime_rss": rss0,
+        "params_held": b.local_numel(b.module.base_encoder) + b.local_numel(b.module.predictor)
+        if hasattr(b, "local_numel")
+        else None,
+    }
+    rows = [None] * world
+    if world > 1:
+        dist.all_gather_object(rows, row)
+    else:
+        rows = [row]
+    if b.is_main:
+        Path(args.result).write_text(json.dumps({"description": b.describe(), "ranks": rows}))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def available_memory(nproc: int) -> float:
+    """Bytes all ranks together may use: the host's MemAvailable, or the GPUs' memory."""
+    if torch.cuda.is_available():
+        return float(sum(torch.cuda.get_device_properties(i).total_memory for i in range(nproc)))
+    info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()}
+    return float(info["MemAvailable"])
+
+
+def run_one(args, backend: str, ac: bool, precision: str) -> dict:
+    world = args.nproc
+    pred = predict(args, backend, ac, precision, world)
+    row = {"model": args.model, "img_size": args.img_size, "backend": backend, "activation_checkpointing": ac,
+           "precision": precision, "world_size": world, "batch_per_device": args.batch_size, "accum": args.accum,
+           **pred}  # fmt: skip
+    need = pred["predicted_peak_per_rank"] * (1 if torch.cuda.is_available() else world)
+    avail = available_memory(world) / (world if torch.cuda.is_available() else 1)
+    if need > args.headroom * avail:
+        row["refused"] = (
+            f"predicted peak {need / GIB:.1f} GiB ({world} ranks x {pred['predicted_peak_per_rank'] / GIB:.1f} GiB: "
+            f"state {sum(pred['theory'].values()) / GIB:.1f} + activations {pred['theory_activations'] / GIB:.1f} "
+            f"+ runtime {RUNTIME_OVERHEAD / GIB:.1f}) > {args.headroom:.0%} of {avail / GIB:.1f} GiB available"
+        )
+        print(f"[memory] {args.model} {backend} ac={ac}: refused, {row['refused']}", flush=True)
+        return row
+    with tempfile.TemporaryDirectory(prefix="scale-memory-run-") as tmp:
+        result = Path(tmp) / "result.json"
+        worker_argv = ["--worker", "--result", str(result), "--backend", backend, "--precision", precision,
+                       *(["--activation-checkpointing"] if ac else []), *step_argv(args)]  # fmt: skip
+        launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={free_port()}"]
+        cmd = [sys.executable, *(launcher if world > 1 else []), "-m", "benchmarks.memory", *worker_argv]
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world))}
+        start = time.perf_counter()
+        print(f"[memory] {args.model} {backend} ac={ac} {precision}: {' '.join(cmd[1:])}", flush=True)
+        proc = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+        row["wall_s"] = time.perf_counter() - start
+        if proc.returncode != 0 or not result.exists():
+            tail = (proc.stdout + proc.stderr)[-3000:]
+            row["error"] = f"exit {proc.returncode}: {tail}"
+            print(f"[memory] failed:\n{tail}", flush=True)
+            return row
+        measured = json.loads(result.read_text())
+    row.update(measured)
+    r0 = measured["ranks"][0]
+    print(
+        f"[memory]   state {r0['state'] / GIB:.2f} GiB (theory {sum(pred['theory'].values()) / GIB:.2f}), "
+        f"activations {r0['activations'] / GIB:.2f} GiB, peak live {r0['peak_live'] / GIB:.2f} GiB, "
+        f"peak resident {r0['peak'] / GIB:.2f} GiB per rank, "
+        f"{row['wall_s']:.0f} s",
+        flush=True,
+    )
+    return row
+
+
+def step_argv(args) -> list[str]:
+    out = ["--model", args.model, "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
+           "--steps", str(args.steps), "--accum", str(args.accum),
+           "--dim", str(args.dim), "--mlp-dim", str(args.mlp_dim)]  # fmt: skip
+    for key in ("patch_size", "embed_dim", "depth", "num_heads"):
+        if getattr(args, key) is not None:
+            out += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    return out
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+def write(rows: list[dict], out: Path, name: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    command = " ".join(["python -m benchmarks.memory", *sys.argv[1:]])
+    meta = {"date": date.today().isoformat(), "device": device, "command": command}
+    (out / f"{name}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    lines = [
+        "# Memory per rank of the MoCo v3 training step",
+        "",
+        f"{meta['date']}, {device}. Made by `{meta['command']}`.",
+        "",
+        "Theory: bytes per rank of parameters + gradients + optimizer state (incl. fp32 masters) + momentum "
+        "encoder + persistent buckets (`scale.train.memory.state_bytes`, docs/scaling.md). Measured on rank 0 "
+        "(the ranks agree): live bytes after the backward above those before the trainer was built (state), "
+        "after the forward minus before it (activations), the highest live bytes during the step above that "
+        "baseline (peak live: model state + activations + transient buffers; sampled every 2 ms on a CPU), "
+        "and the process's peak resident memory (peak RSS, with the ~0.6 GiB runtime; on a GPU the "
+        "allocator's peak reserved memory).",
+        "",
+        "| model | px | backend | AC | precision | batch/rank x accum | params (M) | theory state | measured state "
+        "| measured / theory | activations (theory / measured) | peak live | peak RSS |",
+        "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        theory = sum(r["theory"].values())
+        ac = "on" if r["activation_checkpointing"] else "off"
+        head = (f"| {r['model']} | {r['img_size']} | {r['backend']} | {ac} "
+                f"| {r['precision']} | {r['batch_per_device']} x {r.get('accum', 1)} | {r['trainable'] / 1e6:.1f} "
+                f"| {theory / GIB:.2f} GiB |")  # fmt: skip
+        if "refused" in r or "error" in r:
+            why = r.get("refused") or "failed: " + r["error"].splitlines()[0]
+            lines.append(f"{head} not run: {why} | | | | |")
+            continue
+        x = r["ranks"][0]
+        lines.append(
+            f"{head} {x['state'] / GIB:.2f} GiB | {x['state'] / theory:.2f} "
+            f"| {r['theory_activations'] / GIB:.2f} / {x['activations'] / GIB:.2f} GiB "
+            f"| {x['peak_live'] / GIB:.2f} GiB | {x['peak'] / GIB:.2f} GiB |"
+        )
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_step_args(p, batch_size=2, steps=1, workers=0)
+    p.add_argument("--models", default="vit_base,vit_large", help="comma-separated build_vit names")
+    p.add_argument("--backends", default="ddp,zero1,zero2,zero3,fsdp", help="comma-separated: ddp zero1-3 fsdp")
+    p.add_argument("--ac", default="both", choices=["on", "off", "both"], help="activation checkpointing")
+    p.add_argument("--accum", type=int, default=1, help="micro-batches accumulated per step")
+    p.add_argument("--nproc", type=int, default=2, help="ranks on this machine")
+    p.add_argument("--headroom", type=float, default=0.9, help="fraction of available memory a run may use")
+    p.add_argument("--name", default="memory", help="results file name (without extension)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.precision == "auto":
+        args.precision = "bf16" if torch.cuda.is_available() else "fp32"
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse(argv)
+    if args.worker:
+        worker(args)
+        return []
+    rows = []
+    for model in args.models.split(","):
+        args.model = model
+        for backend in args.backends.split(","):
+            for ac in {"on": [True], "off": [False], "both": [False, True]}[args.ac]:
+                rows.append(run_one(args, backend, ac, args.precision))
+    if args.out != "-":
+        write(rows, Path(args.out), args.name)
+        print(f"[memory] wrote {Path(args.out) / args.name}.md", flush=True)
+    return rows
+
+
+def cli() -> None:
+    """Console-script entry (`scale-memory`)."""
+    main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -35,6 +35,7 @@ setup(
             "scale-convert-checkpoint=scale.convert_checkpoint:main",
             "scale-flops=benchmarks.flops:main",
             "scale-throughput=benchmarks.throughput:cli",
+            "scale-memory=benchmarks.memory:cli",
             "scale-make-shards=scale.data.shards:main",
             "scale-pretrain=scale.pretrain:cli",
         ],

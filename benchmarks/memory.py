@@ -2,8 +2,8 @@
 (also `scale-memory`).
 
     python -m benchmarks.memory                                    # ViT-B and ViT-L sweep, 2 ranks
-    python -m benchmarks.memory --models vit_huge --backends ddp,zero3,fsdp --precision bf16 \\
-        --batch-size 1 --activation-checkpointing on               # the ViT-H/14 headline
+    python -m benchmarks.memory --models vit_huge --backends ddp,zero3,fsdp --batch-size 1 --ac on \\
+        --name memory-vit_huge                                     # the ViT-H/14 headline
     python -m benchmarks.memory --models vit_base --backends zero2 --nproc 2 --ac off --steps 3
 
 For every (model, backend, activation checkpointing) it first predicts the peak memory of all ranks
@@ -16,14 +16,16 @@ real steps on every rank.
 After a warm-up step (optimizers create their state in the first), each measured step records
 (the last one is reported):
 
-- state: live bytes right after the backward of the step (the most over its micro-batches) (parameters, gradients, optimizer
-  state, the momentum encoder, the backend's own buffers; the activations are freed by then),
+- state: live bytes right after the backward (the most over the step's micro-batches): parameters,
+  gradients, optimizer state, the momentum encoder, the backend's own buffers (activations are freed),
   above the bytes live before the trainer was built. On a CPU, live bytes are glibc's heap in use
   (mallinfo2: arena + mmapped chunks, where every torch CPU tensor lives); on a GPU,
   torch.cuda.memory_allocated.
 - activations: live bytes after the forward minus before it (what the backward will use).
-- peak: the process's peak resident memory (VmHWM, reset before the measured step) on a CPU, or
-  torch.cuda.max_memory_allocated on a GPU.
+- peak live: the highest live bytes during the step above that baseline (model state +
+  activations + transient buffers; sampled every 2 ms on a CPU, exact on a GPU).
+- peak: the process's peak resident memory (VmHWM, reset before the measured step, after handing
+  freed heap back with malloc_trim) on a CPU, torch.cuda.max_memory_reserved on a GPU.
 
 JSON and a markdown table go to benchmarks/results/memory-*.{json,md}.
 """
@@ -161,16 +163,6 @@ def backend_kind(backend: str) -> tuple[str, int]:
     return backend, 0
 
 
-def count_params(cfg) -> tuple[int, int]:
-    """(trainable, momentum-encoder) parameter counts of the MoCo v3 model of `cfg`, on meta."""
-    from scale.train.trainer import build_model
-
-    with torch.device("meta"):
-        model = build_model(cfg)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.momentum_encoder.parameters())
-
-
 def config(args, world: int, out_dir: str):
     """The training config of the measured step (benchmarks.throughput's), with accumulation."""
     from scale.config import apply_overrides
@@ -184,7 +176,7 @@ def config(args, world: int, out_dir: str):
 
 def predict(args, backend: str, ac: bool, precision: str, world: int) -> dict:
     """Theoretical bytes per rank and the predicted peak of the whole machine."""
-    from scale.train.memory import activation_bytes, resolve_vit, state_bytes
+    from scale.train.memory import activation_bytes, count_params, resolve_vit, state_bytes
 
     a = argparse.Namespace(**{**vars(args), "backend": backend, "activation_checkpointing": ac})
     cfg = config(a, world, "/nonexistent")
@@ -196,6 +188,7 @@ def predict(args, backend: str, ac: bool, precision: str, world: int) -> dict:
 
         buffers = persistent_buffer_bytes(cfg.parallel.deepspeed_config, precision, args.accum)
         transient = transient_bucket_bytes(cfg.parallel.deepspeed_config, trainable, precision)
+        transient += gathered_parameter_bytes(cfg.parallel.deepspeed_config, trainable, precision)
     state = state_bytes(kind, trainable, momentum, world, precision, stage, buffers=buffers, accum_steps=args.accum)
     act = activation_bytes(resolve_vit(cfg), args.batch_size, precision, ac)
     # The model is built whole (fp32) on every rank before it is sharded.
@@ -216,6 +209,17 @@ def transient_bucket_bytes(ds_config: str, trainable: int, precision: str) -> fl
     if not torch.cuda.is_available():
         bucket = min(bucket, trainable)
     return n * bucket * 4  # fp32 staging under ZeRO-1; an upper bound for ZeRO-2's
+
+
+def gathered_parameter_bytes(ds_config: str, trainable: int, precision: str) -> float:
+    """ZeRO-3 keeps gathered parameters that will be used again soon (stage3_max_reuse_distance)
+    up to stage3_max_live_parameters elements: with the large defaults, the whole base encoder
+    stays gathered from the forward of the first view to the backward (measured on ViT-B)."""
+    zero = json.loads(Path(ds_config).read_text()).get("zero_optimization", {})
+    if int(zero.get("stage", 0)) < 3:
+        return 0.0
+    width = 2 if precision in ("bf16", "fp16") else 4
+    return min(float(zero.get("stage3_max_live_parameters", 1e9)), trainable) * width
 
 
 # ---------------------------------------------------------------------------------- one run

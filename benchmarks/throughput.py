@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
             # Table 3 is for the paper's configurations only (224 px, no size overrides).
             "paper_table3": paper_view(args.model) if args.img_size == 224 and not overridden(args) else None,
         }
+        result["projection"] = projection(result, args)
         if b.is_main:
             print(json.dumps(result, indent=1))
             if args.out != "-":
@@ -177,6 +178,18 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def projection(result: dict, args) -> list[dict]:
+    """This device's measured time per image projected to N devices at global batch 4096 with
+    `benchmarks.scaling`'s communication model (its default interconnect assumptions)."""
+    from benchmarks.scaling import Assumptions, ModelCost, project
+    from scale.train.memory import count_params, resolve_vit
+
+    cfg = build_config(args, 1, "/nonexistent")
+    cost = ModelCost(args.model, *count_params(cfg), result["flops_per_image"], resolve_vit(cfg).depth + 1)
+    backend = {"single": "ddp", "ddp": "ddp"}.get(args.backend, args.backend)
+    return [project(cost, backend, n, Assumptions(), 1.0 / result["img_per_s_per_device"]) for n in (8, 64, 256, 1024)]
 
 
 def write(result: dict, out: Path) -> None:
@@ -199,6 +212,14 @@ def write(result: dict, out: Path) -> None:
         "",
         f"MFU against {result['peak']}.",
     ]
+    lines += ["", "Projected to N devices at global batch 4096 (`benchmarks.scaling`, its default interconnect "
+              "assumptions; this device's time per image):", "",
+              "| devices | img/device (x accum) | step s (overlap / none) | h per 100 epochs (overlap / none) |",
+              "|---:|---:|---:|---:|"]  # fmt: skip
+    for r in result["projection"]:
+        lines.append(f"| {r['gpus']} | {r['images_per_device']} (x{r['accum']}) | {r['step_s_overlap']:.2f} / "
+                     f"{r['step_s_no_overlap']:.2f} | {r['hours_100ep_overlap']:.1f} / "
+                     f"{r['hours_100ep_no_overlap']:.1f} |")  # fmt: skip
     if result["paper_table3"]:
         t = result["paper_table3"]
         lines += ["", f"Paper Table 3 ({t['tpu_cores']} TPU-v3 cores, {t['hours_per_100_epochs']} h per 100 epochs): "

@@ -113,17 +113,22 @@ def activation_bytes(vit_cfg, batch_per_device: int, precision: str, activation_
     return 2 * batch_per_device * per_image
 
 
-def estimate(cfg, backend, batch_per_device: int) -> MemoryEstimate:
+def count_params(cfg) -> tuple[int, int]:
+    """(trainable, momentum-encoder) parameter counts of the MoCo v3 model of `cfg` (on meta)."""
     from scale.train.trainer import build_model
 
     with torch.device("meta"):
         model = build_model(cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    momentum = sum(p.numel() for p in model.momentum_encoder.parameters())
+    return trainable, sum(p.numel() for p in model.momentum_encoder.parameters())
+
+
+def estimate(cfg, backend, batch_per_device: int) -> MemoryEstimate:
+    trainable, momentum = count_params(cfg)
     return MemoryEstimate(
         model_state=backend.model_state_bytes(trainable, momentum, cfg.batch.grad_accum_steps),
         activations=activation_bytes(
-            model.base_encoder.cfg, batch_per_device, backend.precision, cfg.parallel.activation_checkpointing
+            resolve_vit(cfg), batch_per_device, backend.precision, cfg.parallel.activation_checkpointing
         ),
         available=available_bytes(backend.device, backend.world_size),
     )

@@ -39,8 +39,32 @@ def test_throughput_cli_reports_flops_that_agree_with_the_model(tmp_path):
     assert result["img_per_s_per_device"] > 0 and 0 < result["mfu"] < 1
     assert result["step_s"] == pytest.approx(sum(result["phases_s"].values()))
     assert result["paper_table3"] is None  # not the paper's configuration
+    assert [r["gpus"] for r in result["projection"]] == [8, 64, 256, 1024]
+    assert result["projection"][0]["compute_s"] == pytest.approx(512 / result["img_per_s_per_device"])
     saved = json.loads((tmp_path / "throughput-vit_small-single-1x.json").read_text())
     assert saved["tflops_per_device"] == pytest.approx(saved["img_per_s_per_device"] * saved["flops_per_image"] / 1e12)
     assert (tmp_path / "throughput-vit_small-single-1x.md").read_text().startswith("# Throughput")
     b = paper_view("vit_base")  # Table 3: 2.1 h per 100 epochs on 256 TPU-v3 cores
     assert b["img_per_s_per_core"] == pytest.approx(1_281_167 * 100 / (2.1 * 3600 * 256))
+
+
+def test_scaling_projection_follows_its_stated_formulas(tmp_path):
+    from benchmarks.scaling import Assumptions, comm_bytes, main, model_cost, project
+
+    c = model_cost("vit_base")
+    P, M = c.trainable, c.momentum
+    f = 255 / 256
+    assert comm_bytes("ddp", c, 256, 1) == pytest.approx(f * 2 * 4 * P)  # ring all-reduce of fp32 grads
+    assert comm_bytes("zero1", c, 256, 1) == pytest.approx(f * (4 * P + 2 * P))
+    assert comm_bytes("zero3", c, 256, 1) == pytest.approx(f * (4 * P + 4 * 2 * P + 2 * 2 * M))
+    assert comm_bytes("zero2", c, 8, 8) > comm_bytes("zero1", c, 8, 8)  # ZeRO-2 reduces every micro-batch
+    assert comm_bytes("ddp", c, 1, 1) == 0
+    a = Assumptions()
+    r = project(c, "ddp", 256, a)
+    assert r["images_per_device"] == 16 and r["accum"] == 1
+    assert r["compute_s"] == pytest.approx(16 * c.flops_per_image / (989e12 * 0.4))
+    assert r["step_s_overlap"] <= r["step_s_no_overlap"] == pytest.approx(r["compute_s"] + r["comm_s"])
+    assert r["hours_100ep_no_overlap"] == pytest.approx(100 * 1_281_167 / 4096 * r["step_s_no_overlap"] / 3600)
+    assert project(c, "ddp", 8, a)["accum"] == 8  # 512 images per GPU in micro-batches of 64
+    rows = main(["--models", "vit_small", "--gpus", "8,256", "--out", str(tmp_path)])
+    assert len(rows) == 12 and "256: 1.2" in (tmp_path / "scaling.md").read_text()  # beside Table 3

@@ -37,6 +37,7 @@ import contextlib
 import ctypes
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -54,6 +55,8 @@ GIB = 2**30
 # Resident memory of one rank before its trainer is built (python, torch, deepspeed, gloo),
 # measured on this machine (about 0.6 GiB); used only to predict the peak before launching.
 RUNTIME_OVERHEAD = 1.0 * GIB
+# A run is stopped if the host's available memory falls below this while it runs.
+GUARD_FLOOR = 1.0 * GIB
 
 
 # ---------------------------------------------------------------------------------- measuring
@@ -281,7 +284,13 @@ def worker(args) -> None:
     if b.is_main:
         Path(args.result).write_text(json.dumps({"description": b.describe(), "ranks": rows}))
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
+    # Leave without interpreter teardown: a library thread still joinable at exit (seen once under
+    # FSDP2 with activation checkpointing on gloo) aborts the process after the work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def free_port() -> int:
@@ -323,11 +332,12 @@ def run_one(args, backend: str, ac: bool, precision: str) -> dict:
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world))}
         start = time.perf_counter()
         print(f"[memory] {args.model} {backend} ac={ac} {precision}: {' '.join(cmd[1:])}", flush=True)
-        proc = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+        returncode, output, low = guarded_run(cmd, env, Path(tmp) / "log.txt")
         row["wall_s"] = time.perf_counter() - start
-        if proc.returncode != 0 or not result.exists():
-            tail = (proc.stdout + proc.stderr)[-3000:]
-            row["error"] = f"exit {proc.returncode}: {tail}"
+        row["min_available_gib"] = low / GIB
+        if returncode != 0 or not result.exists():
+            tail = output[-3000:]
+            row["error"] = f"exit {returncode}: {tail}"
             print(f"[memory] failed:\n{tail}", flush=True)
             return row
         measured = json.loads(result.read_text())
@@ -341,6 +351,27 @@ def run_one(args, backend: str, ac: bool, precision: str) -> dict:
         flush=True,
     )
     return row
+
+
+def guarded_run(cmd: list[str], env: dict, log: Path, floor: float = GUARD_FLOOR) -> tuple[int, str, float]:
+    """Run the ranks; stop them (SIGKILL to the process group) if the host's available memory falls
+    under `floor`, so that a prediction that was too low cannot take the machine down.
+    Returns (exit status, output, the lowest available memory seen)."""
+    low = float("inf")
+    with open(log, "w+") as out:
+        proc = subprocess.Popen(cmd, env=env, cwd=Path(__file__).resolve().parents[1], stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        while proc.poll() is None:
+            avail = available_memory(1) if not torch.cuda.is_available() else float("inf")
+            low = min(low, avail)
+            if avail < floor:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                out.write(f"\n[memory] stopped: available memory fell to {avail / GIB:.1f} GiB\n")
+                break
+            time.sleep(0.2)
+        out.seek(0)
+        return proc.returncode, out.read(), low
 
 
 def step_argv(args) -> list[str]:
@@ -398,6 +429,11 @@ def write(rows: list[dict], out: Path, name: str) -> None:
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
+def row_key(r: dict) -> tuple:
+    return (r["model"], r["img_size"], r["backend"], r["activation_checkpointing"], r["precision"], r["world_size"],
+            r["batch_per_device"], r.get("accum", 1))  # fmt: skip
+
+
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_step_args(p, batch_size=2, steps=1, workers=0)
@@ -408,6 +444,7 @@ def parse(argv):
     p.add_argument("--nproc", type=int, default=2, help="ranks on this machine")
     p.add_argument("--headroom", type=float, default=0.9, help="fraction of available memory a run may use")
     p.add_argument("--name", default="memory", help="results file name (without extension)")
+    p.add_argument("--keep", action="store_true", help="reuse the measured rows of an earlier run with the same --name")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -419,14 +456,23 @@ def parse(argv):
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse(argv)
     if args.worker:
-        worker(args)
-        return []
+        worker(args)  # does not return
+
+    done = {}
+    previous = Path(args.out) / f"{args.name}.json"
+    if args.keep and previous.exists():
+        done = {row_key(r): r for r in json.loads(previous.read_text())["rows"] if "ranks" in r}
     rows = []
     for model in args.models.split(","):
         args.model = model
         for backend in args.backends.split(","):
             for ac in {"on": [True], "off": [False], "both": [False, True]}[args.ac]:
-                rows.append(run_one(args, backend, ac, args.precision))
+                key = (model, args.img_size, backend, ac, args.precision, args.nproc, args.batch_size, args.accum)
+                if key in done:
+                    print(f"[memory] {model} {backend} ac={ac}: kept from {previous}", flush=True)
+                    rows.append(done[key])
+                else:
+                    rows.append(run_one(args, backend, ac, args.precision))
     if args.out != "-":
         write(rows, Path(args.out), args.name)
         print(f"[memory] wrote {Path(args.out) / args.name}.md", flush=True)

@@ -63,3 +63,17 @@ def test_a_run_that_cannot_fit_is_refused_before_it_starts(tmp_path):
     assert "refused" in row and "ranks" not in row
     assert "GiB available" in row["refused"] and "predicted peak" in row["refused"]
     assert "not run: predicted peak" in (tmp_path / "memory.md").read_text()
+
+
+def test_ranks_are_stopped_when_available_memory_falls_under_the_floor(tmp_path):
+    import os
+    import sys
+    import time
+
+    from benchmarks.memory import guarded_run
+
+    start = time.perf_counter()
+    code, output, low = guarded_run([sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ),
+                                    tmp_path / "log.txt", floor=float("inf"))  # fmt: skip
+    assert code != 0 and "stopped: available memory fell to" in output and low > 0
+    assert time.perf_counter() - start < 30

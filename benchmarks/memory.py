@@ -49,12 +49,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.throughput import add_step_args, build_config
+from benchmarks.throughput import ROOT, add_step_args, build_config
 
 GIB = 2**30
 # Resident memory of one rank before its trainer is built (python, torch, deepspeed, gloo),
 # measured on this machine (about 0.6 GiB); used only to predict the peak before launching.
 RUNTIME_OVERHEAD = 1.0 * GIB
+# Resident memory above the live bytes during a step (allocator fragmentation, buffers outside the
+# heap), as a fraction of the step's live bytes: up to 24% measured on ViT-B/L (FSDP2, ZeRO-3).
+SLACK = 0.25
 # A run is stopped if the host's available memory falls below this while it runs.
 GUARD_FLOOR = 1.0 * GIB
 
@@ -160,9 +163,11 @@ def _status_kib(field: str) -> int:
 
 
 def backend_kind(backend: str) -> tuple[str, int]:
-    """('ddp'|'fsdp'|'deepspeed'|'single', ZeRO stage)."""
+    """('ddp'|'fsdp'|'deepspeed'|'single', ZeRO stage); zero* names are ds_configs/<name>.json."""
     if backend.startswith("zero"):
-        return "deepspeed", int(backend[4:])
+        from scale.parallel.deepspeed import _stage
+
+        return "deepspeed", _stage(ROOT / "ds_configs" / f"{backend}.json")
     return backend, 0
 
 
@@ -191,14 +196,17 @@ def predict(args, backend: str, ac: bool, precision: str, world: int) -> dict:
 
         buffers = persistent_buffer_bytes(cfg.parallel.deepspeed_config, precision, args.accum)
         transient = transient_bucket_bytes(cfg.parallel.deepspeed_config, trainable, precision)
-        transient += gathered_parameter_bytes(cfg.parallel.deepspeed_config, trainable, precision)
+        transient += gathered_parameter_bytes(cfg.parallel.deepspeed_config, trainable + momentum, precision)
     state = state_bytes(kind, trainable, momentum, world, precision, stage, buffers=buffers, accum_steps=args.accum)
+    if cfg.optim.implementation != "torch-fused" and not torch.cuda.is_available():
+        # foreach AdamW: about two temporaries of the fp32 parameters it updates (this rank's part)
+        transient += 2 * 4 * trainable / (1 if kind in ("ddp", "single") else world)
     act = activation_bytes(resolve_vit(cfg), args.batch_size, precision, ac)
     # The model is built whole (fp32) on every rank before it is sharded.
     build = 4 * (trainable + momentum)
-    per_rank = RUNTIME_OVERHEAD + max(build, sum(state.values()) + act + transient)
+    per_rank = RUNTIME_OVERHEAD + max(build, (1 + SLACK) * (sum(state.values()) + act + transient))
     return {"trainable": trainable, "momentum": momentum, "theory": state, "theory_activations": act,
-            "predicted_peak_per_rank": per_rank}  # fmt: skip
+            "transient": transient, "predicted_peak_per_rank": per_rank}  # fmt: skip
 
 
 def transient_bucket_bytes(ds_config: str, trainable: int, precision: str) -> float:
@@ -214,15 +222,16 @@ def transient_bucket_bytes(ds_config: str, trainable: int, precision: str) -> fl
     return n * bucket * 4  # fp32 staging under ZeRO-1; an upper bound for ZeRO-2's
 
 
-def gathered_parameter_bytes(ds_config: str, trainable: int, precision: str) -> float:
+def gathered_parameter_bytes(ds_config: str, params: int, precision: str) -> float:
     """ZeRO-3 keeps gathered parameters that will be used again soon (stage3_max_reuse_distance)
-    up to stage3_max_live_parameters elements: with the large defaults, the whole base encoder
-    stays gathered from the forward of the first view to the backward (measured on ViT-B)."""
+    up to stage3_max_live_parameters elements: with the large defaults both encoders stay gathered
+    between their two views (measured on ViT-B/L: the base encoder from the first forward to the
+    backward, the momentum encoder across its two forwards)."""
     zero = json.loads(Path(ds_config).read_text()).get("zero_optimization", {})
     if int(zero.get("stage", 0)) < 3:
         return 0.0
     width = 2 if precision in ("bf16", "fp16") else 4
-    return min(float(zero.get("stage3_max_live_parameters", 1e9)), trainable) * width
+    return min(float(zero.get("stage3_max_live_parameters", 1e9)), params) * width
 
 
 # ---------------------------------------------------------------------------------- one run
@@ -314,12 +323,14 @@ def run_one(args, backend: str, ac: bool, precision: str) -> dict:
            "precision": precision, "world_size": world, "batch_per_device": args.batch_size, "accum": args.accum,
            **pred}  # fmt: skip
     need = pred["predicted_peak_per_rank"] * (1 if torch.cuda.is_available() else world)
+    settle()
     avail = available_memory(world) / (world if torch.cuda.is_available() else 1)
     if need > args.headroom * avail:
         row["refused"] = (
             f"predicted peak {need / GIB:.1f} GiB ({world} ranks x {pred['predicted_peak_per_rank'] / GIB:.1f} GiB: "
-            f"state {sum(pred['theory'].values()) / GIB:.1f} + activations {pred['theory_activations'] / GIB:.1f} "
-            f"+ runtime {RUNTIME_OVERHEAD / GIB:.1f}) > {args.headroom:.0%} of {avail / GIB:.1f} GiB available"
+            f"(state {sum(pred['theory'].values()) / GIB:.1f} + activations {pred['theory_activations'] / GIB:.1f} "
+            f"+ buffers {pred['transient'] / GIB:.1f}) x {1 + SLACK:.2f} + runtime {RUNTIME_OVERHEAD / GIB:.1f}) "
+            f"> {args.headroom:.0%} of {avail / GIB:.1f} GiB available"
         )
         print(f"[memory] {args.model} {backend} ac={ac}: refused, {row['refused']}", flush=True)
         return row
@@ -330,6 +341,9 @@ def run_one(args, backend: str, ac: bool, precision: str) -> dict:
         launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={free_port()}"]
         cmd = [sys.executable, *(launcher if world > 1 else []), "-m", "benchmarks.memory", *worker_argv]
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world))}
+        # Large blocks from mmap, handed back to the OS when freed: resident memory follows the
+        # live bytes instead of keeping glibc's freed heap (no effect on results).
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
         start = time.perf_counter()
         print(f"[memory] {args.model} {backend} ac={ac} {precision}: {' '.join(cmd[1:])}", flush=True)
         returncode, output, low = guarded_run(cmd, env, Path(tmp) / "log.txt")
@@ -351,6 +365,20 @@ def run_one(args, backend: str, ac: bool, precision: str) -> dict:
         flush=True,
     )
     return row
+
+
+def settle(timeout: float = 60.0) -> None:
+    """Wait until the memory of earlier (killed) ranks has been given back: available memory
+    stops rising (within 64 MiB over a second), or `timeout` seconds."""
+    if torch.cuda.is_available():
+        return
+    end, last = time.monotonic() + timeout, available_memory(1)
+    while time.monotonic() < end:
+        time.sleep(1.0)
+        now = available_memory(1)
+        if now - last < 64 * 2**20:
+            return
+        last = now
 
 
 def guarded_run(cmd: list[str], env: dict, log: Path, floor: float = GUARD_FLOOR) -> tuple[int, str, float]:
@@ -376,7 +404,7 @@ def guarded_run(cmd: list[str], env: dict, log: Path, floor: float = GUARD_FLOOR
 
 def step_argv(args) -> list[str]:
     out = ["--model", args.model, "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
-           "--steps", str(args.steps), "--accum", str(args.accum),
+           "--steps", str(args.steps), "--accum", str(args.accum), *[f"--set={x}" for x in args.set],
            "--dim", str(args.dim), "--mlp-dim", str(args.mlp_dim)]  # fmt: skip
     for key in ("patch_size", "embed_dim", "depth", "num_heads"):
         if getattr(args, key) is not None:

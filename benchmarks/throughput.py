@@ -64,6 +64,7 @@ def build_config(args, world_size: int, out_dir: str):
     for key in ("patch_size", "embed_dim", "depth", "num_heads"):
         if getattr(args, key) is not None:
             over.append(f"--model.{key}={getattr(args, key)}")
+    over += getattr(args, "set", [])
     if args.backend.startswith("zero"):
         over += [
             "--parallel.backend=deepspeed",
@@ -111,7 +112,9 @@ def add_step_args(parser: argparse.ArgumentParser, batch_size: int = 32, steps: 
     parser.add_argument("--model", default="vit_base", help="any build_vit name (vit_small ... vit_bn_large_p7)")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=batch_size, help="images per device")
-    parser.add_argument("--backend", default="single", choices=["single", "ddp", "fsdp", "zero1", "zero2", "zero3"])
+    zero = sorted(p.stem for p in (ROOT / "ds_configs").glob("zero*.json"))  # zero1 ... zero3_offload
+    parser.add_argument("--backend", default="single", choices=["single", "ddp", "fsdp", *zero],
+                        help="zeroN[_variant]: DeepSpeed with ds_configs/<name>.json")  # fmt: skip
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--data", default="synthetic", help="'synthetic' or a data source as for training")
@@ -124,6 +127,8 @@ def add_step_args(parser: argparse.ArgumentParser, batch_size: int = 32, steps: 
     parser.add_argument("--num-heads", type=int)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--mlp-dim", type=int, default=4096)
+    parser.add_argument("--set", action="append", default=[], metavar="--SECTION.FIELD=VALUE",
+                        help="another config override, e.g. --set=--optim.implementation=torch-fused")  # fmt: skip
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(RESULTS), help="results directory ('-' for none)")
 

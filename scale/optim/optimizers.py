@@ -17,7 +17,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "lamb", "lars")
-IMPLEMENTATIONS = ("auto", "torch", "apex", "deepspeed", "scale")
+IMPLEMENTATIONS = ("auto", "torch", "torch-fused", "apex", "deepspeed", "scale")
 
 
 def param_groups(model: nn.Module, exclude_norm_bias: bool = False) -> list[dict]:
@@ -142,11 +142,14 @@ def build_optimizer(
             from deepspeed.ops.adam import FusedAdam
 
             return FusedAdam(groups, lr=lr, betas=betas, eps=eps, adam_w_mode=True), "deepspeed FusedAdam (AdamW mode)"
-        if implementation not in ("auto", "torch"):
-            raise ValueError(f"AdamW implementations: torch, deepspeed (got {implementation!r})")
-        kind = {"fused": True} if cuda else {"foreach": True}
+        if implementation not in ("auto", "torch", "torch-fused"):
+            raise ValueError(f"AdamW implementations: torch, torch-fused, deepspeed (got {implementation!r})")
+        # torch-fused: the fused kernel on a CPU too (no foreach temporaries of the parameters' size:
+        # less peak memory; rounding differs from foreach in the last bits).
+        fused = cuda or implementation == "torch-fused"
+        kind = {"fused": True} if fused else {"foreach": True}
         opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kind)
-        return opt, f"torch AdamW ({'fused' if cuda else 'foreach'})"
+        return opt, f"torch AdamW ({'fused' if fused else 'foreach'})"
 
     if name == "lamb":
         if implementation in ("auto", "apex") and cuda:

@@ -2,7 +2,8 @@
 (also `scale-memory`).
 
     python -m benchmarks.memory                                    # ViT-B and ViT-L sweep, 2 ranks
-    python -m benchmarks.memory --models vit_huge --backends ddp,zero3,fsdp --batch-size 1 --ac on \\
+    python -m benchmarks.memory --models vit_huge --backends ddp,zero3,zero3_lowmem,fsdp --precision bf16 \\
+        --batch-size 1 --ac on --headroom 0.95 --set=--optim.implementation=torch-fused \\
         --name memory-vit_huge                                     # the ViT-H/14 headline
     python -m benchmarks.memory --models vit_base --backends zero2 --nproc 2 --ac off --steps 3
 

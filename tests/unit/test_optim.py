@@ -77,3 +77,20 @@ def test_optimizer_choice_on_cpu_is_logged_and_checked():
         build_optimizer("lamb", groups, 1e-3, 0.1, implementation="deepspeed")
     with pytest.raises(ValueError, match="unknown optimizer"):
         build_optimizer("adam", groups, 1e-3, 0.1)
+
+
+def test_torch_fused_adamw_on_cpu_matches_foreach():
+    torch.manual_seed(0)
+    params = {k: [nn.Parameter(torch.randn(64, 32)), nn.Parameter(torch.randn(32))] for k in ("foreach", "fused")}
+    params["fused"] = [nn.Parameter(p.detach().clone()) for p in params["foreach"]]
+    opts = {k: build_optimizer("adamw", [{"params": params[k]}], 1e-2, 0.1, implementation=impl)
+            for k, impl in (("foreach", "torch"), ("fused", "torch-fused"))}  # fmt: skip
+    assert opts["fused"][1] == "torch AdamW (fused)" and opts["foreach"][1] == "torch AdamW (foreach)"
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params["foreach"]]
+        for k in opts:
+            for p, g in zip(params[k], grads, strict=True):
+                p.grad = g.clone()
+            opts[k][0].step()
+    for a, b in zip(params["foreach"], params["fused"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.throughput import ROOT, add_step_args, build_config
+from scale.parallel.deepspeed import zero_section
 
 GIB = 2**30
 # Resident memory of one rank before its trainer is built (python, torch, deepspeed, gloo),
@@ -213,7 +214,7 @@ def predict(args, backend: str, ac: bool, precision: str, world: int) -> dict:
 def transient_bucket_bytes(ds_config: str, trainable: int, precision: str) -> float:
     """ZeRO-1/2's gradient buckets during a backward (two with overlap_comm). On a CPU only the
     pages the gradients touch become resident, so at most the gradients' size is counted there."""
-    zero = json.loads(Path(ds_config).read_text()).get("zero_optimization", {})
+    zero = zero_section(ds_config)
     if int(zero.get("stage", 0)) >= 3 or not zero.get("contiguous_gradients", True):
         return 0.0
     n = 2 if zero.get("overlap_comm", False) else 1
@@ -228,7 +229,7 @@ def gathered_parameter_bytes(ds_config: str, params: int, precision: str) -> flo
     up to stage3_max_live_parameters elements: with the large defaults both encoders stay gathered
     between their two views (measured on ViT-B/L: the base encoder from the first forward to the
     backward, the momentum encoder across its two forwards)."""
-    zero = json.loads(Path(ds_config).read_text()).get("zero_optimization", {})
+    zero = zero_section(ds_config)
     if int(zero.get("stage", 0)) < 3:
         return 0.0
     width = 2 if precision in ("bf16", "fp16") else 4

@@ -44,19 +44,25 @@ log = logging.getLogger(__name__)
 OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
 
 
-def _stage(path: str | Path) -> int:
+def read_ds_config(path: str | Path) -> dict[str, Any]:
+    """The JSON of a DeepSpeed config, or {} when it cannot be read (reported properly, with what to
+    change, by resolve_ds_config when training starts)."""
     try:
-        return int(json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage", 0))
+        return json.loads(Path(path).read_text())
     except (OSError, ValueError):
-        return 0  # reported properly by resolve_ds_config
+        return {}
+
+
+def zero_section(path: str | Path) -> dict[str, Any]:
+    return read_ds_config(path).get("zero_optimization", {})
+
+
+def _stage(path: str | Path) -> int:
+    return int(zero_section(path).get("stage", 0))
 
 
 def _offloads_optimizer(path: str | Path) -> bool:
-    try:
-        zero = json.loads(Path(path).read_text()).get("zero_optimization", {})
-    except (OSError, ValueError):
-        return False  # reported properly by resolve_ds_config
-    return zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    return zero_section(path).get("offload_optimizer", {}).get("device", "none") not in ("none", None)
 
 
 def persistent_buffer_bytes(path: str | Path, precision: str, accum_steps: int = 1) -> float:
@@ -64,10 +70,7 @@ def persistent_buffer_bytes(path: str | Path, precision: str, accum_steps: int =
     ZeRO-3 allocates one `reduce_bucket_size` bucket in the communication dtype once and keeps it;
     ZeRO-1 allocates its (fp32, two with overlap_comm) on the first micro-batch of an accumulated
     step and keeps them until the boundary. ZeRO-2's live only within a backward (transient)."""
-    try:
-        ds = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return 0.0  # reported properly by resolve_ds_config
+    ds = read_ds_config(path)
     zero = ds.get("zero_optimization", {})
     stage, bucket = int(zero.get("stage", 0)), float(zero.get("reduce_bucket_size", 500_000_000))
     if not zero.get("contiguous_gradients", True):

@@ -101,15 +101,24 @@ class TwoViews:
 class Normalize:
     """uint8 batches (B, 3, S, S) -> float32 scaled to [0, 1] and normalised, on their device: the
     same arithmetic as `ToDtype(scale=True)` + `Normalize`, done after the batch crossed processes
-    (or reached the GPU) instead of per image in a worker."""
+    (or reached the GPU) instead of per image in a worker. The constants are copied to each device
+    once: a copy from pageable host memory on every call would synchronise the host with the GPU."""
 
     def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) on `device`, copied there on first use."""
+        if device not in self._on_device:
+            self._on_device[device] = (self.mean.to(device), self.std.to(device))
+        return self._on_device[device]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self.constants(x.device)
         x = x.to(torch.float32).div_(255.0)
-        return x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
+        return x.sub_(mean).div_(std)
 
 
 def eval_transform(crop_size: int = 224, resize: int | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.Compose:

@@ -15,8 +15,10 @@ Same semantics as `augment.py`, with these deliberate differences (the tests bou
   by blending, so the choice is per image.
 - Resize: linear with antialiasing in both.
 
-Epochs: the pipeline is rebuilt every epoch with a seed from (seed, epoch) and the units (shards or
-files) in the order of the torchvision path's per-epoch permutation, the same on every rank; the
+Epochs: the pipeline is rebuilt every epoch with a seed from (seed, epoch, rank) (`pipeline_seed`:
+every rank draws its own crops, jitter, blur, solarize and flips; the torchvision path seeds each
+sample by its id) and the units (shards or files) in the order of the torchvision path's
+per-epoch permutation, the same on every rank; the
 reader gives each rank a contiguous, disjoint part of that order and shuffles it with its buffer.
 Every rank stops after `num_samples // (world_size * batch_size)` batches. Position: epoch and
 batches handed out; a mid-epoch resume replays the epoch's first batches (decoding them) and lands
@@ -163,6 +165,14 @@ def build_pipeline(
     return two_views()
 
 
+def pipeline_seed(seed: int, epoch: int, rank: int) -> int:
+    """The DALI pipeline seed of `rank` in `epoch`: every random draw of the graph (reader shuffle,
+    crop, jitter, grayscale, blur, solarize, flip) comes from it. It must differ between ranks: with
+    (seed, epoch) alone the i-th sample of every rank gets the same augmentation. A pure function
+    of its arguments, so a resumed epoch replays the same draws."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0] % (2**31))
+
+
 class DaliLoader(EpochLoader):
     """`(view1, view2, labels)` batches from DALI with the `TwoViewLoader` interface."""
 
@@ -192,7 +202,6 @@ class DaliLoader(EpochLoader):
             log.info("DALI in CPU-only mode (no device_id): decoding and augmentation on %d CPU threads", num_threads)
 
     def _epoch_pipeline(self):
-        epoch_seed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0] % (2**31))
         pipe = build_pipeline(
             self.source,
             self.cfg,
@@ -200,7 +209,7 @@ class DaliLoader(EpochLoader):
             shard_id=self.rank,
             num_shards=self.world_size,
             num_threads=self.num_threads,
-            seed=epoch_seed,
+            seed=pipeline_seed(self.seed, self.epoch, self.rank),
             shuffle=self.shuffle,
             shuffle_buffer=self.shuffle_buffer,
             device_id=self.device_id,

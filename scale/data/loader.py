@@ -573,11 +573,19 @@ def check_resume_layout(state: dict, layout: dict) -> None:
 class SyntheticLoader(EpochLoader):
     """Fixed random batches of the right shape for benchmarks: no decoding, no augmentation cost.
 
-    The batch is generated once (seeded) and handed out `len(loader)` times per epoch.
+    The batch is generated once (seeded) and handed out `len(loader)` times per epoch. With
+    `pin_memory` it lives in page-locked memory, so its copy to the GPU is asynchronous as a real
+    loader's pinned batches are (a copy from pageable memory would synchronise the host).
     """
 
     def __init__(
-        self, batch_size: int, crop_size: int = 224, num_samples: int = 1_281_167, world_size: int = 1, seed: int = 0
+        self,
+        batch_size: int,
+        crop_size: int = 224,
+        num_samples: int = 1_281_167,
+        world_size: int = 1,
+        seed: int = 0,
+        pin_memory: bool = False,
     ):
         super().__init__()
         self.batches_per_epoch = batches_per_rank(num_samples, world_size, batch_size)
@@ -587,6 +595,8 @@ class SyntheticLoader(EpochLoader):
             torch.randn(batch_size, 3, crop_size, crop_size, generator=g),
             torch.full((batch_size,), -1, dtype=torch.int64),
         )
+        if pin_memory:
+            self._batch = tuple(t.pin_memory() for t in self._batch)
         self.batch_size = batch_size
 
     def _epoch_batches(self) -> Iterator[Batch]:
@@ -644,7 +654,7 @@ def build_loader(
         rank = dist.get_rank() if initialised else 0
     augment = augment or AugmentConfig()
     if source == "synthetic":
-        return SyntheticLoader(batch_size, augment.crop_size, synthetic_samples, world_size, seed)
+        return SyntheticLoader(batch_size, augment.crop_size, synthetic_samples, world_size, seed, pin_memory)
     if backend not in ("torchvision", "dali"):
         raise ValueError(f"data backend {backend!r} is not one of: torchvision, dali")
     src = resolve_source(source)

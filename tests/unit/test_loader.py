@@ -318,3 +318,30 @@ def test_elastic_resume_at_an_epoch_boundary(unique_shards):
     other = build_loader(str(unique_shards / "shards"), batch_size=4, augment=AUG, num_workers=2, world_size=2, rank=1)
     other.load_state_dict(state)  # a new layout is fine at a boundary
     assert other.epoch == 1 and len(labels_of(other)) == len(other) * 4
+
+
+def test_dali_ranks_draw_their_own_augmentations_and_each_replays_its_own_on_resume(tmp_path):
+    """Every sample is the same image, so two ranks see identical inputs: their views may only
+    differ through their random draws (seeded by (seed, epoch, rank)). A rank resumed mid-epoch
+    hands out exactly the views it would have."""
+    pytest.importorskip("nvidia.dali")
+    image = random_images(1, size=20, seed=7)[0]
+    folder = write_image_folder(tmp_path / "same", [image] * 32, labels=list(range(32)), ext="png")
+    make_shards(folder, tmp_path / "shards", "train", max_samples=8, shuffle=False, num_workers=1, progress=False)
+
+    def make(rank):
+        return build_loader(str(tmp_path / "shards"), batch_size=4, augment=AUG, backend="dali", num_workers=1,
+                            world_size=2, rank=rank, seed=3)  # fmt: skip
+
+    views = {rank: [(v1.clone(), v2.clone()) for v1, v2, _ in make(rank)] for rank in (0, 1)}
+    assert len(views[0]) == len(views[1]) == 4
+    for (a1, a2), (b1, b2) in zip(views[0], views[1], strict=True):
+        assert not torch.equal(a1, b1) and not torch.equal(a2, b2)
+    for rank in (0, 1):
+        first = make(rank)
+        it = iter(first)
+        next(it), next(it)
+        resumed = make(rank)
+        resumed.load_state_dict(first.state_dict())
+        for (e1, e2), (g1, g2, _) in zip(views[rank][2:], resumed, strict=True):
+            assert torch.equal(e1, g1) and torch.equal(e2, g2)

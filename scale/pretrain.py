@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     import torch.distributed as dist
 
+    from scale.parallel.base import BackendError
+    from scale.parallel.placement import LaunchError
     from scale.train.trainer import Trainer
 
     try:
@@ -99,6 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
         return result
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
+    except (BackendError, LaunchError) as e:
+        raise SystemExit(f"error: {e}") from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from scale.optim import set_lr_wd
+from scale.parallel.placement import plan_placement
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +85,10 @@ class Backend:
     def __init__(self, precision: str = "auto", device: torch.device | None = None):
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if device is None:
-            device = torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+            launch, plan = plan_placement()
+            device = torch.device(plan.kind, plan.index) if plan.kind == "cuda" else torch.device("cpu")
+            log.info("rank %d: %s (%s; launched by %s)", self.rank, device, plan.reason, launch.launcher)
         self.device = device
         if device.type == "cuda":
             torch.cuda.set_device(device)

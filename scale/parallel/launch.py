@@ -1,5 +1,5 @@
 """Process-group start-up from the launcher's environment (torchrun, the DeepSpeed launcher,
-SLURM's srun), and the backend factory."""
+SLURM's srun; `scale.parallel.placement` reads it), and the backend factory."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from scale.parallel.base import Backend, BackendError, SingleProcess, resolve_precision
+from scale.parallel.placement import detect_launch, plan_placement
 
 log = logging.getLogger(__name__)
 
@@ -18,36 +19,40 @@ BACKENDS = ("auto", "single", "ddp", "fsdp", "deepspeed")
 
 
 def launched_world_size() -> int:
-    """World size the launcher asked for (WORLD_SIZE, or SLURM_NTASKS under srun), 1 without one."""
-    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
-        if var in os.environ:
-            return int(os.environ[var])
-    return 1
+    """World size the launcher asked for (`scale.parallel.placement`), 1 without one."""
+    return detect_launch().world_size
 
 
 def init_distributed(dist_backend: str = "auto", timeout_minutes: int = 30) -> None:
     """Initialise the default process group from the environment when several ranks were launched.
 
     torchrun and the DeepSpeed launcher set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT;
-    under SLURM's srun they are derived from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID.
+    tasks started by srun get them from SLURM_PROCID/SLURM_STEP_NUM_TASKS/SLURM_LOCALID (only
+    when srun started them: see `scale.parallel.placement`). The CUDA device is chosen among the
+    devices this process can see before the group is created (NCCL binds to it).
     """
-    if dist.is_initialized() or launched_world_size() == 1:
+    launch, device = plan_placement()
+    if launch.note:
+        log.warning("launch: %s", launch.note)
+    if dist.is_initialized() or launch.world_size == 1:
         return
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
-        os.environ["RANK"] = os.environ["SLURM_PROCID"]
-        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-        os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    os.environ.update(launch.env_for_torch())
     for var in ("MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
-            raise BackendError(f"{var} is not set: launch with torchrun, the deepspeed launcher, or set it under srun")
+            raise BackendError(
+                f"{var} is not set ({launch.launcher}, rank {launch.rank} of {launch.world_size}): launch with "
+                "torchrun or the deepspeed launcher, or export MASTER_ADDR (the first host of `scontrol show hostnames "
+                "$SLURM_JOB_NODELIST`) and MASTER_PORT under srun"
+            )
     if dist_backend == "auto":
-        dist_backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist_backend = "nccl" if device.kind == "cuda" else "gloo"
     if dist_backend not in ("nccl", "gloo"):
         raise BackendError(f"dist_backend {dist_backend!r} is not one of: auto, nccl, gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if device.kind == "cuda":
+        torch.cuda.set_device(device.index)
     dist.init_process_group(dist_backend, timeout=timedelta(minutes=timeout_minutes))
-    log.info("process group: %s, rank %d of %d", dist_backend, dist.get_rank(), dist.get_world_size())
+    log.info("process group: %s, rank %d of %d (%s)", dist_backend, dist.get_rank(), dist.get_world_size(),
+             launch.launcher)  # fmt: skip
 
 
 def build_backend(name: str, precision: str = "auto", deepspeed_config: str = "") -> Backend:

@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-all lint
+.PHONY: install demo test test-all lint gpu-check gpu-wheels
 
 $(BIN)/.installed: setup.py requirements/cpu-dev.txt
 	$(PY) -m venv $(VENV)
@@ -30,3 +30,22 @@ test-all: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# The prepared GPU check (docs/benchmarks.md): on a GPU machine, with its own python3 (or .venv's here,
+# where every CUDA-only step reports itself skipped). `make gpu-wheels` (here) first puts the packages
+# a bare GPU image lacks into wheels/ (about 5 MB; the check installs them into /tmp, nothing else).
+GPU_PY := $(shell test -x $(BIN)/python && echo $(BIN)/python || echo python3)
+
+gpu-check:
+	$(GPU_PY) -m benchmarks.gpu_check
+
+GPU_WHEEL_PINS := pydantic==2.14.4 annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0 \
+	hjson==3.1.0 webdataset==1.0.2 braceexpand==0.1.7
+
+gpu-wheels: install
+	rm -rf wheels && mkdir -p wheels
+	$(BIN)/pip wheel -q --no-deps -w wheels deepspeed==0.19.8
+	$(BIN)/pip download -q --no-deps -d wheels $(GPU_WHEEL_PINS)
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d wheels pydantic-core==2.50.5
+	du -sh wheels

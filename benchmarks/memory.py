@@ -34,7 +34,6 @@ JSON and a markdown table go to benchmarks/results/memory-*.{json,md}.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import json
 import os
@@ -167,9 +166,9 @@ def _status_kib(field: str) -> int:
 def backend_kind(backend: str) -> tuple[str, int]:
     """('ddp'|'fsdp'|'deepspeed'|'single', ZeRO stage); zero* names are ds_configs/<name>.json."""
     if backend.startswith("zero"):
-        from scale.parallel.deepspeed import _stage
+        from scale.parallel.deepspeed import zero_stage
 
-        return "deepspeed", _stage(ROOT / "ds_configs" / f"{backend}.json")
+        return "deepspeed", zero_stage(ROOT / "ds_configs" / f"{backend}.json")
     return backend, 0
 
 
@@ -263,7 +262,7 @@ def worker(args) -> None:
                 for j in range(args.accum):
                     x1, x2, _ = next(batches)
                     last = j == args.accum - 1
-                    with contextlib.nullcontext() if last else b._no_sync():
+                    with b.gradient_sync(last):
                         before = live_bytes(device)
                         loss = b.forward(x1, x2)
                         activations = max(activations, live_bytes(device) - before)

@@ -142,6 +142,9 @@ class ParallelConfig:
     reshard_after_forward: bool = True
     """FSDP2: free gathered parameters after each block's forward (ZeRO-3-like); false keeps them
     until the backward (ZeRO-2-like: more memory, less communication)."""
+    tf32: bool = True
+    """fp32 on CUDA: matmuls and convolutions on TF32 tensor cores (10-bit mantissa inputs, fp32
+    accumulation; about 7x the fp32 rate); false keeps full fp32. No effect on bf16/fp16 or CPU."""
     dist_backend: str = "auto"
     """'auto' (nccl with CUDA, else gloo), 'nccl' or 'gloo'."""
     timeout_minutes: int = 30

@@ -1,6 +1,6 @@
 """Optimizers, parameter groups and schedules."""
 
-from scale.optim.optimizers import LARS, Lamb, build_optimizer, param_groups, set_lr_wd
+from scale.optim.optimizers import LARS, Lamb, build_optimizer, param_groups, set_lr_wd, supports_device_skip
 from scale.optim.schedules import cosine, lr_at, momentum_at, weight_decay_at
 
 __all__ = [
@@ -12,5 +12,6 @@ __all__ = [
     "momentum_at",
     "param_groups",
     "set_lr_wd",
+    "supports_device_skip",
     "weight_decay_at",
 ]

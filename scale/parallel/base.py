@@ -6,9 +6,14 @@ model: `model(x1, x2)` returns the loss and `model.momentum_update(momentum)` mo
 encoder (see `scale.models.moco`).
 
 Per optimizer step the trainer does:
+    saved = backend.snapshot_buffers()
     for each micro-batch: loss = backend.forward_backward(x1, x2, accum_steps, last=...)
-    grad_norm = backend.step(lr, weight_decay, clip)     # None when skipped (non-finite gradients)
-    if grad_norm is not None: backend.momentum_update(next momentum)
+    result = backend.step(lr, weight_decay, clip)         # grad norm, applied (device tensors)
+    backend.restore_buffers(saved, result.applied)       # BN statistics back if skipped
+    backend.momentum_update(next momentum, result.applied)
+
+Nothing in it waits for the device (no host sync) with torch's fused AdamW or scale's Lamb: the
+decision to skip a non-finite step stays a device tensor until a log row reads it.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from scale.optim import set_lr_wd
+from scale.optim import set_lr_wd, supports_device_skip
+from scale.optim.optimizers import foreach_chunks
 from scale.parallel.placement import plan_placement
 
 log = logging.getLogger(__name__)
@@ -48,12 +54,59 @@ class ShardingPlan:
 
 
 @torch.no_grad()
-def ema_(targets: list[torch.Tensor], sources: list[torch.Tensor], momentum: float) -> None:
+def ema_(
+    targets: list[torch.Tensor], sources: list[torch.Tensor], momentum: float, applied: torch.Tensor | None = None
+) -> None:
     """targets <- momentum * targets + (1 - momentum) * sources, in place, the authors' operation
-    order (`scale.models.MoCoV3.momentum_update`), on whatever local tensors a backend holds."""
-    if targets:
+    order (`scale.models.MoCoV3.momentum_update`), on whatever local tensors a backend holds.
+
+    `applied` (a 0-dim bool tensor) decides on the device: where False the coefficients are 1 and 0,
+    so the targets stay bitwise unchanged (k * 1 + q * 0 = k) without a host sync. The products
+    (1 - m) * q are then temporaries, made chunk by chunk to bound their memory.
+    """
+    if not targets:
+        return
+    if applied is None:
         torch._foreach_mul_(targets, momentum)
         torch._foreach_add_(targets, sources, alpha=1.0 - momentum)
+        return
+    applied = applied.to(targets[0].device)
+    m = torch.where(applied, momentum, 1.0).to(torch.float32)
+    one_minus_m = torch.where(applied, 1.0 - momentum, 0.0).to(torch.float32)
+    for rows in foreach_chunks(targets):
+        torch._foreach_mul_(targets[rows], m)
+        torch._foreach_add_(targets[rows], torch._foreach_mul(sources[rows], one_minus_m))
+
+
+@dataclass
+class StepResult:
+    """One optimizer step: the global gradient norm before clipping (non-finite when the step was
+    skipped) and whether it was applied, as 0-dim device tensors (a bool where a backend already
+    knows it on the host)."""
+
+    grad_norm: torch.Tensor
+    applied: torch.Tensor | bool
+
+
+_logged: set[str] = set()
+
+
+def _log_once(key: str, message: str, *args) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        log.info(message, *args)
+
+
+def configure_tf32(enabled: bool, device: torch.device) -> None:
+    """fp32 matmuls and convolutions on CUDA through TF32 tensor cores (inputs rounded to a 10-bit
+    mantissa, fp32 accumulation: about 7x the plain fp32 rate on A100/H100), or full fp32. Logged;
+    `--parallel.tf32=false` turns it off. Only fp32 runs are affected (bf16/fp16 autocast is not)."""
+    if device.type != "cuda":
+        return
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = enabled
+    log.info("fp32 matmuls on CUDA: %s", "TF32 tensor cores (--parallel.tf32=false for full fp32)" if enabled
+             else "full fp32 (TF32 off)")  # fmt: skip
 
 
 class BackendError(ValueError):
@@ -77,8 +130,6 @@ class Backend:
     """One process's model, optimizer, precision and communication."""
 
     name = "single"
-    preferred_optimizer = None
-    """Optimizer implementation this backend prefers under `--optim.implementation=auto`."""
     has_loss_scaling = False
     """True when skipped steps can be loss-scale overflows (fp16), not failures."""
 
@@ -106,6 +157,15 @@ class Backend:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def compute_precision(self) -> str:
+        """The precision the matmuls run in: bf16 / fp16, or for fp32 on CUDA 'tf32' when TF32 is
+        on (`configure_tf32`); the peak that MFU is measured against."""
+        tf32 = torch.get_float32_matmul_precision() != "highest"
+        if self.precision == "fp32" and self.device.type == "cuda" and tf32:
+            return "tf32"
+        return self.precision
+
     def setup(
         self,
         model: nn.Module,
@@ -129,8 +189,13 @@ class Backend:
         return module
 
     def _no_sync(self) -> contextlib.AbstractContextManager:
-        """Context for micro-steps that must not synchronise gradients (accumulation)."""
+        """Hook: context for micro-steps that must not synchronise gradients (accumulation)."""
         return contextlib.nullcontext()
+
+    def gradient_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        """Context for one micro-batch's backward: gradients are synchronised across ranks only if
+        `enabled` (the last micro-batch of an accumulated step)."""
+        return contextlib.nullcontext() if enabled else self._no_sync()
 
     # ------------------------------------------------------------------ the step
 
@@ -155,43 +220,81 @@ class Backend:
     ) -> torch.Tensor:
         """Forward and backward of one micro-batch; returns the (unscaled, detached) loss. Gradients
         are synchronised across ranks on the `last` micro-batch of a step only."""
-        with self._no_sync() if not last else contextlib.nullcontext():
+        with self.gradient_sync(last):
             loss = self.forward(x1, x2)
             self.backward(loss, accum_steps, last)
         return loss.detach()
 
-    def step(self, lr: float, weight_decay: float, clip_grad: float = 0.0) -> float | None:
-        """Clip, check and apply the accumulated gradients; zero them. Returns the global gradient
-        norm (before clipping), or None if the gradients were not finite and the step was skipped."""
+    def step(self, lr: float, weight_decay: float, clip_grad: float = 0.0) -> StepResult:
+        """Clip, check and apply the accumulated gradients; zero them.
+
+        Returns the global gradient norm (before clipping) and whether the step was applied (not
+        when the norm is not finite), both as device tensors: the decision is taken on the device
+        (`found_inf`, as torch's fused optimizers take it from a GradScaler), so a default GPU step
+        does not wait for the host. The norm is all-reduced (DDP) or whole (FSDP2), so every rank
+        decides alike.
+        """
         set_lr_wd(self.optimizer, lr, weight_decay)
         if self.scaler:
-            self.scaler.unscale_(self.optimizer)
+            self.scaler.unscale_(self.optimizer)  # on the device; records the scaler's own inf check
         norm = self._grad_norm(clip_grad)
-        finite = bool(torch.isfinite(norm))
+        applied = torch.isfinite(norm)
+        self._optimizer_step(applied)
         if self.scaler:
-            self.scaler.step(self.optimizer)  # skips by itself on inf/nan
-            self.scaler.update()
-        elif finite:
-            self.optimizer.step()
+            self.scaler.update()  # halves the scale after an overflow, on the device
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm) if finite else None
+        return StepResult(norm, applied)
+
+    def _optimizer_step(self, applied: torch.Tensor) -> None:
+        opt = self.optimizer
+        if supports_device_skip(opt):
+            opt.grad_scale, opt.found_inf = None, (~applied).to(torch.float32)  # 0-dim float32, as they expect
+            try:
+                opt.step()
+            finally:
+                del opt.grad_scale, opt.found_inf
+            return
+        if self.device.type == "cuda":
+            _log_once(
+                "host-skip",
+                "%s cannot skip a non-finite step on the device: one host sync per step decides it "
+                "(torch's fused AdamW and scale's Lamb need none)",
+                type(opt).__name__,
+            )
+        if bool(applied):  # host sync, justified above: this optimizer has no found_inf input
+            opt.step()
 
     def _grad_norm(self, clip_grad: float) -> torch.Tensor:
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        max_norm = clip_grad if clip_grad > 0 else float("inf")
-        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        norm = self._total_norm([p.grad for p in params])
+        if clip_grad > 0:  # without clipping, no pass over the gradients (clip_grad_norm_ multiplies by 1)
+            torch.nn.utils.clip_grads_with_norm_(params, clip_grad, norm, foreach=True)
+        return norm
 
-    def momentum_update(self, momentum: float) -> None:
-        self.module.momentum_update(momentum)
+    def _total_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """Hook: the L2 norm of all gradients of this step, equal on every rank."""
+        return torch.nn.utils.get_total_norm(grads, foreach=True)
+
+    def momentum_update(self, momentum: float, applied: torch.Tensor | bool = True) -> None:
+        """Move the momentum encoder (EMA towards the base encoder) if the step was `applied`: a
+        device tensor keeps the decision on the device (a skipped step leaves it bitwise equal)."""
+        if applied is False:
+            return
+        ks, qs = self.module.momentum_pairs()
+        ema_(ks, qs, momentum, None if applied is True else applied)
 
     def snapshot_buffers(self) -> list[torch.Tensor]:
         """Copies of the BatchNorm statistics, to undo a step whose loss was not finite."""
         return [b.detach().clone() for b in self.module.buffers()]
 
-    def restore_buffers(self, saved: list[torch.Tensor]) -> None:
+    def restore_buffers(self, saved: list[torch.Tensor], applied: torch.Tensor | bool = False) -> None:
+        """Put the `saved` statistics back unless the step was `applied` (a device tensor: decided
+        on the device, buffer by buffer)."""
+        if applied is True:
+            return
         with torch.no_grad():
             for b, s in zip(self.module.buffers(), saved, strict=True):
-                b.copy_(s)
+                b.copy_(s if applied is False else torch.where(applied, b, s))
 
     # ------------------------------------------------------------------ communication
 
@@ -202,12 +305,22 @@ class Backend:
             t /= self.world_size
         return float(t)
 
-    def all_true(self, flag: bool | torch.Tensor) -> bool:
-        """True if `flag` holds on every rank."""
-        t = torch.as_tensor(flag, dtype=torch.int32, device=self._comm_device()).reshape(1)
-        if self.world_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return bool(t.item())
+    def all_true(self, flag: torch.Tensor) -> torch.Tensor:
+        """`flag` (a 0-dim bool tensor) holds on every rank: a bool tensor on `flag`'s device. On
+        NCCL the all-reduce is queued on the device, with no host sync."""
+        if self.world_size == 1:
+            return flag
+        t = flag.to(device=self._comm_device(), dtype=torch.int32).reshape(1)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return t.to(flag.device).reshape(()).bool()
+
+    def all_reduce_mean_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """The mean of `t` over the ranks, as a tensor on `t`'s device (no host sync on NCCL)."""
+        if self.world_size == 1:
+            return t
+        out = t.detach().to(device=self._comm_device(), dtype=torch.float64).clone()
+        dist.all_reduce(out)
+        return (out / self.world_size).to(t.device)
 
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank (for decisions that must agree, e.g. where to resume)."""
@@ -276,12 +389,22 @@ class Backend:
         """Parameter count of `module` (sharded backends count the full tensors)."""
         return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
-    def state_bytes(self, trainable: int, momentum: int, accum_steps: int = 1) -> dict[str, float]:
-        """Theoretical bytes per rank of parameters, gradients, optimizer state and the momentum
-        encoder, by component (`scale.train.memory.state_bytes`, docs/scaling.md)."""
-        from scale.train.memory import state_bytes
+    @classmethod
+    def theory_bytes(
+        cls, trainable: int, momentum: int, world_size: int, precision: str, accum_steps: int = 1, **_: Any
+    ) -> dict[str, float]:
+        """Theoretical bytes per rank of the model state, by component (docs/scaling.md), for
+        `trainable` parameters and a momentum encoder of `momentum` parameters.
 
-        return state_bytes("ddp", trainable, momentum, self.world_size, self.precision)
+        Replicated: fp32 parameters (autocast casts per op, the masters stay fp32), fp32 gradients,
+        AdamW's two moments, the fp32 momentum encoder; the same on every rank.
+        """
+        P, M = trainable, momentum
+        return {"params": 4 * P, "grads": 4 * P, "optimizer": 8 * P, "momentum": 4 * M}
+
+    def state_bytes(self, trainable: int, momentum: int, accum_steps: int = 1) -> dict[str, float]:
+        """`theory_bytes` for this backend's world size, precision and settings."""
+        return self.theory_bytes(trainable, momentum, self.world_size, self.precision, accum_steps)
 
     def model_state_bytes(self, trainable: int, momentum: int, accum_steps: int = 1) -> float:
         """Total of `state_bytes`, for the memory check before training."""

@@ -4,8 +4,10 @@
 
 The ZeRO stage, overlap and bucket settings come from the JSON given with `--deepspeed`; batch,
 precision and clipping fields are filled from the scale config (or checked against it: a
-contradiction is a clear error). The optimizer is scale's (`build_optimizer`; DeepSpeed's fused
-FusedAdam/FusedLamb on GPU), passed to `deepspeed.initialize` as a client optimizer.
+contradiction is a clear error). The optimizer is scale's (`build_optimizer`: torch's fused AdamW on
+GPUs, which DeepSpeed steps on its flat fp32 partitions, also when they are offloaded to the CPU,
+where torch has a fused kernel too; DeepSpeed's FusedAdam only on request, as it JIT-compiles with
+nvcc), passed to `deepspeed.initialize` as a client optimizer.
 
 Momentum encoder: under ZeRO-1/2 it is a replicated module; under ZeRO-3 its parameters are
 partitioned exactly like the base encoder's (same shapes, same partitioning), so the EMA runs on the
@@ -29,14 +31,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from scale.parallel.base import Backend, BackendError, ema_
+from scale.parallel.base import Backend, BackendError, StepResult, ema_
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +58,9 @@ def zero_section(path: str | Path) -> dict[str, Any]:
     return read_ds_config(path).get("zero_optimization", {})
 
 
-def _stage(path: str | Path) -> int:
+def zero_stage(path: str | Path) -> int:
+    """The ZeRO stage of the DeepSpeed config at `path` (0 when it cannot be read)."""
     return int(zero_section(path).get("stage", 0))
-
-
-def _offloads_optimizer(path: str | Path) -> bool:
-    return zero_section(path).get("offload_optimizer", {}).get("device", "none") not in ("none", None)
 
 
 def persistent_buffer_bytes(path: str | Path, precision: str, accum_steps: int = 1) -> float:
@@ -126,6 +124,11 @@ def resolve_ds_config(path: str | Path, cfg: Any, derived: Any, precision: str) 
             )
     if "zero_optimization" not in ds:
         raise BackendError(f"{path}: no zero_optimization section (stage 1, 2 or 3)")
+    if int(ds["zero_optimization"].get("zero_hpz_partition_size", 1)) > 1:
+        raise BackendError(
+            f"{path}: zero_hpz_partition_size > 1 (hpZ) gathers frozen parameters from a secondary copy that "
+            "DeepSpeed refreshes only for trained ones, so the momentum encoder's EMA would be ignored; remove it"
+        )
     return ds
 
 
@@ -137,11 +140,7 @@ class DeepSpeedBackend(Backend):
         if self.precision == "fp16" and self.device.type != "cuda":
             raise BackendError("fp16 needs a CUDA GPU (DeepSpeed refuses it on CPU); use --parallel.precision=bf16")
         self.config_path = config_path
-        # DeepSpeed's fused FusedAdam on GPUs; scale's own optimizers elsewhere, and when optimizer
-        # states are offloaded to the CPU (FusedAdam only updates CUDA tensors).
-        offload = _offloads_optimizer(config_path)
-        self.stage = _stage(config_path)
-        self.preferred_optimizer = "deepspeed" if self.device.type == "cuda" and not offload else None
+        self.stage = zero_stage(config_path)
         self.has_loss_scaling = self.precision == "fp16"
         self.scaler = None  # DeepSpeed scales fp16 losses itself
         self.autocast_dtype = None  # the engine casts the module to bf16/fp16
@@ -177,20 +176,21 @@ class DeepSpeedBackend(Backend):
         self.model.set_gradient_accumulation_boundary(last)
         self.model.backward(loss)  # DeepSpeed divides by the accumulation steps itself
 
-    def step(self, lr: float, weight_decay: float, clip_grad: float = 0.0) -> float | None:
+    def step(self, lr: float, weight_decay: float, clip_grad: float = 0.0) -> StepResult:
         """DeepSpeed checks the gradients itself (fp16 loss scaling; bf16 `check_grad_overflow`;
-        fp32 ZeRO overflow checks) and skips a step whose gradients are not finite, clearing its
-        partitioned gradient state: the step is reported as skipped (None)."""
+        fp32 ZeRO invalid-norm checks) and skips a step whose gradients are not finite, clearing its
+        partitioned gradient state. Those checks read device values on the host inside
+        `engine.step()` (DeepSpeed's own syncs, not avoidable from here); `was_step_applied()` is then
+        a host bool and this backend adds no sync of its own."""
         for g in self.optimizer.param_groups:
             g["lr"] = lr
             g["weight_decay"] = weight_decay * g.get("wd_scale", 1.0)
         self.model.step()
         self.model.set_gradient_accumulation_boundary(None)
-        norm = self.model.get_global_grad_norm()
-        norm = float(norm) if norm is not None else 0.0
-        if not (math.isfinite(norm) and self.model.was_step_applied()):
-            return None
-        return norm
+        norm = self.model.get_global_grad_norm()  # a device tensor, float('inf') on overflow, or None
+        if not torch.is_tensor(norm):
+            norm = torch.tensor(float("nan") if norm is None else float(norm))
+        return StepResult(norm, bool(self.model.was_step_applied()))
 
     # ------------------------------------------------------------------ momentum encoder
 
@@ -219,15 +219,50 @@ class DeepSpeedBackend(Backend):
         return local_k, local_q
 
     @torch.no_grad()
-    def momentum_update(self, momentum: float) -> None:
+    def momentum_update(self, momentum: float, applied: torch.Tensor | bool = True) -> None:
+        if applied is False:
+            return
+        mask = None if applied is True else applied
         ks, qs = self._local_pairs()
         if self.dtype == torch.float32:
-            ema_(ks, qs, momentum)
-            return
-        if self._masters is None:  # fp32 master of this rank's part of the momentum encoder
-            self._masters = [k.detach().float().clone() for k in ks]
-        ema_(self._masters, [q.float() for q in qs], momentum)
-        torch._foreach_copy_(ks, self._masters)
+            ema_(ks, qs, momentum, mask)
+        else:
+            if self._masters is None:  # fp32 master of this rank's part of the momentum encoder
+                self._masters = [k.detach().float().clone() for k in ks]
+            ema_(self._masters, [q.float() for q in qs], momentum, mask)
+            torch._foreach_copy_(ks, self._masters)
+        if self.stage == 3 and self.device.type == "cuda":
+            self._order_before_next_gather()
+
+    def _order_before_next_gather(self) -> None:
+        """ZeRO-3 gathers parameters for the next forward on its own all-gather stream, reading
+        `ds_tensor`; the EMA above wrote the momentum encoder's `ds_tensor` on the current stream, and
+        nothing in DeepSpeed makes that stream wait for ours (it only makes the compute stream wait
+        for its gathers). Without this, the first gathers of the next forward (prefetches included)
+        can read partitions the EMA is still writing. `wait_stream` orders the two on the device:
+        no host sync. With overlap_comm off the gather stream is the default stream: a no-op."""
+        stream = self._gather_stream()
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        else:  # not found (another DeepSpeed version): order by waiting for the device, logged once
+            if not getattr(self, "_warned_gather_stream", False):
+                log.warning("DeepSpeed's ZeRO-3 all-gather stream not found: synchronising after each momentum update")
+                self._warned_gather_stream = True
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def _gather_stream(self):
+        """The stream ZeRO-3's PartitionedParameterCoordinator gathers on (DeepSpeed 0.14-0.19:
+        `optimizer.parameter_offload.get_param_coordinator()`, private `__allgather_stream`)."""
+        opt = self.model.optimizer
+        offload = getattr(opt, "parameter_offload", None) or opt
+        get = getattr(offload, "get_param_coordinator", None)
+        if get is None:
+            return None
+        try:
+            coordinator = get()
+        except TypeError:  # older releases take `training`
+            coordinator = get(True)
+        return getattr(coordinator, "_PartitionedParameterCoordinator__allgather_stream", None)
 
     @contextlib.contextmanager
     def evaluation(self, module: nn.Module):
@@ -244,9 +279,6 @@ class DeepSpeedBackend(Backend):
         else:
             yield features
 
-    def snapshot_buffers(self) -> list[torch.Tensor]:
-        return [b.detach().clone() for b in self.module.buffers()]
-
     # ------------------------------------------------------------------ state
 
     def save(self, directory: Path) -> None:
@@ -258,8 +290,21 @@ class DeepSpeedBackend(Backend):
         path, _ = self.model.load_checkpoint(str(directory), tag="engine", load_lr_scheduler_states=False)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed engine checkpoint in {directory}")
-        master = directory / f"momentum-master-rank{self.rank}.pt"
-        self._masters = torch.load(master, weights_only=True) if master.is_file() else None
+        self._masters = self._load_masters(directory / f"momentum-master-rank{self.rank}.pt")
+
+    def _load_masters(self, path: Path) -> list[torch.Tensor] | None:
+        """This rank's fp32 momentum masters, onto this process's device (the checkpoint may come
+        from another GPU layout: cuda:5 there can be cuda:0 here), checked against its partitions."""
+        if not path.is_file():
+            return None
+        masters = torch.load(path, map_location=self.device, weights_only=True)
+        ks, _ = self._local_pairs()
+        if [tuple(m.shape) for m in masters] != [tuple(k.shape) for k in ks]:
+            raise BackendError(
+                f"{path} holds momentum-encoder partitions of another layout (world size or ZeRO stage changed); "
+                "resume with the world size and ds config it was saved with"
+            )
+        return masters
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Complete tensors on CPU, floating point ones converted to fp32 (from the module's own dtype)."""
@@ -288,13 +333,44 @@ class DeepSpeedBackend(Backend):
             held += p.ds_tensor.numel() if partitioned else p.numel()
         return held
 
-    def state_bytes(self, trainable: int, momentum: int, accum_steps: int = 1) -> dict[str, float]:
-        from scale.train.memory import state_bytes
+    @classmethod
+    def theory_bytes(
+        cls,
+        trainable: int,
+        momentum: int,
+        world_size: int,
+        precision: str,
+        accum_steps: int = 1,
+        stage: int = 0,
+        buffers: float = 0.0,
+        **_: Any,
+    ) -> dict[str, float]:
+        """ZeRO `stage`: module parameters and gradients in the training precision, an fp32 master
+        partition that DeepSpeed keeps even in fp32, AdamW moments; the momentum encoder in the
+        training precision plus scale's fp32 master of it under bf16/fp16. ZeRO-1 keeps whole
+        gradients only while it accumulates micro-batches: DeepSpeed reduces them in buckets at the
+        accumulation boundary and keeps this rank's partition, as ZeRO-2 does always (measured,
+        DeepSpeed 0.19 with overlap_comm and contiguous_gradients). Transient buffers (gathers,
+        per-backward buckets) are not counted; `buffers` are persistent ones
+        (`persistent_buffer_bytes`), reported apart."""
+        P, M, N = trainable, momentum, world_size
+        h = 2 if precision in ("bf16", "fp16") else 4
+        mom = (h + (4 if h == 2 else 0)) * M
+        out = {
+            "params": h * P / (N if stage >= 3 else 1),
+            "grads": h * P / (N if stage >= 2 or accum_steps == 1 else 1),
+            "optimizer": 12 * P / N,  # fp32 master partition + AdamW moments
+            "momentum": mom / (N if stage >= 3 else 1),
+        }
+        if buffers:
+            out["buffers"] = buffers
+        return out
 
-        return state_bytes(
-            "deepspeed", trainable, momentum, self.world_size, self.precision, self.stage,
-            buffers=persistent_buffer_bytes(self.config_path, self.precision, accum_steps), accum_steps=accum_steps,
-        )  # fmt: skip
+    def state_bytes(self, trainable: int, momentum: int, accum_steps: int = 1) -> dict[str, float]:
+        buffers = persistent_buffer_bytes(self.config_path, self.precision, accum_steps)
+        return self.theory_bytes(
+            trainable, momentum, self.world_size, self.precision, accum_steps, stage=self.stage, buffers=buffers
+        )
 
     def describe(self) -> str:
         return f"deepspeed ZeRO-{self.stage} on {self.device}, {self.world_size} rank(s), {self.precision}"

@@ -70,17 +70,29 @@ class FSDPBackend(Backend):
         finally:
             self.model.set_requires_gradient_sync(True)
 
-    def state_bytes(self, trainable: int, momentum: int, accum_steps: int = 1) -> dict[str, float]:
-        from scale.train.memory import state_bytes
+    @classmethod
+    def theory_bytes(
+        cls, trainable: int, momentum: int, world_size: int, precision: str, accum_steps: int = 1, **_: Any
+    ) -> dict[str, float]:
+        """fp32 parameters, gradients and AdamW moments sharded over the ranks, the momentum encoder
+        too (under bf16 the unsharded 16-bit copies exist one unit at a time: transient). Without
+        gradient sync on the first micro-batches of an accumulated step, FSDP2 keeps unsharded
+        gradients."""
+        P, M, N = trainable, momentum, world_size
+        grads = 4 * P if accum_steps > 1 else 4 * P / N
+        return {"params": 4 * P / N, "grads": grads, "optimizer": 8 * P / N, "momentum": 4 * M / N}
 
-        return state_bytes("fsdp", trainable, momentum, self.world_size, self.precision)
-
-    def momentum_update(self, momentum: float) -> None:
+    def momentum_update(self, momentum: float, applied: torch.Tensor | bool = True) -> None:
+        """The EMA on this rank's shards (both encoders share one layout): no communication."""
+        if applied is False:
+            return
         ks, qs = self.module.momentum_pairs()
-        ema_([_local(k) for k in ks], [_local(q) for q in qs], momentum)
+        ema_([_local(k) for k in ks], [_local(q) for q in qs], momentum, None if applied is True else applied)
 
-    def _grad_norm(self, clip_grad: float) -> torch.Tensor:
-        norm = super()._grad_norm(clip_grad)
+    def _total_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """The norm over the sharded gradients is a partial DTensor: reduced to the whole one (a
+        collective, not a host sync), the same on every rank."""
+        norm = super()._total_norm(grads)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     # ------------------------------------------------------------------ state

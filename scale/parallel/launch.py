@@ -55,6 +55,25 @@ def init_distributed(dist_backend: str = "auto", timeout_minutes: int = 30) -> N
              launch.launcher)  # fmt: skip
 
 
+def backend_class(kind: str) -> type[Backend]:
+    """The class of backend `kind` ('single', 'ddp', 'fsdp', 'deepspeed'), without building one."""
+    if kind == "single":
+        return SingleProcess
+    if kind == "ddp":
+        from scale.parallel.ddp import DDPBackend
+
+        return DDPBackend
+    if kind == "fsdp":
+        from scale.parallel.fsdp import FSDPBackend
+
+        return FSDPBackend
+    if kind == "deepspeed":
+        from scale.parallel.deepspeed import DeepSpeedBackend
+
+        return DeepSpeedBackend
+    raise BackendError(f"unknown backend kind {kind!r}; one of: single, ddp, fsdp, deepspeed")
+
+
 def build_backend(name: str, precision: str = "auto", deepspeed_config: str = "") -> Backend:
     """The backend for this process (call `init_distributed` first). The backend receives the run's
     full `Config` and derived values in `setup` (sharded backends need stages, micro-batches...)."""

@@ -78,16 +78,20 @@ class CrossRankBatchNorm(_BatchNorm):
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         if self.training and self.track_running_stats:
-            self._update_running_stats(mean.detach(), var.detach(), n.item())
+            self._update_running_stats(mean.detach(), var.detach(), n.detach())
         return y.to(x.dtype)
 
     @torch.no_grad()
-    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: float) -> None:
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:
+        """torch's update (unbiased variance), with the count `n` kept on the device: no host sync."""
         self.num_batches_tracked.add_(1)
-        factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-        unbiased = var * (n / max(n - 1.0, 1.0))
-        self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
-        self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
+        if self.momentum is not None:
+            factor: float | torch.Tensor = self.momentum
+        else:  # cumulative moving average
+            factor = 1.0 / self.num_batches_tracked.to(self.running_mean.dtype)
+        unbiased = var * (n / (n - 1.0).clamp(min=1.0))
+        self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype) * factor)
+        self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype) * factor)
 
 
 class _ChannelsLastSyncBatchNorm(nn.SyncBatchNorm):

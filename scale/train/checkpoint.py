@@ -48,9 +48,11 @@ def find_resume(run_dir: Path, resume: str) -> Path | None:
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's random generators. On CUDA only the current device's: a resume may see another
+    device layout (eight GPUs visible before, one per process now), and each rank uses one device."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -58,8 +60,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if torch.cuda.is_available() and "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or not torch.cuda.is_available():
+        return
+    if isinstance(cuda, list | tuple):  # checkpoints before: every visible device's state
+        index = torch.cuda.current_device()
+        if index >= len(cuda):
+            log.warning("the checkpoint has no CUDA RNG state for device %d; CUDA RNG not restored", index)
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda)
 
 
 def save_checkpoint(backend, run_dir: Path, step: int, client: dict[str, Any], keep_last: int) -> Path:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from scale.parallel.base import BackendError
+from scale.parallel.launch import backend_class
 
 log = logging.getLogger(__name__)
 
@@ -55,43 +56,11 @@ def state_bytes(
     buffers: float = 0.0,
     accum_steps: int = 1,
 ) -> dict[str, float]:
-    """Theoretical bytes per rank of the model state, by component (docs/scaling.md).
-
-    kind: 'single' / 'ddp' (replicated; autocast keeps fp32 parameters; DDP's gradient buckets are
-    the gradients themselves, gradient_as_bucket_view), 'fsdp' (FSDP2: fp32 parameters, gradients
-    and AdamW moments sharded; under bf16 the unsharded 16-bit copies exist one unit at a time),
-    'deepspeed' with ZeRO `stage` (module parameters and gradients in the training precision, an
-    fp32 master partition that DeepSpeed keeps even in fp32, AdamW moments; the momentum encoder in
-    the training precision plus scale's fp32 master of it under bf16/fp16). ZeRO-1 keeps whole
-    gradients only while it accumulates micro-batches (`accum_steps` > 1): DeepSpeed reduces them in
-    buckets at the accumulation boundary and keeps this rank's partition, as ZeRO-2 does always
-    (measured, DeepSpeed 0.19 with overlap_comm and contiguous_gradients). Transient buffers
-    (gathers, per-backward buckets) are not counted; `buffers` are persistent ones (ZeRO-3's gradient
-    bucket), reported apart.
-    """
-    P, M, N = trainable, momentum, world_size
-    accumulating = accum_steps > 1
-    if kind in ("single", "ddp"):
-        # Accumulated gradients and DDP's bucket are both alive in the last micro-batch.
-        grads = 8 * P if kind == "ddp" and accumulating else 4 * P
-        return {"params": 4 * P, "grads": grads, "optimizer": 8 * P, "momentum": 4 * M}
-    if kind == "fsdp":
-        # Without gradient sync on the first micro-batches, FSDP2 keeps unsharded gradients.
-        grads = 4 * P if accumulating else 4 * P / N
-        return {"params": 4 * P / N, "grads": grads, "optimizer": 8 * P / N, "momentum": 4 * M / N}
-    if kind != "deepspeed":
-        raise ValueError(f"unknown backend kind {kind!r}")
-    h = 2 if precision in ("bf16", "fp16") else 4
-    mom = (h + (4 if h == 2 else 0)) * M
-    out = {
-        "params": h * P / (N if stage >= 3 else 1),
-        "grads": h * P / (N if stage >= 2 or not accumulating else 1),
-        "optimizer": 12 * P / N,  # fp32 master partition + AdamW moments
-        "momentum": mom / (N if stage >= 3 else 1),
-    }
-    if buffers:
-        out["buffers"] = buffers
-    return out
+    """Theoretical bytes per rank of the model state, by component, for backend `kind` ('single',
+    'ddp', 'fsdp', 'deepspeed' with ZeRO `stage`) without building it: each backend states its own
+    arithmetic (`Backend.theory_bytes` and its overrides; docs/scaling.md)."""
+    cls = backend_class(kind)
+    return cls.theory_bytes(trainable, momentum, world_size, precision, accum_steps, stage=stage, buffers=buffers)
 
 
 def resolve_vit(cfg):

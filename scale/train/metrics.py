@@ -1,7 +1,9 @@
 """Metrics on rank 0: JSON lines, TensorBoard, and a progress bar with images/s and ETA.
 
-MFU = achieved model FLOP/s per device / the device's dense peak: H100/H200 989, A100 312 TFLOP/s
-(bf16 tensor cores); on a CPU against a matmul peak measured at start, labelled as such.
+MFU = achieved model FLOP/s per device / the device's dense peak in the precision the matmuls run
+in: bf16/fp16 tensor cores (H100/H200 SXM 989, A100 312 TFLOP/s), TF32 tensor cores for fp32 with
+TF32 on (H100/H200 SXM 495, A100 156), plain fp32 (H100/H200 SXM 67, A100 19.5); on a CPU against a
+matmul peak measured at start, labelled as such.
 """
 
 from __future__ import annotations
@@ -17,9 +19,21 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# Dense bf16/fp16 tensor-core peaks (no sparsity), FLOP/s.
-GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "A10": 125e12, "L40": 181e12,
-             "V100": 125e12}  # fmt: skip
+# Dense peaks (no sparsity) in TFLOP/s by compute precision, from NVIDIA's datasheets; the first
+# key found in the device name wins, so the more specific names come first.
+GPU_PEAKS_TFLOPS = {
+    "H200 NVL": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
+    "H100 NVL": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
+    "H100 PCIe": {"bf16": 756.5, "fp16": 756.5, "tf32": 378.0, "fp32": 51.2},
+    "GH200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "H200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "H100": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
+    "L40S": {"bf16": 362.1, "fp16": 362.1, "tf32": 183.0, "fp32": 91.6},
+    "L40": {"bf16": 181.0, "fp16": 181.0, "tf32": 90.5, "fp32": 90.5},
+    "A10": {"bf16": 125.0, "fp16": 125.0, "tf32": 62.5, "fp32": 31.2},
+    "V100": {"fp16": 125.0, "fp32": 15.7},
+}
 
 
 def measured_cpu_peak(dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 3) -> float:
@@ -35,12 +49,15 @@ def measured_cpu_peak(dtype: torch.dtype = torch.float32, n: int = 1024, repeats
 
 
 def device_peak(device: torch.device, precision: str) -> tuple[float, str]:
-    """(peak FLOP/s, how it was obtained) for MFU."""
+    """(peak FLOP/s, how it was obtained) for MFU; `precision` is the one the matmuls run in:
+    'bf16', 'fp16', 'tf32' or 'fp32' (`Backend.compute_precision`)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, peak in GPU_PEAKS.items():
+        for key, peaks in GPU_PEAKS_TFLOPS.items():
             if key in name:
-                return peak, f"{key} dense bf16 peak"
+                if precision not in peaks:
+                    return float("nan"), f"{key}: no {precision} peak known, MFU not reported"
+                return peaks[precision] * 1e12, f"{key} dense {precision} peak"
         return float("nan"), f"unknown GPU {name!r}: no peak, MFU not reported"
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     return measured_cpu_peak(dtype), f"measured CPU {str(dtype).split('.')[-1]} matmul peak"

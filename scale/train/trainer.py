@@ -26,7 +26,7 @@ from scale.data.loader import build_loader
 from scale.models import MoCoV3, build_moco
 from scale.models.flops import moco_training_flops
 from scale.optim import build_optimizer, lr_at, momentum_at, param_groups, weight_decay_at
-from scale.parallel.base import ShardingPlan
+from scale.parallel.base import ShardingPlan, configure_tf32
 from scale.parallel.checkpointing import apply_activation_checkpointing
 from scale.parallel.dist import AllGatherKeys
 from scale.parallel.launch import build_backend, init_distributed
@@ -88,6 +88,10 @@ def check_run_dir(run_dir: Path, cfg: Config) -> None:
     if not path.is_file():
         return
     old, new = _flatten(json.loads(path.read_text())), _flatten(json.loads(cfg.to_json()))
+    # A field added to scale after the run started is absent from its config: its default is the
+    # behaviour the run had.
+    defaults = _flatten(json.loads(Config().to_json()))
+    old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
     diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
     if diff:
         changes = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:8])
@@ -106,6 +110,7 @@ class Trainer:
         self.backend = b = backend or build_backend(
             cfg.parallel.backend, cfg.parallel.precision, cfg.parallel.deepspeed_config
         )
+        configure_tf32(cfg.parallel.tf32, b.device)
         per_device = split_batch(cfg, b.world_size)
         if not cfg.parallel.skip_memory_check:
             check_memory(cfg, b, per_device)  # before building anything large
@@ -142,21 +147,17 @@ class Trainer:
         def optimizer_factory(module):
             o = cfg.optim
             groups = param_groups(module, o.exclude_norm_bias_from_wd)
-            impl = o.implementation
-            if impl == "auto" and b.preferred_optimizer and o.name in ("adamw", "lamb"):
-                impl = b.preferred_optimizer
             opt, self.optimizer_description = build_optimizer(
-                o.name, groups, self.derived.lr, o.weight_decay, o.betas, o.eps, o.momentum, o.trust_coefficient, impl
-            )
+                o.name, groups, self.derived.lr, o.weight_decay, o.betas, o.eps, o.momentum, o.trust_coefficient,
+                o.implementation,
+            )  # fmt: skip
             return opt
 
         b.setup(model, optimizer_factory, cfg, self.derived, sharding_plan(model))
         self.flops_per_image = moco_training_flops(self.vit_cfg, cfg.model.dim, cfg.model.mlp_dim).total
-        self.peak_flops, self.peak_label = device_peak(b.device, b.precision)
+        self.peak_flops, self.peak_label = device_peak(b.device, b.compute_precision)
         self.step = 0
-        self.nonfinite_in_row = 0
-        self.nonfinite_total = 0
-        self.scaler_skips = 0
+        self.skips = SkipCounter(b.device)
         self.last_saved_step: int | None = None
         b.barrier()  # every rank has checked the run directory before rank 0 writes into it
 
@@ -193,7 +194,18 @@ class Trainer:
             "derived": dataclasses.asdict(self.derived),
         }
 
+    @property
+    def nonfinite_total(self) -> int:
+        """Non-finite (skipped) steps so far, as of the last log row or checkpoint."""
+        return self.skips.nonfinite_total
+
+    @property
+    def scaler_skips(self) -> int:
+        """fp16 loss-scale overflows (skipped steps) so far, as of the last log row or checkpoint."""
+        return self.skips.overflow_total
+
     def save(self) -> Path:
+        self._read_skips(self.skips.pending.tolist())  # the checkpoint records the counts
         path = save_checkpoint(self.backend, self.run_dir, self.step, self._client_state(), self.cfg.run.keep_last)
         self.last_saved_step = self.step
         return path
@@ -215,7 +227,7 @@ class Trainer:
         if path is not None:
             client = load_checkpoint(self.backend, Path(path))
             self.step = start = int(client["step"])
-            self.nonfinite_total = int(client.get("nonfinite_total", 0))
+            self.skips.nonfinite_total = int(client.get("nonfinite_total", 0))
             self.loader.load_state_dict(client["data"])
             self.last_saved_step = self.step
             log.info("resumed from %s at step %d", path, self.step)
@@ -227,8 +239,14 @@ class Trainer:
     # ------------------------------------------------------------------ training
 
     def train_step(self, micro_batches: list) -> dict[str, Any]:
-        """One optimizer step over `grad_accum_steps` micro-batches; returns its metrics (the loss as
-        a tensor: converting it would synchronise with the device every step)."""
+        """One optimizer step over `grad_accum_steps` micro-batches; returns its metrics (loss and
+        gradient norm as device tensors: nothing here waits for the device; a log row reads them).
+
+        A step whose gradient norm is not finite is skipped on the device: the optimizer leaves the
+        weights, the BatchNorm statistics are put back and the momentum encoder does not move (all
+        masked by the same device flag). Under fp16 a skip with finite losses on every rank is a
+        loss-scale overflow (expected); anything else counts as non-finite.
+        """
         b, cfg, d = self.backend, self.cfg, self.derived
         lr = lr_at(self.step, d.lr, d.warmup_steps, d.total_steps)
         wd = weight_decay_at(self.step, cfg.optim.weight_decay, cfg.optim.final_weight_decay, d.total_steps)
@@ -237,37 +255,32 @@ class Trainer:
             b.forward_backward(x1, x2, d.grad_accum_steps, last=i == len(micro_batches) - 1)
             for i, (x1, x2, _) in enumerate(micro_batches)
         ]
-        grad_norm = b.step(lr, wd, cfg.optim.clip_grad)
+        result = b.step(lr, wd, cfg.optim.clip_grad)
         loss = torch.stack(losses).double().mean()
         next_momentum = momentum_at(self.step + 1, d.total_steps, cfg.schedule.momentum, cfg.schedule.final_momentum)
-        if grad_norm is None:
-            b.restore_buffers(saved)
-            # Under fp16 the loss scaler skips steps whose scaled gradients overflow: expected, not
-            # a failure, as long as every rank's loss is finite.
-            if b.has_loss_scaling and b.all_true(torch.isfinite(loss)):
-                self.scaler_skips += 1
-                log.info("step %d: fp16 loss-scale overflow, step skipped (%d so far)", self.step, self.scaler_skips)
-            else:
-                self._nonfinite(float(loss))
-        else:
-            self.nonfinite_in_row = 0
-            b.momentum_update(next_momentum)
+        b.restore_buffers(saved, result.applied)
+        b.momentum_update(next_momentum, result.applied)
+        overflow = b.all_true(torch.isfinite(loss)) if b.has_loss_scaling else None
+        self.skips.add(self.step, result.applied, overflow)
         self.step += 1
-        return {"loss": loss, "lr": lr, "weight_decay": wd, "momentum": next_momentum,
-                "grad_norm": grad_norm if grad_norm is not None else float("nan")}  # fmt: skip
+        return {"loss": loss, "lr": lr, "weight_decay": wd, "momentum": next_momentum, "grad_norm": result.grad_norm}
 
-    def _nonfinite(self, loss: float) -> None:
-        self.nonfinite_in_row += 1
-        self.nonfinite_total += 1
+    def _read_skips(self, values: list[float]) -> None:
+        """Take the skip counts read from the device: log them, stop after too many in a row."""
+        new_nonfinite, new_overflow, worst, last = self.skips.consume(values)
+        if new_overflow:
+            log.info("%d fp16 loss-scale overflow(s) skipped (%d so far)", new_overflow, self.skips.overflow_total)
+        if not new_nonfinite:
+            return
         log.warning(
-            "step %d: non-finite loss or gradients (loss %s); step skipped (%d in a row, %d in all)",
-            self.step, loss, self.nonfinite_in_row, self.nonfinite_total,
+            "%d non-finite step(s) skipped (the last at step %d; %d in a row now, %d in all)",
+            new_nonfinite, last, self.skips.in_row, self.skips.nonfinite_total,
         )  # fmt: skip
-        if self.nonfinite_in_row >= self.cfg.run.max_nonfinite:
-            last = list_checkpoints(self.run_dir)
+        if worst >= self.cfg.run.max_nonfinite:
+            ckpts = list_checkpoints(self.run_dir)
             raise TrainingError(
-                f"{self.nonfinite_in_row} non-finite steps in a row at step {self.step}; stopping. The last good "
-                f"checkpoint is {last[-1] if last else '(none yet)'}; lower --optim.base_lr, set "
+                f"{worst} non-finite steps in a row at step {last}; stopping. The last good "
+                f"checkpoint is {ckpts[-1] if ckpts else '(none yet)'}; lower --optim.base_lr, set "
                 "--optim.clip_grad, or check the data"
             )
 
@@ -328,13 +341,21 @@ class Trainer:
         return {"step": self.step, "nonfinite_total": self.nonfinite_total, **row}
 
     def _log_row(self, step_metrics: dict[str, Any], window: _Window) -> dict[str, Any]:
+        """The metrics row: the one host sync of a step, and only of a logged one (the window's loss
+        all-reduced on the device, then loss, gradient norm and skip counts read in one copy)."""
         b, d = self.backend, self.derived
+        loss = b.all_reduce_mean_tensor(window.mean_loss())  # mean over the window and the ranks
+        packed = torch.cat([loss.reshape(1).double(), step_metrics["grad_norm"].reshape(1).double().to(loss.device),
+                            self.skips.pending.double().to(loss.device)])  # fmt: skip
+        values = packed.tolist()
+        self._read_skips(values[2:])
         elapsed = time.perf_counter() - window.start
         img_per_s = window.steps * d.global_batch_size / max(elapsed, 1e-9)
         flops_per_device = img_per_s * self.flops_per_image / b.world_size
         return {
             **step_metrics,
-            "loss": b.all_reduce_mean(window.mean_loss()),  # mean over the window and the ranks
+            "loss": values[0],
+            "grad_norm": values[1] if math.isfinite(values[1]) else float("nan"),
             "epoch": self.step / d.steps_per_epoch,
             "img_per_s": img_per_s,
             "img_per_s_per_device": img_per_s / b.world_size,
@@ -385,6 +406,43 @@ class Trainer:
         return self.knn_monitor(fresh)
 
 
+class SkipCounter:
+    """Skipped steps, counted on the device and read on the host only with a log row or checkpoint.
+
+    `pending` holds, since the last read: non-finite steps, fp16 overflows, the current run of
+    non-finite steps in a row (carried over reads), the longest run, the last non-finite step + 1.
+    """
+
+    def __init__(self, device: torch.device):
+        self.pending = torch.zeros(5, dtype=torch.int64, device=device)
+        self.nonfinite_total = self.overflow_total = self.in_row = 0
+
+    def add(self, step: int, applied: torch.Tensor | bool, overflow: torch.Tensor | None) -> None:
+        p = self.pending
+        if isinstance(applied, bool):  # a fill kernel, not a copy from host memory
+            applied = torch.full((), applied, dtype=torch.bool, device=p.device)
+        skipped = ~applied.to(p.device)
+        if overflow is None:
+            overflow = torch.zeros((), dtype=torch.bool, device=p.device)
+        overflow = overflow.to(p.device)
+        nonfinite = (skipped & ~overflow).long()
+        run = (p[2] + 1) * nonfinite  # 0 again after a good step
+        self.pending = torch.stack(
+            [p[0] + nonfinite, p[1] + (skipped & overflow).long(), run, torch.maximum(p[3], run),
+             torch.where(nonfinite.bool(), step + 1, p[4])]
+        )  # fmt: skip
+
+    def consume(self, values: list[float]) -> tuple[int, int, int, int]:
+        """Take `pending` as read on the host (`values`); returns (new non-finite, new overflows,
+        longest run in a row, last non-finite step) and restarts the counts on the device."""
+        new_nonfinite, new_overflow, run, worst, last = (int(v) for v in values)
+        self.nonfinite_total += new_nonfinite
+        self.overflow_total += new_overflow
+        self.in_row = run
+        self.pending = torch.tensor([0, 0, run, run, 0], dtype=torch.int64).to(self.pending.device, non_blocking=True)
+        return new_nonfinite, new_overflow, worst, last - 1
+
+
 class _Window:
     """Accumulates the steps between two log lines (throughput, data time, mean loss)."""
 
@@ -400,8 +458,9 @@ class _Window:
         self.steps += 1
         self.losses.append(loss)
 
-    def mean_loss(self) -> float:
-        return float(torch.stack(self.losses).mean()) if self.losses else float("nan")
+    def mean_loss(self) -> torch.Tensor:
+        """The mean loss of the window, on the device (NaN with no steps)."""
+        return torch.stack(self.losses).mean() if self.losses else torch.tensor(float("nan"), dtype=torch.float64)
 
 
 def set_aside_newer(run_dir: Path, step: int) -> None:

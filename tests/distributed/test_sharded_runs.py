@@ -174,6 +174,12 @@ def _nan_step(rank, world, out_dir, backend):
         tiny_config(out_dir, backend, **overrides), loader=FixedBatchLoader(4, 8, world, rank, nan_at={(0, 2)})
     )
     trainer.fit()
+    if backend == "zero3":
+        # DeepSpeed 0.19's ZeRO-3 gathers on a stream of its own on GPUs; the momentum update orders
+        # its writes before those gathers through this private attribute (None on a CPU).
+        coordinator = trainer.backend.model.optimizer.parameter_offload.get_param_coordinator()
+        assert hasattr(coordinator, "_PartitionedParameterCoordinator__allgather_stream")
+        assert trainer.backend._gather_stream() is None
     before = trainer.backend.full_state_dict()
     trainer.cfg.schedule.max_steps = 3
     trainer.fit()  # the third global batch holds a NaN (on rank 0's half only)

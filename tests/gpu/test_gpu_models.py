@@ -11,28 +11,39 @@ from tests.helpers import TINY_HEADS, TINY_VIT, run_ranks
 pytestmark = pytest.mark.gpu
 
 
-def _syncbn_agree(rank: int, world: int, channels_last: bool) -> None:
-    # gloo with CUDA tensors: two ranks can share one GPU (NCCL refuses that).
+def _syncbn_agree(rank: int, world: int, channels_last: bool, dtype: torch.dtype) -> None:
+    # gloo with CUDA tensors: two ranks can share one GPU (NCCL refuses that); torch's SyncBatchNorm
+    # gathers with all_gather on gloo.
     torch.manual_seed(0)
     shape = (world * 4, 9, 16) if channels_last else (world * 4, 16)
-    x = torch.randn(*shape, device="cuda") * 3 + 1
+    x = (torch.randn(*shape, device="cuda") * 3 + 1).to(dtype)
     mine = x[rank * 4 : (rank + 1) * 4].clone().requires_grad_(True)
     theirs_in = mine.detach().clone().requires_grad_(True)
     ours = CrossRankBatchNorm(16, channels_last=channels_last).cuda()
     torch_cls = _ChannelsLastSyncBatchNorm if channels_last else torch.nn.SyncBatchNorm
     theirs = torch_cls(16).cuda()
-    y_ours, y_theirs = ours(mine), theirs(theirs_in)
-    torch.testing.assert_close(y_ours, y_theirs, rtol=1e-5, atol=1e-5)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for _ in range(3):  # running statistics over several batches
+        y_ours, y_theirs = ours(mine), theirs(theirs_in)
+    assert y_ours.dtype == y_theirs.dtype == dtype
+    torch.testing.assert_close(y_ours, y_theirs, **tol)
     w = torch.randn_like(y_ours)
-    (y_ours * w).sum().backward()
-    (y_theirs * w).sum().backward()
-    torch.testing.assert_close(mine.grad, theirs_in.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-5, atol=1e-6)
+    (y_ours.float() * w.float()).sum().backward()
+    (y_theirs.float() * w.float()).sum().backward()
+    torch.testing.assert_close(mine.grad, theirs_in.grad, **tol)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-4, atol=1e-4)
+    assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 3
+    ours.eval(), theirs.eval()  # eval mode: the running statistics, no communication
+    with torch.no_grad():
+        fresh = (torch.randn(*shape, device="cuda") * 2).to(dtype)[:4]
+        torch.testing.assert_close(ours(fresh), theirs(fresh), **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_cross_rank_batchnorm_agrees_with_torch_syncbn_on_cuda(channels_last):
-    run_ranks(_syncbn_agree, 2, channels_last)
+def test_cross_rank_batchnorm_agrees_with_torch_syncbn_on_cuda(channels_last, dtype):
+    run_ranks(_syncbn_agree, 2, channels_last, dtype)
 
 
 def test_bf16_autocast_loss_close_to_fp32_on_cuda():

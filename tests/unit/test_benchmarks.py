@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 
 def test_flops_cli_writes_the_table(tmp_path):
@@ -68,3 +69,54 @@ def test_scaling_projection_follows_its_stated_formulas(tmp_path):
     assert project(c, "ddp", 8, a)["accum"] == 8  # 512 images per GPU in micro-batches of 64
     rows = main(["--models", "vit_small", "--gpus", "8,256", "--out", str(tmp_path)])
     assert len(rows) == 12 and "256: 1.2" in (tmp_path / "scaling.md").read_text()  # beside Table 3
+
+
+@pytest.mark.parametrize(
+    "name, precision, peak",
+    [
+        ("NVIDIA H200", "bf16", 989.4),
+        ("NVIDIA H100 80GB HBM3", "tf32", 494.7),
+        ("NVIDIA H100 PCIe", "bf16", 756.5),
+        ("NVIDIA A100-SXM4-80GB", "fp32", 19.5),
+        ("NVIDIA A100-SXM4-80GB", "tf32", 156.0),
+        ("NVIDIA L40S", "fp16", 362.1),
+    ],
+)
+def test_mfu_peak_is_the_one_of_the_precision_used(monkeypatch, name, precision, peak):
+    from scale.train.metrics import device_peak
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    value, label = device_peak(torch.device("cuda", 0), precision)
+    assert value == pytest.approx(peak * 1e12) and precision in label
+
+
+def test_fp32_with_tf32_is_measured_against_the_tf32_peak(monkeypatch):
+    from scale.parallel.base import SingleProcess
+
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    backend = SingleProcess("fp32", device=torch.device("cuda", 0))
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert backend.compute_precision == "tf32"
+        torch.set_float32_matmul_precision("highest")
+        assert backend.compute_precision == "fp32"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert SingleProcess("fp32").compute_precision == "fp32"  # CPU
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine runs the real check: make gpu-check")
+def test_gpu_check_runs_end_to_end_without_a_gpu_and_says_what_it_skipped(tmp_path):
+    """`make gpu-check` on a CPU: every CUDA-only step is reported as skipped with its reason."""
+    from benchmarks.gpu_check import main
+
+    assert main(["--out", str(tmp_path), "--wheels", str(tmp_path / "none")]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    steps = {r["name"].strip(): r for r in summary["steps"]}
+    assert steps["environment"]["status"] == "passed"
+    assert steps["pytest -m gpu tests/gpu"]["status"] == "passed"
+    gpu_tests = [r for name, r in steps.items() if "::" in name]
+    assert len(gpu_tests) >= 15 and all(r["status"] == "skipped" and "CUDA" in r["detail"] for r in gpu_tests)
+    assert all(steps[f"throughput {m} bf16"]["status"] == "skipped" for m in ("vit_base", "vit_huge"))
+    assert "GPU check" in (tmp_path / "summary.md").read_text()

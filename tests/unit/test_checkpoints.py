@@ -125,3 +125,33 @@ def test_timm_avg_pool_with_fc_norm_is_refused():
     timm_model = VisionTransformer(**kwargs)
     with pytest.raises(CheckpointError, match="fc_norm"):
         load_backbone(ours, timm_model.state_dict())
+
+
+def test_deepspeed_momentum_masters_load_onto_this_processs_device(tmp_path, monkeypatch):
+    """Masters saved on cuda:5 of an 8-GPU node resume where that device does not exist (here: a
+    CPU-only process); a different partition layout is a clear error."""
+    from types import SimpleNamespace
+
+    import torch.serialization
+
+    from scale.parallel.base import BackendError
+    from scale.parallel.deepspeed import DeepSpeedBackend
+
+    masters = [torch.randn(4, 3), torch.randn(5)]
+    with monkeypatch.context() as m:
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:5")
+        torch.save(masters, tmp_path / "momentum-master-rank0.pt")
+    with pytest.raises(RuntimeError, match="CUDA"):  # what loading without a map_location did
+        torch.load(tmp_path / "momentum-master-rank0.pt", weights_only=True)
+
+    backend = object.__new__(DeepSpeedBackend)
+    backend.device, backend.stage = torch.device("cpu"), 2
+    pairs = ([torch.zeros(4, 3), torch.zeros(5)], [torch.zeros(4, 3), torch.zeros(5)])
+    backend.module = SimpleNamespace(momentum_pairs=lambda: pairs)
+    loaded = backend._load_masters(tmp_path / "momentum-master-rank0.pt")
+    assert all(a.device.type == "cpu" and torch.equal(a, b) for a, b in zip(loaded, masters, strict=True))
+    other = ([torch.zeros(2, 3), torch.zeros(5)], pairs[1])
+    backend.module = SimpleNamespace(momentum_pairs=lambda: other)
+    with pytest.raises(BackendError, match="another layout"):
+        backend._load_masters(tmp_path / "momentum-master-rank0.pt")
+    assert backend._load_masters(tmp_path / "missing.pt") is None

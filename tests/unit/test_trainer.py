@@ -6,7 +6,7 @@ import torch
 from scale.config import ConfigError
 from scale.optim import lr_at, momentum_at
 from scale.parallel.base import BackendError
-from scale.train.trainer import Trainer, TrainingError
+from scale.train.trainer import Trainer, TrainingError, _Window
 from tests.helpers import FixedBatchLoader, read_metrics, tiny_config
 
 
@@ -229,3 +229,61 @@ def test_runs_that_cannot_fit_are_refused_before_building_anything(tmp_path):
     h = resolve_vit_config("vit_huge")
     assert activation_bytes(h, 1, "bf16", False) / 2**30 == pytest.approx(0.67, abs=0.01)
     assert activation_bytes(h, 1, "bf16", True) < 0.1 * activation_bytes(h, 1, "bf16", False)
+
+
+class _HostReads:
+    """Counts tensor -> host conversions (what synchronises with a GPU) while active."""
+
+    NAMES = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+    def __init__(self, monkeypatch):
+        self.count, self.active, self.where = 0, False, []
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._wrap(original, name))
+
+    def _wrap(self, original, name):
+        def counted(t, *args, **kwargs):
+            if self.active:
+                self.count += 1
+                self.where.append(name)
+            return original(t, *args, **kwargs)
+
+        return counted
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch):
+    """With an optimizer that skips on the device (torch's fused AdamW, here its CPU kernel) a step,
+    a skipped non-finite one included, converts no tensor to a host value: on a GPU it queues its
+    work without waiting. The log row reads everything at once (one tolist)."""
+    trainer = make(tmp_path, loader_kwargs={"nan_at": {(0, 1)}},
+                   **{"optim.implementation": "torch-fused", "run.log_every": 100})  # fmt: skip
+    reads = _HostReads(monkeypatch)
+    batches = list(trainer.loader)
+    state = {k: v.clone() for k, v in trainer.backend.module.state_dict().items()}
+    reads.active = True
+    metrics = trainer.train_step([batches[0]])
+    trainer.train_step([batches[1]])  # holds a NaN: skipped on the device
+    reads.active = False
+    assert reads.count == 0, reads.where
+    after = trainer.backend.module.state_dict()
+    assert any(not torch.equal(state[k], after[k]) for k in state)  # the first step moved the weights
+    window = _Window()
+    window.add(metrics["loss"])
+    reads.active = True
+    row = trainer._log_row(metrics, window)
+    reads.active = False
+    assert reads.where == ["tolist"], reads.where  # the one read of a logged step
+    assert trainer.nonfinite_total == 1 and row["nonfinite_total"] == 1
+
+
+def test_a_run_directory_from_before_a_new_config_field_still_resumes(tmp_path):
+    first = make(tmp_path, "old", **{"schedule.max_steps": 2})
+    first.fit()
+    path = first.run_dir / "config.json"
+    saved = json.loads(path.read_text())
+    del saved["parallel"]["tf32"]  # as written before the field existed
+    path.write_text(json.dumps(saved))
+    second = make(tmp_path, "old", **{"schedule.max_steps": 3})
+    second.fit()
+    assert second.step == 3

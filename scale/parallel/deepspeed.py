@@ -148,6 +148,7 @@ class DeepSpeedBackend(Backend):
 
     def setup(self, model, optimizer_factory, cfg=None, derived=None, plan=None) -> None:
         deepspeed = require_deepspeed()
+        self._ensure_process_group()
         self.cfg, self.derived = cfg, derived
         ds_config = resolve_ds_config(self.config_path, cfg, derived, self.precision)
         if cfg is not None and cfg.optim.name != "adamw":
@@ -164,6 +165,24 @@ class DeepSpeedBackend(Backend):
         self.module = self.model.module
         self.dtype = next(self.module.parameters()).dtype
         log.info("DeepSpeed ZeRO-%d from %s, module parameters in %s", self.stage, self.config_path, self.dtype)
+
+    def _ensure_process_group(self) -> None:
+        """DeepSpeed needs a process group even for one rank (`deepspeed --num_gpus 1`, or a plain
+        `python -m scale.pretrain --deepspeed ...`), which `init_distributed` does not create for a
+        world of one: create a one-rank group in memory (no rendezvous, nothing to wait for)."""
+        import os
+
+        import torch.distributed as dist
+
+        from scale.parallel.placement import detect_launch
+
+        if dist.is_initialized():
+            return
+        for key, value in detect_launch().env_for_torch().items():  # DeepSpeed asserts LOCAL_RANK is set
+            os.environ.setdefault(key, value)
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        log.info("DeepSpeed on one rank: a one-rank %s process group", backend)
 
     # ------------------------------------------------------------------ the step
 

@@ -46,6 +46,18 @@ def test_torchrun_two_ranks(tmp_path):
     assert (tmp_path / "ddp" / "checkpoints" / "step-00000003" / "rng-rank1.pt").is_file()
 
 
+def test_deepspeed_on_one_rank_without_a_launcher(tmp_path):
+    """`python -m scale.pretrain --deepspeed ...` (and `deepspeed --num_gpus 1`): one rank, for which
+    DeepSpeed still needs a process group."""
+    pytest.importorskip("deepspeed")
+    out = run([sys.executable, "-m", "scale.pretrain", "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"), *TINY,
+               f"--run.output_dir={tmp_path}", "--run.name=ds1"], tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "ds1" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss"] == r["loss"] for r in rows)
+    assert "deepspeed ZeRO-2 on cpu, 1 rank(s)" in out.stderr
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

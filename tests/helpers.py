@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -18,7 +19,10 @@ def _entry(rank: int, fn, world_size: int, init_file: str, args: tuple) -> None:
     torch.set_num_threads(1)
     # What torchrun sets (DeepSpeed checks LOCAL_RANK).
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    # A bounded wait: a rank that fails before a collective must not leave the others waiting for
+    # the 30-minute default.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=300))  # fmt: skip
     try:
         fn(rank, world_size, *args)
     finally:

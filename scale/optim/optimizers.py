@@ -164,9 +164,11 @@ class Lamb(torch.optim.Optimizer):
             torch._foreach_mul_(g2, (1 - beta2) * keep)
             torch._foreach_add_(vs, g2)
             del g2
-        t = torch._foreach_clamp_min(steps, 1.0)
-        bc1 = [1 - beta1**s for s in t]  # (0-dim each)
-        bc2 = [1 - beta2**s for s in t]
+        t = torch._foreach_clamp_min(steps, 1.0)  # a first step that was skipped: no 0 / 0
+        bc1, bc2 = torch._foreach_pow(beta1, t), torch._foreach_pow(beta2, t)  # (0-dim each)
+        for bc in (bc1, bc2):  # 1 - beta^t
+            torch._foreach_neg_(bc)
+            torch._foreach_add_(bc, 1.0)
         update = torch._foreach_div(ms, bc1)  # m_hat
         denom = torch._foreach_div(vs, bc2)  # v_hat
         torch._foreach_sqrt_(denom)

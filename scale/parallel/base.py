@@ -71,8 +71,9 @@ def ema_(
         torch._foreach_add_(targets, sources, alpha=1.0 - momentum)
         return
     applied = applied.to(targets[0].device)
-    m = torch.where(applied, momentum, 1.0).to(torch.float32)
-    one_minus_m = torch.where(applied, 1.0 - momentum, 0.0).to(torch.float32)
+    dtype = targets[0].dtype  # the coefficients as exact as the unmasked path's scalars
+    m = torch.where(applied, momentum, 1.0).to(dtype)
+    one_minus_m = torch.where(applied, 1.0 - momentum, 0.0).to(dtype)
     for rows in foreach_chunks(targets):
         torch._foreach_mul_(targets[rows], m)
         torch._foreach_add_(targets[rows], torch._foreach_mul(sources[rows], one_minus_m))
@@ -295,6 +296,19 @@ class Backend:
         with torch.no_grad():
             for b, s in zip(self.module.buffers(), saved, strict=True):
                 b.copy_(s if applied is False else torch.where(applied, b, s))
+
+    def scaler_overflow(self, loss: torch.Tensor) -> torch.Tensor | None:
+        """Under loss scaling, whether a skipped step is explained by the scaler: the loss finite on
+        every rank and the scale still at least 1 (below 1, fp16 gradients cannot overflow: the
+        gradients are non-finite by themselves, and the scaler would shrink forever). A device
+        tensor; None without loss scaling."""
+        if not self.has_loss_scaling:
+            return None
+        explained = self.all_true(torch.isfinite(loss))
+        scale = getattr(self.scaler, "_scale", None)  # GradScaler's device tensor (get_scale() syncs)
+        if scale is not None:
+            explained = explained & (scale.reshape(()).to(explained.device) >= 1.0)
+        return explained
 
     # ------------------------------------------------------------------ communication
 

@@ -190,6 +190,8 @@ class Trainer:
             "step": self.step,
             "data": self.loader.state_dict(),
             "nonfinite_total": self.nonfinite_total,
+            "nonfinite_in_row": self.skips.in_row,
+            "scaler_skips": self.scaler_skips,
             "config": self.cfg.to_dict(),
             "derived": dataclasses.asdict(self.derived),
         }
@@ -227,7 +229,10 @@ class Trainer:
         if path is not None:
             client = load_checkpoint(self.backend, Path(path))
             self.step = start = int(client["step"])
-            self.skips.nonfinite_total = int(client.get("nonfinite_total", 0))
+            self.skips.restore(
+                int(client.get("nonfinite_total", 0)), int(client.get("scaler_skips", 0)),
+                int(client.get("nonfinite_in_row", 0)),
+            )  # fmt: skip
             self.loader.load_state_dict(client["data"])
             self.last_saved_step = self.step
             log.info("resumed from %s at step %d", path, self.step)
@@ -260,8 +265,7 @@ class Trainer:
         next_momentum = momentum_at(self.step + 1, d.total_steps, cfg.schedule.momentum, cfg.schedule.final_momentum)
         b.restore_buffers(saved, result.applied)
         b.momentum_update(next_momentum, result.applied)
-        overflow = b.all_true(torch.isfinite(loss)) if b.has_loss_scaling else None
-        self.skips.add(self.step, result.applied, overflow)
+        self.skips.add(self.step, result.applied, b.scaler_overflow(loss))
         self.step += 1
         return {"loss": loss, "lr": lr, "weight_decay": wd, "momentum": next_momentum, "grad_norm": result.grad_norm}
 
@@ -431,6 +435,11 @@ class SkipCounter:
             [p[0] + nonfinite, p[1] + (skipped & overflow).long(), run, torch.maximum(p[3], run),
              torch.where(nonfinite.bool(), step + 1, p[4])]
         )  # fmt: skip
+
+    def restore(self, nonfinite_total: int, overflow_total: int, in_row: int) -> None:
+        """The counts of a checkpoint (a run of non-finite steps in a row continues over a resume)."""
+        self.nonfinite_total, self.overflow_total, self.in_row = nonfinite_total, overflow_total, in_row
+        self.pending = torch.tensor([0, 0, in_row, in_row, 0], dtype=torch.int64).to(self.pending.device)
 
     def consume(self, values: list[float]) -> tuple[int, int, int, int]:
         """Take `pending` as read on the host (`values`); returns (new non-finite, new overflows,

@@ -108,6 +108,10 @@ def test_deepspeed_fused_lamb_is_its_own_variant_with_the_stated_difference():
     """FusedLamb (JIT-compiled with nvcc at first use) follows its own arithmetic to 1e-5 over 20
     steps, and its first step is sqrt(1 - b2) / (1 - b1) = 0.316 of scale's Lamb's (weight decay 0)."""
     pytest.importorskip("deepspeed")
+    try:
+        build_optimizer("lamb", [{"params": _params()}], 1e-2, 0.0, implementation="deepspeed")
+    except Exception as e:  # its CUDA source is compiled here, against this torch: report, do not fail
+        pytest.skip(f"DeepSpeed FusedLamb did not build on this machine: {str(e)[-300:]}")
 
     def make(impl, wd=0.05):
         return lambda ps: build_optimizer("lamb", [{"params": ps}], 1e-2, wd, eps=1e-6, implementation=impl)[0]

@@ -287,3 +287,30 @@ def test_a_run_directory_from_before_a_new_config_field_still_resumes(tmp_path):
     second = make(tmp_path, "old", **{"schedule.max_steps": 3})
     second.fit()
     assert second.step == 3
+
+
+def test_nonfinite_steps_in_a_row_and_overflow_counts_continue_over_a_resume(tmp_path):
+    """Two non-finite steps end epoch 0 (checkpoint), a third starts epoch 1 after the resume: three
+    in a row stop the run, as without the interruption."""
+    nan_at = {"nan_at": {(0, 2), (0, 3), (1, 0)}}
+    first = make(tmp_path, "row", loader_kwargs=nan_at, **{"run.max_nonfinite": 3, "schedule.max_steps": 4})
+    first.fit()
+    assert first.nonfinite_total == 2 and first.skips.in_row == 2
+    second = make(tmp_path, "row", loader_kwargs=nan_at, **{"run.max_nonfinite": 3})
+    with pytest.raises(TrainingError, match="3 non-finite steps in a row at step 4"):
+        second.fit()
+    assert second.nonfinite_total == 3
+
+
+def test_a_skip_is_a_loss_scale_overflow_only_while_the_scale_can_explain_it():
+    """Under fp16 a skipped step with finite losses is an overflow while the scale is at least 1;
+    below 1 the gradients are non-finite by themselves (counted as failures, so the run stops)."""
+    from scale.parallel.base import SingleProcess
+
+    backend = SingleProcess("fp32")
+    assert backend.scaler_overflow(torch.tensor(1.0)) is None  # no loss scaling
+    backend.has_loss_scaling = True
+    for scale, loss, explained in [(1024.0, 1.0, True), (1024.0, float("nan"), False), (0.5, 1.0, False)]:
+        backend.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+        backend.scaler._lazy_init_scale_growth_tracker(torch.device("cpu"))
+        assert bool(backend.scaler_overflow(torch.tensor(loss))) is explained, (scale, loss)

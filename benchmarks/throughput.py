@@ -9,9 +9,9 @@ It builds the trainer of `scale.train` (same backend, model, optimizer, data pat
 and timed steps, phase by phase: data, forward, backward, optimizer, momentum update (each phase is
 closed by a device synchronisation, so phases do not overlap here; the step total is their sum).
 Reports per device: images/s, TFLOP/s (16 x MACs per image plus heads; recomputation under
-activation checkpointing not counted), MFU against the device's dense bf16 peak (on a CPU, against
-a matmul peak measured here, labelled as such), peak memory; and the paper's Table 3 converted to
-images/s and TFLOP/s per TPU-v3 core. JSON and markdown go to benchmarks/results/.
+activation checkpointing not counted), MFU against the device's dense peak in the precision the
+matmuls run in (on a CPU, against a matmul peak measured here, labelled as such), peak memory;
+and the paper's Table 3 converted to images/s and TFLOP/s per TPU-v3 core. JSON and markdown go to benchmarks/results/.
 """
 
 from __future__ import annotations

@@ -102,8 +102,10 @@ class OptimConfig:
     clip_grad: float = 0.0
     """Clip the global gradient norm to this value; 0 disables (official: no clipping)."""
     implementation: str = "auto"
-    """'auto' (fused where available), or force 'torch' / 'torch-fused' (AdamW's fused kernel, on
-    a CPU too: less peak memory) / 'apex' / 'deepspeed' / 'scale'."""
+    """'auto' (only implementations equal to scale's update: torch's fused AdamW on CUDA, foreach
+    on CPU; scale's foreach Lamb; the authors' LARS), or force 'torch' (foreach AdamW) /
+    'torch-fused' (AdamW's fused kernel, on a CPU too: less peak memory) / 'apex' (FusedLAMB) /
+    'deepspeed' (FusedAdam, or FusedLamb: another LAMB variant) / 'scale'."""
 
 
 @dataclass

@@ -113,7 +113,7 @@ def add_step_args(parser: argparse.ArgumentParser, batch_size: int = 32, steps: 
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=batch_size, help="images per device")
     zero = sorted(p.stem for p in (ROOT / "ds_configs").glob("zero*.json"))  # zero1 ... zero3_offload
-    parser.add_argument("--backend", default="single", choices=["single", "ddp", "fsdp", *zero],
+    parser.add_argument("--backend", "--parallel", default="single", choices=["single", "ddp", "fsdp", *zero],
                         help="zeroN[_variant]: DeepSpeed with ds_configs/<name>.json")  # fmt: skip
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--activation-checkpointing", action="store_true")

@@ -157,7 +157,10 @@ class ParallelConfig:
 
 @dataclass
 class RunConfig:
-    name: str = "run"
+    name: str = ""
+    """'' (default): the recipe's name, plus the backend when it is not the replicated default
+    (`vit_h_300ep-fsdp`, `cpu_demo-zero2`): a run on another backend gets its own directory, the
+    same command again resumes in its own (`default_run_name`)."""
     output_dir: str = "runs"
     """Run directory is output_dir/name: config.json, metrics.jsonl, TensorBoard, checkpoints."""
     seed: int = 0
@@ -314,6 +317,21 @@ def describe(cfg: Config) -> str:
         for f in dataclasses.fields(obj):
             lines.append(f"  --{section}.{f.name}={getattr(obj, f.name)!r}  {docs.get(f.name, '')}".rstrip())
     return "\n".join(lines)
+
+
+def default_run_name(cfg: Config) -> str:
+    """`cfg.run.name`, or when it is '' the recipe's name (`run` without one) and, for the sharded
+    backends, a suffix: `-fsdp`, or the DeepSpeed config's name (`-zero3`)."""
+    if cfg.run.name:
+        return cfg.run.name
+    base = cfg.recipe or "run"
+    p = cfg.parallel
+    if p.backend == "fsdp":
+        return f"{base}-fsdp"
+    if p.backend == "deepspeed":
+        stem = p.deepspeed_config.rsplit("/", 1)[-1].removesuffix(".json") or "deepspeed"
+        return f"{base}-{stem}"
+    return base
 
 
 # ----------------------------------------------------------------------------- derived values

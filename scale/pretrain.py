@@ -55,6 +55,12 @@ def parse(argv: list[str] | None = None):
         default=None,
         help="DeepSpeed ZeRO config (ds_configs/zero2.json): sets the backend",
     )
+    parser.add_argument(
+        "--parallel",
+        metavar="BACKEND",
+        default=None,
+        help="shorthand: single, ddp, fsdp, or a DeepSpeed config of ds_configs/ by name (zero1, zero2, zero3, ...)",
+    )
     parser.add_argument("--help-config", action="store_true", help="print every config field and exit")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     args, rest = parser.parse_known_args(argv)
@@ -64,14 +70,31 @@ def parse(argv: list[str] | None = None):
     return args, rest
 
 
+def shorthand_overrides(args) -> list[str]:
+    """`--deepspeed JSON` and `--parallel NAME` as config overrides."""
+    out = []
+    if args.parallel:
+        name = args.parallel
+        if name.startswith("zero"):
+            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            path = os.path.join(root, "ds_configs", f"{name}.json")
+            if not os.path.isfile(path):
+                raise ConfigError(f"--parallel {name}: no ds_configs/{name}.json; use single, ddp, fsdp or zero1/2/3")
+            out += ["--parallel.backend=deepspeed", f"--parallel.deepspeed_config={path}"]
+        else:
+            out.append(f"--parallel.backend={name}")
+    if args.deepspeed:
+        out += ["--parallel.backend=deepspeed", f"--parallel.deepspeed_config={args.deepspeed}"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     args, overrides = parse(argv)
     try:
         cfg = get_recipe(args.recipe)
-        if args.deepspeed:
-            overrides = ["--parallel.backend=deepspeed", f"--parallel.deepspeed_config={args.deepspeed}", *overrides]
-        cfg = apply_overrides(cfg, overrides)
+        # The shorthands come last: they win over the defaults a launcher script passes before them.
+        cfg = apply_overrides(cfg, [*overrides, *shorthand_overrides(args)])
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
     if args.help_config:

@@ -36,7 +36,6 @@ def _paper(model: str, name: str) -> Config:
     cfg.schedule.warmup_epochs = 40
     cfg.schedule.momentum = 0.99
     cfg.model.temperature = 0.2
-    cfg.run.name = name
     cfg.run.log_every = 50
     return cfg
 
@@ -91,7 +90,6 @@ def cpu_demo() -> Config:
     cfg.schedule.epochs = 20
     cfg.schedule.warmup_epochs = 2
     cfg.parallel.precision = "fp32"
-    cfg.run.name = "cpu_demo"
     cfg.run.log_every = 5
     cfg.run.knn_k = 20
     cfg.run.ckpt_every = 0

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from scale.config import Config, ConfigError, Derived, derive
+from scale.config import Config, ConfigError, Derived, default_run_name, derive
 from scale.data.augment import AugmentConfig
 from scale.data.loader import build_loader
 from scale.models import MoCoV3, build_moco
@@ -114,6 +114,7 @@ class Trainer:
         per_device = split_batch(cfg, b.world_size)
         if not cfg.parallel.skip_memory_check:
             check_memory(cfg, b, per_device)  # before building anything large
+        cfg.run.name = default_run_name(cfg)  # resolved once: config.json records the directory's name
         self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
         check_run_dir(self.run_dir, cfg)  # on every rank, before any work
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank

@@ -74,3 +74,17 @@ def test_describe_lists_every_field_with_its_docstring():
     text = describe(Config())
     assert "--optim.base_lr=0.00015  Learning rate per 256 images" in text
     assert "[schedule]" in text and "--run.resume='auto'" in text
+
+
+def test_default_run_name_separates_backends_and_resumes_the_same_command():
+    from scale.config import apply_overrides, default_run_name
+    from scale.recipes import get_recipe
+
+    def name(*overrides):
+        return default_run_name(apply_overrides(get_recipe("cpu_demo"), list(overrides)))
+
+    assert name() == "cpu_demo" == name("--parallel.backend=ddp")  # replicated: one run directory
+    assert name("--parallel.backend=deepspeed", "--parallel.deepspeed_config=ds_configs/zero2.json") == "cpu_demo-zero2"
+    assert name("--parallel.backend=fsdp") == "cpu_demo-fsdp"
+    assert name("--run.name=mine", "--parallel.backend=fsdp") == "mine"
+    assert default_run_name(get_recipe("vit_h_300ep")) == "vit_h_300ep"

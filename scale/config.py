@@ -174,6 +174,16 @@ class RunConfig:
     """'auto' (newest complete checkpoint of the run directory, if any), 'none', or a path."""
     max_nonfinite: int = 5
     """Stop after this many non-finite losses in a row (each one is skipped)."""
+    preempt_signal: str = "USR2"
+    """Signal that stops the run at the next check after a complete checkpoint (and requeues it
+    under SLURM); '' or 'none' disables. USR2, not USR1: NCCL uses SIGUSR1."""
+    preempt_check_every: int = 10
+    """Steps between the ranks' agreement on a received signal (one small all-reduce read on the
+    host each time)."""
+    requeue: bool = True
+    """Under SLURM, requeue the job (scontrol requeue) after the preemption checkpoint."""
+    max_requeues: int = 50
+    """Do not requeue a job SLURM has already restarted this many times (SLURM_RESTART_COUNT)."""
     knn_every_epochs: int = 0
     """Run the kNN monitor every this many epochs (0: only at the end, when configured)."""
     knn_k: int = 200
@@ -319,6 +329,21 @@ def describe(cfg: Config) -> str:
     return "\n".join(lines)
 
 
+def signal_number(name: str) -> int | None:
+    """A signal field's value: 'USR2' / 'SIGUSR2' / '12' -> the signal number; '' or 'none' -> None."""
+    import signal
+
+    if not name or name.lower() == "none":
+        return None
+    if name.isdigit():
+        return int(name)
+    key = name.upper() if name.upper().startswith("SIG") else f"SIG{name.upper()}"
+    number = getattr(signal, key, None)
+    if not isinstance(number, signal.Signals):
+        raise ValueError(f"run.preempt_signal={name!r} is not a signal name (USR2, USR1, TERM, ...) or number")
+    return int(number)
+
+
 def default_run_name(cfg: Config) -> str:
     """`cfg.run.name`, or when it is '' the recipe's name (`run` without one) and, for the sharded
     backends, a suffix: `-fsdp`, or the DeepSpeed config's name (`-zero3`)."""
@@ -385,6 +410,13 @@ def derive(cfg: Config, world_size: int, num_samples: int) -> Derived:
             "lower --batch.global_batch_size"
         )
     r = cfg.run
+    if r.preempt_check_every < 1 or r.max_requeues < 0:
+        raise ConfigError(f"need run.preempt_check_every >= 1 and run.max_requeues >= 0 (got {r.preempt_check_every}, "
+                          f"{r.max_requeues})")  # fmt: skip
+    try:
+        signal_number(r.preempt_signal)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if r.log_every < 1 or r.ckpt_every < 0 or r.keep_last < 1 or r.max_nonfinite < 1:
         raise ConfigError(
             "need run.log_every >= 1, run.ckpt_every >= 0, run.keep_last >= 1 and run.max_nonfinite >= 1 "

@@ -28,18 +28,32 @@ from scale.recipes import RECIPES, get_recipe  # noqa: E402
 log = logging.getLogger("scale")
 
 
+def _rank() -> int:
+    """This process's rank as the launcher says (srun's tasks have no RANK before start-up)."""
+    from scale.parallel.placement import LaunchError, detect_launch
+
+    try:
+        return detect_launch().rank
+    except LaunchError:
+        return 0
+
+
 class _MainRankOnly(logging.Filter):
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return int(os.environ.get("RANK", "0")) == 0 or record.levelno >= logging.WARNING
+        return self.rank == 0 or record.levelno >= logging.WARNING
 
 
 def setup_logging() -> None:
     handler = logging.StreamHandler()
-    rank = os.environ.get("RANK", "0")
+    rank = _rank()
     handler.setFormatter(
         logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     )
-    handler.addFilter(_MainRankOnly())
+    handler.addFilter(_MainRankOnly(rank))
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
 
 
@@ -63,11 +77,34 @@ def parse(argv: list[str] | None = None):
     )
     parser.add_argument("--help-config", action="store_true", help="print every config field and exit")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check the command line without training: config, data sources, DeepSpeed config; exit",
+    )
     args, rest = parser.parse_known_args(argv)
     bad = [a for a in rest if not (a.startswith("--") and "." in a.split("=", 1)[0])]
     if bad:
         parser.error(f"unrecognised arguments {bad}; overrides look like --section.field=value (see --help-config)")
     return args, rest
+
+
+def check(cfg) -> None:
+    """What a launcher checks once before starting any rank: the data sources resolve, the DeepSpeed
+    config exists, the backend and precision are known (no process group, no model)."""
+    from scale.data.loader import resolve_source
+    from scale.parallel.base import PRECISIONS
+    from scale.parallel.launch import BACKENDS
+
+    if cfg.parallel.backend not in BACKENDS:
+        raise ConfigError(f"parallel.backend {cfg.parallel.backend!r} is not one of: {', '.join(BACKENDS)}")
+    if cfg.parallel.precision not in PRECISIONS:
+        raise ConfigError(f"parallel.precision {cfg.parallel.precision!r} is not one of: {', '.join(PRECISIONS)}")
+    if cfg.parallel.backend == "deepspeed" and not os.path.isfile(cfg.parallel.deepspeed_config):
+        raise ConfigError(f"DeepSpeed config {cfg.parallel.deepspeed_config!r} does not exist; see ds_configs/")
+    for source in (cfg.data.source, cfg.data.eval_source, cfg.data.knn_train_source):
+        if source and source != "synthetic":
+            resolve_source(source)
 
 
 def shorthand_overrides(args) -> list[str]:
@@ -97,6 +134,14 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = apply_overrides(cfg, [*overrides, *shorthand_overrides(args)])
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
+    if not (args.help_config or args.print_config or args.check):
+        from scale.train.preemption import watch_signal
+
+        # Before torch is imported: a preemption signal during the start-up is recorded, not fatal.
+        try:
+            watch_signal(cfg.run.preempt_signal, cfg.run.preempt_check_every)
+        except ValueError as e:
+            raise SystemExit(f"config error: {e}") from None
     if args.help_config:
         print(describe(cfg))
         return {}
@@ -105,10 +150,19 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     import torch.distributed as dist
 
+    from scale.data.loader import DataError
     from scale.parallel.base import BackendError
     from scale.parallel.placement import LaunchError
+    from scale.train.preemption import Preempted
     from scale.train.trainer import Trainer
 
+    if args.check:
+        try:
+            check(cfg)
+        except (ConfigError, DataError, BackendError) as e:
+            raise SystemExit(f"config error: {e}") from None
+        print(f"ok: recipe {cfg.recipe}, data {cfg.data.source}, backend {cfg.parallel.backend}")
+        return {}
     try:
         trainer = Trainer(cfg)
         result = trainer.fit()
@@ -122,9 +176,13 @@ def main(argv: list[str] | None = None) -> dict:
                     f"vs the same backbone at random init {random_init:.1f}%"
                 )
         return result
+    except Preempted as e:  # a complete checkpoint was written; requeued under SLURM
+        if _rank() == 0:
+            log.warning("%s", e)
+        return {"step": e.step, "preempted": True, "requeued": e.requeued}
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
-    except (BackendError, LaunchError) as e:
+    except (BackendError, LaunchError, DataError) as e:
         raise SystemExit(f"error: {e}") from None
     finally:
         if dist.is_initialized():

@@ -328,6 +328,15 @@ class Backend:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return t.to(flag.device).reshape(()).bool()
 
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any (a host read: for rare decisions such as a
+        preemption, not every step)."""
+        if self.world_size == 1:
+            return bool(flag)
+        t = torch.tensor([int(flag)], dtype=torch.int32, device=self._comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
     def all_reduce_mean_tensor(self, t: torch.Tensor) -> torch.Tensor:
         """The mean of `t` over the ranks, as a tensor on `t`'s device (no host sync on NCCL)."""
         if self.world_size == 1:

@@ -98,6 +98,8 @@ def detect_launch(env: Mapping[str, str] | None = None) -> Launch:
             launcher = "srun+torchrun" if srun else "torchrun"
         elif "CROSS_RANK" in env and "LOCAL_SIZE" in env:
             launcher = "deepspeed"
+        elif srun and env.get("SLURM_PROCID") == str(rank) and _int(env, "SLURM_STEP_NUM_TASKS") == world:
+            launcher = "srun"  # srun's tasks, their RANK/WORLD_SIZE exported from SLURM_* (init_distributed)
         else:
             launcher = "env"
         note = ""

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from scale.parallel.sync_batchnorm import convert_sync_batchnorm
 from scale.train.checkpoint import find_resume, list_checkpoints, load_checkpoint, save_checkpoint
 from scale.train.memory import check_memory
 from scale.train.metrics import MetricsLogger, Progress, device_peak, peak_memory_gib
+from scale.train.preemption import Preempted, PreemptionWatch, requeue_slurm_job, restart_count, watch_signal
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 RESUMABLE_CHANGES = {
     "run.resume", "run.progress", "run.tensorboard", "run.log_every", "run.keep_last", "run.ckpt_every",
     "run.knn_every_epochs", "schedule.max_steps", "data.num_workers", "parallel.activation_checkpointing",
+    "run.preempt_signal", "run.preempt_check_every", "run.requeue", "run.max_requeues",
 }  # fmt: skip
 
 
@@ -106,6 +109,9 @@ class Trainer:
 
     def __init__(self, cfg: Config, loader=None, backend=None):
         self.cfg = cfg
+        # First of all: a preemption signal during the start-up (minutes for ViT-H) is recorded, not
+        # fatal (SIGUSR2's default action ends the process); acted on at the first check.
+        self.preempt = watch_signal(cfg.run.preempt_signal, cfg.run.preempt_check_every)
         init_distributed(cfg.parallel.dist_backend, cfg.parallel.timeout_minutes)
         self.backend = b = backend or build_backend(
             cfg.parallel.backend, cfg.parallel.precision, cfg.parallel.deepspeed_config
@@ -168,6 +174,9 @@ class Trainer:
         b, cfg, d = self.backend, self.cfg, self.derived
         if not b.is_main:
             return
+        if restart_count():
+            log.info("SLURM restart %d of job %s (requeued), resuming in %s", restart_count(),
+                     os.environ.get("SLURM_JOB_ID"), self.run_dir)  # fmt: skip
         trainable = b.num_params(b.module, trainable_only=True)
         log.info("recipe %s, run directory %s", cfg.recipe or "(none)", self.run_dir)
         log.info(
@@ -298,6 +307,8 @@ class Trainer:
         stop = min(d.total_steps, cfg.schedule.max_steps) if cfg.schedule.max_steps else d.total_steps
         metrics = MetricsLogger(self.run_dir, b.is_main, cfg.run.tensorboard)
         progress = Progress(stop, self.step, b.is_main, cfg.run.progress)
+        preempt = self.preempt
+        preempt.any_rank = b.any_rank
         window = _Window()
         row: dict[str, Any] = {}
         try:
@@ -327,6 +338,9 @@ class Trainer:
                             window.restart()
                         if self.step >= stop:
                             break
+                        if preempt.due(self.step):
+                            batches.close()  # release the workers
+                            self._stop_for_preemption(preempt)
                     t_data = time.perf_counter()
                 else:  # the epoch is complete
                     epoch = self.step // d.steps_per_epoch  # epochs completed
@@ -344,6 +358,25 @@ class Trainer:
             progress.close()
             metrics.close()
         return {"step": self.step, "nonfinite_total": self.nonfinite_total, **row}
+
+    def _stop_for_preemption(self, preempt: PreemptionWatch) -> None:
+        """Every rank: a complete checkpoint of this step, then (rank 0, under SLURM) the requeue,
+        then `Preempted`. See `scale.train.preemption`."""
+        b, cfg = self.backend, self.cfg
+        when = f"{time.time() - preempt.received:.0f} s ago" if preempt.received is not None else "on another rank"
+        preempt.received = None  # acted on (a later fit in this process starts afresh)
+        if b.is_main:
+            log.warning("%s received %s: stopping at step %d after a checkpoint", preempt.name, when, self.step)
+        if self.last_saved_step != self.step:
+            self.save()
+        b.barrier()  # every rank's part of the checkpoint is written before the job can end
+        requeued, why = False, "run.requeue=false: run the same command again to resume"
+        if b.is_main and cfg.run.requeue:
+            requeued, why = requeue_slurm_job(cfg.run.max_requeues)
+        requeued, why = b.broadcast_object((requeued, why))
+        if b.is_main:
+            (log.warning if requeued else log.error)("preempted at step %d: %s", self.step, why)
+        raise Preempted(self.step, requeued, f"stopped at step {self.step} on {preempt.name}: {why}")
 
     def _log_row(self, step_metrics: dict[str, Any], window: _Window) -> dict[str, Any]:
         """The metrics row: the one host sync of a step, and only of a logged one (the window's loss

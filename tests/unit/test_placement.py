@@ -56,11 +56,20 @@ CASES = [
         3,
     ),  # fmt: skip
     (
-        "RANK from a wrapper, LOCAL_RANK from srun",
+        "srun tasks after init_distributed exported RANK",
         {**srun_task(9, 1, 1), "RANK": "9", "WORLD_SIZE": "16"},
         8,
-        "env",
+        "srun",
         9,
+        16,
+        1,
+    ),  # fmt: skip
+    (
+        "RANK from a wrapper, LOCAL_RANK from srun",
+        {**srun_task(9, 1, 1), "RANK": "3", "WORLD_SIZE": "16"},
+        8,
+        "env",
+        3,
         16,
         1,
     ),  # fmt: skip

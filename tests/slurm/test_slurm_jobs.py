@@ -1,0 +1,130 @@
+"""The slurm/ scripts submitted for real to a local SLURM cluster (tests/slurm/cluster.py): the
+scripts themselves, made to fit one CPU node by sbatch options and tiny config overrides on the
+sbatch line, as a user would: 2 tasks, 2 gloo ranks, the bundled digits, a small ViT."""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slurm, pytest.mark.distributed]
+
+ROOT = Path(__file__).resolve().parents[2]
+# What makes a paper script fit this machine: one node, 2 tasks, 1 CPU each, no GPUs; 30 minutes, as
+# the scripts' time-limit signal comes 10 minutes before the limit.
+SBATCH_CPU = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", "--time=30"]
+TINY = [
+    "--model.name=vit_small", "--model.img_size=32", "--model.patch_size=8", "--model.embed_dim=32",
+    "--model.depth=2", "--model.num_heads=4", "--model.dim=16", "--model.mlp_dim=64", "--data.source=demo",
+    "--data.num_workers=1", "--batch.global_batch_size=64", "--schedule.epochs=2", "--schedule.warmup_epochs=1",
+    "--run.log_every=1", "--run.progress=false", "--run.tensorboard=false", "--parallel.precision=fp32",
+    "--run.preempt_check_every=1",
+]  # fmt: skip
+
+
+def job_env(tmp_path, **extra):
+    return {"SCALE_ROOT": str(ROOT), "SCALE_PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+            "SCALE_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1",
+            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions")),
+            **extra}  # fmt: skip
+
+
+def submit(slurm, tmp_path, script, *args, wait=True, env=None, sbatch=()):
+    """sbatch the real slurm/SCRIPT from `tmp_path` (its output lands there); returns the job id."""
+    cmd = ["sbatch", "--parsable", *(["--wait"] if wait else []), *SBATCH_CPU, *sbatch, str(ROOT / "slurm" / script),
+           *TINY, f"--run.output_dir={tmp_path / 'runs'}", *args]  # fmt: skip
+    out = slurm.run(*cmd, cwd=tmp_path, env=env or job_env(tmp_path), timeout=600)
+    job = out.stdout.strip().split(";")[0]
+    return job, out
+
+
+def output(tmp_path, script, job) -> str:
+    path = tmp_path / f"slurm-{script.removesuffix('.sh')}-{job}.out"
+    return path.read_text() if path.is_file() else ""
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def wait_gone(slurm, job, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not slurm.run("squeue", "-h", "-j", job, "-o", "%T").stdout.strip():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"job {job} still queued or running after {timeout} s")
+
+
+def test_sbatch_vit_b_script_trains_on_two_ranks_and_checkpoints(slurm, tmp_path):
+    job, out = submit(slurm, tmp_path, "vit_b_300ep.sh", "--schedule.max_steps=4")
+    log = output(tmp_path, "vit_b_300ep.sh", job)
+    assert out.returncode == 0, out.stderr + log[-3000:]
+    assert "launch srun" in log and "ddp on cpu, 2 rank(s)" in log and "(srun)" in log
+    run = tmp_path / "runs" / "vit_b_300ep"
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
+    assert (run / "checkpoints" / "step-00000004" / "rng-rank1.pt").is_file()
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes_with_the_uninterrupted_losses(slurm, tmp_path):
+    """scancel --signal=USR2 mid-run: every rank stops at one step boundary after a checkpoint, rank 0
+    requeues the job, the rerun (same job id, SLURM_RESTART_COUNT=1) resumes and every loss after it
+    equals the uninterrupted run's, bitwise."""
+    steps = ["--schedule.max_steps=40"]
+    ref_job, _ = submit(slurm, tmp_path, "vit_b_300ep.sh", *steps, "--run.name=reference", wait=False)
+    job, _ = submit(slurm, tmp_path, "vit_b_300ep.sh", *steps, "--run.name=preempted", wait=False)
+    run = tmp_path / "runs" / "preempted"
+    deadline = time.monotonic() + 240
+    while len(metrics(run)) < 5:
+        assert time.monotonic() < deadline, output(tmp_path, "vit_b_300ep.sh", job)[-3000:]
+        time.sleep(0.2)
+    assert slurm.run("scancel", "--signal=USR2", job).returncode == 0
+    wait_gone(slurm, job)
+    wait_gone(slurm, ref_job)
+    log = output(tmp_path, "vit_b_300ep.sh", job)
+    assert "restart 0" in log and "restart 1" in log, log[-3000:]  # the same output file: --open-mode=append
+    assert "SIGUSR2 received" in log and f"job {job} requeued (restart 1)" in log
+    assert f"SLURM restart 1 of job {job}" in log and "resumed from" in log
+    stopped = int(log.split("stopping at step ")[1].split()[0])
+    assert 5 <= stopped < 40 and (run / "checkpoints" / f"step-{stopped:08d}").is_dir()
+    got, expected = metrics(run), metrics(tmp_path / "runs" / "reference")
+    assert [r["step"] for r in got] == [r["step"] for r in expected] == list(range(1, 41))
+    assert [r["loss"] for r in got] == [r["loss"] for r in expected]
+
+
+def test_srun_plus_torchrun_mode_runs_a_job(slurm, tmp_path):
+    env = job_env(tmp_path, SCALE_LAUNCH="torchrun")
+    job, out = submit(slurm, tmp_path, "vit_b_300ep.sh", "--schedule.max_steps=3", env=env)
+    log = output(tmp_path, "vit_b_300ep.sh", job)
+    assert out.returncode == 0, out.stderr + log[-3000:]
+    assert "launch torchrun" in log and "(srun+torchrun)" in log and "ddp on cpu, 2 rank(s)" in log
+    assert [r["step"] for r in metrics(tmp_path / "runs" / "vit_b_300ep")] == [1, 2, 3]
+
+
+def test_deepspeed_backend_through_the_same_launcher(slurm, tmp_path):
+    pytest.importorskip("deepspeed")
+    job, out = submit(slurm, tmp_path, "vit_b_300ep.sh", "--schedule.max_steps=3", "--deepspeed",
+                      "ds_configs/zero2.json")  # fmt: skip
+    log = output(tmp_path, "vit_b_300ep.sh", job)
+    assert out.returncode == 0, out.stderr + log[-3000:]
+    assert "deepspeed ZeRO-2 on cpu, 2 rank(s)" in log
+    assert [r["step"] for r in metrics(tmp_path / "runs" / "vit_b_300ep-zero2")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--optim.lr=1"], "config error: unknown key 'optim.lr'"),
+        (["--data.source=/nonexistent/train-{0000..0009}.tar"], "config error: shard pattern"),
+        (["--recipe", "vit_z"], "config error: unknown recipe 'vit_z'"),
+    ],
+)
+def test_bad_input_fails_at_once_before_any_rank_starts(slurm, tmp_path, args, message):
+    job, out = submit(slurm, tmp_path, "vit_b_300ep.sh", *args)
+    log = output(tmp_path, "vit_b_300ep.sh", job)
+    assert out.returncode != 0 and message in log, log[-3000:]
+    assert "process group" not in log and not (tmp_path / "runs").exists()

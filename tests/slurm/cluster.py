@@ -4,7 +4,7 @@ for the tests of slurm/: the settings that were seen to work on this kind of mac
 restarts in seconds; no cgroups; more CPUs than the machine has (config_overrides), so 2-rank jobs
 fit. Nothing is written outside the folder; the daemons are stopped by their PIDs.
 
-    python -m tests.slurm.cluster /tmp/slurm-dev     # start one by hand (prints SLURM_CONF), Ctrl-C stops it
+    python -m tests.slurm.cluster /tmp/slurm-dev     # start one by hand (prints SLURM_CONF); Ctrl-C or kill stops it
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-DAEMONS = ("slurmctld", "slurmd", "munged", "mungekey", "sbatch", "squeue", "scontrol", "scancel")
+DAEMONS = ("slurmctld", "slurmd", "munged", "mungekey", "sbatch", "sinfo", "squeue", "scontrol", "scancel")
 
 
 def missing_binaries() -> list[str]:
@@ -142,6 +142,7 @@ if __name__ == "__main__":
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/slurm-dev")
     cluster = LocalSlurm(root).start()
     print(f"export SLURM_CONF={cluster.conf}", flush=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill PID stops the cluster too
     try:
         signal.pause()
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@
 #   SCALE_LAUNCH     srun (default): srun starts one task per GPU, no launcher in between, so
 #                    signals reach every rank; torchrun: srun starts one torchrun per node (c10d
 #                    rendezvous on the first node), which starts one worker per GPU
+#   SCALE_GPUS_PER_NODE  torchrun's workers per node (default: the job's --ntasks-per-node)
 #   SCALE_ROOT       the checkout (default: the folder sbatch was called from)
 #   SCALE_PYTHON     the Python (default: $SCALE_ROOT/.venv/bin/python if there, else python3)
 #   SCALE_SRUN_ARGS  extra srun options, e.g. a container: "--container-image=nvcr.io#nvidia/pytorch:25.01-py3"

@@ -105,6 +105,9 @@ def requeue_slurm_job(max_requeues: int) -> tuple[bool, str]:
     if count >= max_requeues:
         return False, (f"job {job} has been requeued {count} times (run.max_requeues={max_requeues}): not requeued "
                        "again; resubmit it to resume")  # fmt: skip
+    # Said before: the requeue ends this job at once, maybe before anything after it is printed.
+    log.warning("requeueing job %s (restart %d of at most %d); it resumes from the checkpoint", job, count + 1,
+                max_requeues)  # fmt: skip
     try:
         out = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as e:

@@ -87,7 +87,8 @@ def test_preempted_job_checkpoints_requeues_and_resumes_with_the_uninterrupted_l
     wait_gone(slurm, ref_job)
     log = output(tmp_path, "vit_b_300ep.sh", job)
     assert "restart 0" in log and "restart 1" in log, log[-3000:]  # the same output file: --open-mode=append
-    assert "SIGUSR2 received" in log and f"job {job} requeued (restart 1)" in log
+    # (what rank 0 logs after `scontrol requeue` may be cut off: the requeue ends the job at once)
+    assert "SIGUSR2 received" in log and f"requeueing job {job} (restart 1 of at most 50)" in log
     assert f"SLURM restart 1 of job {job}" in log and "resumed from" in log
     stopped = int(log.split("stopping at step ")[1].split()[0])
     assert 5 <= stopped < 40 and (run / "checkpoints" / f"step-{stopped:08d}").is_dir()

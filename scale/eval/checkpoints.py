@@ -1,0 +1,164 @@
+"""A frozen backbone from whatever checkpoint a user has.
+
+- a run of this project: its run directory (the newest complete checkpoint), or one
+  `checkpoints/step-*` directory, of any backend: `model.pt` (single process, DDP), `dcp/` (FSDP2,
+  torch.distributed.checkpoint: read whole on one process, any world size), `engine/` (DeepSpeed
+  ZeRO-1/2/3: the fp32 partitions consolidated with DeepSpeed's own zero_to_fp32). The architecture
+  comes from the checkpoint's resolved config, so no `--model` is needed;
+- the authors' releases (`{'arch', 'state_dict': {'module.base_encoder.*', ...}}`) and timm ViT state
+  dicts: `--model` names the architecture when the file does not.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scale.models.checkpoints import CheckpointError, backbone_state_dict, load_backbone, read_checkpoint
+from scale.models.vit import VIT_ALIASES, VIT_PRESETS, VisionTransformer, build_vit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedBackbone:
+    model: VisionTransformer
+    """The backbone (its `head` untouched: an Identity-free projector, unused by `pooled_features`)."""
+    source: str
+    """What was read, for results files."""
+    kind: str
+    """'run (single/ddp)', 'run (fsdp)', 'run (deepspeed)', 'moco', 'timm'."""
+    step: int | None = None
+    """The pretraining step of a run checkpoint."""
+    config: dict[str, Any] | None = None
+    """The run's resolved config (run checkpoints only)."""
+
+
+def resolve_run_checkpoint(path: Path) -> Path | None:
+    """The checkpoint directory `path` names: itself (a `step-*` with client.pt), the newest complete
+    one of a run directory, or None when `path` is not a run's."""
+    if path.is_dir() and (path / "client.pt").is_file():
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if path.is_dir():
+        found = sorted(p for p in root.glob("step-*") if (p / "client.pt").is_file())
+        if found:
+            return found[-1]
+        if (path / "config.json").is_file() or root.name == "checkpoints":
+            raise CheckpointError(f"{path} is a run directory without a complete checkpoint yet")
+    return None
+
+
+def run_model_state(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The full MoCoV3 state dict (fp32 on CPU) of a run checkpoint directory, any backend."""
+    if (ckpt_dir / "model.pt").is_file():
+        state = torch.load(ckpt_dir / "model.pt", map_location="cpu", weights_only=False)
+        return state["model"], "run (single/ddp)"
+    if (ckpt_dir / "dcp").is_dir():
+        return _dcp_model_state(ckpt_dir / "dcp"), "run (fsdp)"
+    if (ckpt_dir / "engine").is_dir():
+        return _deepspeed_model_state(ckpt_dir), "run (deepspeed)"
+    raise CheckpointError(f"{ckpt_dir} holds no model.pt, dcp/ or engine/: not a checkpoint of this project")
+
+
+def _dcp_model_state(dcp_dir: Path) -> dict[str, torch.Tensor]:
+    """FSDP2's sharded files read whole, on one process (no process group needed)."""
+    state: dict[str, Any] = {}
+    try:  # in memory, as torch's own dcp_to_torch_save does it
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+        _load_state_dict(state, storage_reader=FileSystemReader(str(dcp_dir)), planner=_EmptyStateDictLoadPlanner(),
+                         no_dist=True)  # fmt: skip
+    except ImportError:  # private names moved: the public converter, through a temporary file
+        import tempfile
+
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp_to_torch_save(str(dcp_dir), f"{tmp}/state.pt")
+            state = torch.load(f"{tmp}/state.pt", map_location="cpu", weights_only=False)
+    model = state.get("model")
+    if not isinstance(model, dict):
+        raise CheckpointError(f"{dcp_dir} has no 'model' entry (keys: {sorted(state)[:5]})")
+    return {k: v.float() if v.is_floating_point() else v for k, v in model.items() if torch.is_tensor(v)}
+
+
+def _deepspeed_model_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """DeepSpeed's partitions (any ZeRO stage, any world size) consolidated to fp32 by its own tool."""
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError:
+        raise CheckpointError(f"{ckpt_dir} is a DeepSpeed checkpoint: reading it needs pip install deepspeed") from None
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag="engine")
+    # Parameters outside the optimizer (the frozen patch projection and position table, the momentum
+    # encoder) have no fp32 master: under ZeRO-1/2 they are whole in the module file, in the training
+    # precision they were used in (ZeRO-3 keeps them as empty placeholders there; its consolidation
+    # already includes them).
+    module_file = ckpt_dir / "engine" / "mp_rank_00_model_states.pt"  # ZeRO-1/2 (ZeRO-3: one per rank)
+    module = {}
+    if module_file.is_file():
+        module = torch.load(module_file, map_location="cpu", weights_only=False).get("module") or {}
+    full = {k: v for k, v in module.items() if torch.is_tensor(v) and v.numel() > 0}
+    full.update(sd)
+    return {k: v.float() if v.is_floating_point() else v for k, v in full.items()}
+
+
+def load_frozen_backbone(
+    source: str | Path, model: str | None = None, encoder: str = "base_encoder", **vit_overrides
+) -> LoadedBackbone:
+    """The backbone of `source`, loaded strictly, in eval mode with every parameter frozen.
+
+    Raises:
+        FileNotFoundError: no such file or directory.
+        CheckpointError: a checkpoint of another architecture (the keys and shapes that differ are
+            named), or one whose architecture cannot be told without `model`.
+    """
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; give a run directory, a checkpoint "
+                                "directory or a .pth file")  # fmt: skip
+    step, config = None, None
+    ckpt_dir = resolve_run_checkpoint(path)
+    if ckpt_dir is not None:
+        client = torch.load(ckpt_dir / "client.pt", map_location="cpu", weights_only=False)
+        config, step = client.get("config"), int(client.get("step", 0))
+        sd, kind = run_model_state(ckpt_dir)
+        backbone = _backbone_from_config(config, model, vit_overrides)
+        state: Any = sd
+        source_name = str(ckpt_dir)
+    else:
+        state = read_checkpoint(path)
+        arch = state.get("arch") if isinstance(state.get("arch"), str) else None
+        name = model or arch
+        if name is None or (name not in VIT_PRESETS and name not in VIT_ALIASES):
+            raise CheckpointError(f"cannot tell the architecture of {path} (arch={arch!r}); pass --model with one of "
+                                  f"{', '.join(sorted(VIT_PRESETS))}")  # fmt: skip
+        backbone = build_vit(name, **vit_overrides)
+        keys = state.get("state_dict", state.get("model", state))
+        kind = "moco" if any("base_encoder." in k for k in keys) else "timm"
+        source_name = str(path)
+    load_backbone(backbone, backbone_state_dict(state, encoder=encoder))
+    backbone.eval()
+    backbone.requires_grad_(False)
+    log.info("backbone %s (%s, %s) from %s%s", backbone.cfg.name if hasattr(backbone.cfg, "name") else "",
+             kind, encoder, source_name, f" at step {step}" if step is not None else "")  # fmt: skip
+    return LoadedBackbone(backbone, source_name, kind, step, config)
+
+
+def _backbone_from_config(config: dict | None, model: str | None, overrides: dict) -> VisionTransformer:
+    """The backbone a run was trained with (its resolved config), or `model` when given."""
+    if config is None:
+        raise CheckpointError("the run checkpoint has no config in client.pt")
+    from scale.config import Config
+
+    cfg = Config.from_dict(config)
+    m = cfg.model
+    if model is not None and model != m.name:
+        raise CheckpointError(f"--model {model} but the run trained {m.name}; leave --model out for run checkpoints")
+    return build_vit(m.name, **{**m.vit_overrides(), **overrides})

@@ -287,7 +287,8 @@ def _shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
 
 
 class TwoViewStream(IterableDataset):
-    """One epoch of `(view1, view2, labels, meta)` batches of one rank, split over DataLoader workers."""
+    """One epoch of `(view1, view2, labels, meta)` batches of one rank, split over DataLoader workers
+    (as many views as the transform returns: `scale.data.labelled` uses one)."""
 
     def __init__(
         self,
@@ -412,8 +413,7 @@ class TwoViewStream(IterableDataset):
             items = [ready.popleft() for _ in range(self.batch_size)]
             views = [self._augment(image, uid) for image, _, uid in items]
             yield (
-                torch.stack([v[0] for v in views]),
-                torch.stack([v[1] for v in views]),
+                *(torch.stack([v[j] for v in views]) for j in range(len(views[0]))),  # one (B, 3, S, S) per view
                 torch.tensor([label for _, label, _ in items], dtype=torch.int64),
                 {"skipped": skipped},
             )

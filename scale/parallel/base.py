@@ -313,7 +313,7 @@ class Backend:
     # ------------------------------------------------------------------ communication
 
     def all_reduce_mean(self, value: float | torch.Tensor) -> float:
-        t = torch.as_tensor(value, dtype=torch.float64, device=self._comm_device())
+        t = torch.as_tensor(value, dtype=torch.float64, device=self.comm_device())
         if self.world_size > 1:
             dist.all_reduce(t)
             t /= self.world_size
@@ -324,7 +324,7 @@ class Backend:
         NCCL the all-reduce is queued on the device, with no host sync."""
         if self.world_size == 1:
             return flag
-        t = flag.to(device=self._comm_device(), dtype=torch.int32).reshape(1)
+        t = flag.to(device=self.comm_device(), dtype=torch.int32).reshape(1)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return t.to(flag.device).reshape(()).bool()
 
@@ -333,7 +333,7 @@ class Backend:
         preemption, not every step)."""
         if self.world_size == 1:
             return bool(flag)
-        t = torch.tensor([int(flag)], dtype=torch.int32, device=self._comm_device())
+        t = torch.tensor([int(flag)], dtype=torch.int32, device=self.comm_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
@@ -341,7 +341,7 @@ class Backend:
         """The mean of `t` over the ranks, as a tensor on `t`'s device (no host sync on NCCL)."""
         if self.world_size == 1:
             return t
-        out = t.detach().to(device=self._comm_device(), dtype=torch.float64).clone()
+        out = t.detach().to(device=self.comm_device(), dtype=torch.float64).clone()
         dist.all_reduce(out)
         return (out / self.world_size).to(t.device)
 
@@ -364,7 +364,8 @@ class Backend:
         if self.world_size > 1:
             dist.barrier()
 
-    def _comm_device(self) -> torch.device:
+    def comm_device(self) -> torch.device:
+        """Where collectives take their tensors: the GPU under NCCL, else the CPU."""
         return self.device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
 
     # ------------------------------------------------------------------ state

@@ -412,10 +412,12 @@ class Trainer:
     def knn_monitor(self, backbone=None) -> float:
         """kNN top-1 (%) of `backbone` (default: the base encoder's) on the configured held-out data.
 
-        Every rank extracts the features of its share (sharded models need every rank's forward);
-        rank 0 gathers them and votes. NaN when no kNN data is configured.
+        Every rank extracts the features of its share (sharded models need every rank's forward)
+        and keeps them: the kNN is sharded (`scale.eval.knn`), no rank gathers the bank. NaN when
+        no kNN data is configured.
         """
-        from scale.train.knn import extract_features, knn_accuracy
+        from scale.eval.knn import knn_classify
+        from scale.train.knn import extract_features
 
         cfg, b = self.cfg, self.backend
         if not (cfg.data.eval_source and cfg.data.knn_train_source):
@@ -426,16 +428,13 @@ class Trainer:
         if backbone is None:  # the trained base encoder, as the backend runs it
             backbone = b.eval_model().base_encoder
             with b.evaluation(backbone) as features:
-                parts = [
-                    b.all_gather_object(extract_features(backbone, s, features_fn=features, **kwargs)) for s in sources
-                ]
+                parts = [extract_features(backbone, s, features_fn=features, **kwargs) for s in sources]
         else:
-            parts = [b.all_gather_object(extract_features(backbone, s, **kwargs)) for s in sources]
-        (train_f, train_y), (test_f, test_y) = (
-            (torch.cat([f for f, _ in p]), torch.cat([y for _, y in p])) for p in parts
-        )
-        acc = knn_accuracy(train_f, train_y, test_f, test_y, k=cfg.run.knn_k, temperature=cfg.run.knn_temperature)
-        return b.broadcast_object(acc)
+            parts = [extract_features(backbone, s, **kwargs) for s in sources]
+        comm = b.comm_device()
+        (train_f, train_y), (test_f, test_y) = ((f.to(comm), y.to(comm)) for f, y in parts)
+        k = cfg.run.knn_k
+        return knn_classify(test_f, test_y, train_f, train_y, ks=(k,), temperature=cfg.run.knn_temperature)[k]
 
     def knn_random_init(self) -> float:
         """The kNN monitor on the same backbone at its initial (random) weights."""

@@ -38,6 +38,8 @@ setup(
             "scale-memory=benchmarks.memory:cli",
             "scale-make-shards=scale.data.shards:main",
             "scale-pretrain=scale.pretrain:cli",
+            "scale-linear-probe=scale.linear_probe:cli",
+            "scale-knn-eval=scale.knn_eval:cli",
         ],
     },
 )

@@ -27,11 +27,13 @@ log = logging.getLogger(__name__)
 @dataclass
 class LoadedBackbone:
     model: VisionTransformer
-    """The backbone (its `head` untouched: an Identity-free projector, unused by `pooled_features`)."""
+    """The backbone, eval mode, frozen (its `head` is not used: `pooled_features` stops before it)."""
     source: str
     """What was read, for results files."""
     kind: str
     """'run (single/ddp)', 'run (fsdp)', 'run (deepspeed)', 'moco', 'timm'."""
+    name: str = ""
+    """The architecture's preset name (vit_base, ...)."""
     step: int | None = None
     """The pretraining step of a run checkpoint."""
     config: dict[str, Any] | None = None
@@ -130,6 +132,7 @@ def load_frozen_backbone(
         config, step = client.get("config"), int(client.get("step", 0))
         sd, kind = run_model_state(ckpt_dir)
         backbone = _backbone_from_config(config, model, vit_overrides)
+        name = config["model"]["name"]
         state: Any = sd
         source_name = str(ckpt_dir)
     else:
@@ -146,9 +149,9 @@ def load_frozen_backbone(
     load_backbone(backbone, backbone_state_dict(state, encoder=encoder))
     backbone.eval()
     backbone.requires_grad_(False)
-    log.info("backbone %s (%s, %s) from %s%s", backbone.cfg.name if hasattr(backbone.cfg, "name") else "",
-             kind, encoder, source_name, f" at step {step}" if step is not None else "")  # fmt: skip
-    return LoadedBackbone(backbone, source_name, kind, step, config)
+    log.info("backbone %s (%s, %s) from %s%s", name, kind, encoder, source_name,
+             f" at step {step}" if step is not None else "")  # fmt: skip
+    return LoadedBackbone(backbone, source_name, kind, name, step, config)
 
 
 def _backbone_from_config(config: dict | None, model: str | None, overrides: dict) -> VisionTransformer:

@@ -1,0 +1,111 @@
+"""Linear probe of a frozen backbone (the paper's protocol: the authors' main_lincls.py).
+
+    python -m scale.linear_probe runs/cpu_demo --train demo --val demo:val --epochs 30 --batch-size 256
+    torchrun --nproc_per_node 8 -m scale.linear_probe runs/vit_b_300ep \\
+        --train /data/in1k-shards/train-*.tar --val /data/in1k-shards/val-*.tar          # ImageNet, 90 epochs
+    python -m scale.linear_probe vit-b-300ep.pth.tar --model vit_base --train ... --val ...  # the authors' release
+    python -m scale.linear_probe RUN --train ... --val ... --lrs 0.3,1,3,10,30 --bn       # a sweep in one pass
+
+CHECKPOINT: a run directory of this project (its newest checkpoint), one of its checkpoint
+directories (any backend: single, DDP, FSDP2, DeepSpeed ZeRO-1/2/3), the authors' MoCo v3 release,
+or a timm ViT state dict (these two need --model unless they name their architecture).
+Results: OUT/linear_probe.{md,json}, metrics.jsonl, TensorBoard. docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+if __package__ in (None, ""):  # run by path
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path = [p for p in sys.path if os.path.abspath(p or ".") != here]
+    sys.path.insert(0, os.path.dirname(here))
+
+log = logging.getLogger("scale")
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="run directory, checkpoint directory, or .pth / .pth.tar file")
+    p.add_argument("--train", required=True, help="labelled training data: shards, an image folder, or demo")
+    p.add_argument("--val", required=True, help="labelled validation data (demo:val for the digits)")
+    p.add_argument("--model", help="architecture of a checkpoint that does not name it (vit_base, ...)")
+    p.add_argument("--encoder", default="base_encoder", choices=["base_encoder", "momentum_encoder"])
+    p.add_argument("--epochs", type=int, default=90)
+    p.add_argument("--batch-size", type=int, default=1024, help="global batch")
+    p.add_argument("--lrs", default="3", help="comma-separated base lrs, one head each (lr = base x batch / 256)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--bn", action="store_true", help="affine-free BatchNorm before the heads (MAE's probe)")
+    p.add_argument("--no-augment", action="store_true", help="evaluation crops for training too; features cached")
+    p.add_argument("--crop-size", type=int, help="default: the run's img_size, else 224")
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--eval-every", type=int, default=10, help="epochs between evaluations (and the last)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="results folder (default runs/linear_probe/<checkpoint name>)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-tensorboard", action="store_true")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    from scale.pretrain import setup_logging
+
+    setup_logging()
+    args = parse(argv)
+    try:
+        lrs = tuple(float(x) for x in args.lrs.split(",") if x.strip())
+    except ValueError:
+        raise SystemExit(f"error: --lrs {args.lrs!r}: give comma-separated numbers, e.g. 0.3,1,3,10") from None
+    import torch
+    import torch.distributed as dist
+
+    from scale.data.shards import DataError
+    from scale.eval.checkpoints import load_frozen_backbone
+    from scale.eval.linear_probe import LinearProbe, ProbeSettings
+    from scale.models.checkpoints import CheckpointError
+    from scale.parallel.base import BackendError
+    from scale.parallel.launch import init_distributed
+    from scale.parallel.placement import LaunchError, plan_placement
+
+    try:
+        init_distributed()
+        _, plan = plan_placement()
+        device = torch.device("cuda", plan.index) if plan.kind == "cuda" else torch.device("cpu")
+        loaded = load_frozen_backbone(args.checkpoint, model=args.model, encoder=args.encoder)
+        crop = args.crop_size or loaded.model.cfg.img_size
+        if crop != loaded.model.cfg.img_size:
+            raise ValueError(f"--crop-size {crop}: the backbone was built for {loaded.model.cfg.img_size} px")
+        settings = ProbeSettings(
+            epochs=args.epochs, batch_size=args.batch_size, base_lrs=lrs, momentum=args.momentum,
+            weight_decay=args.weight_decay, batchnorm=args.bn, augment=not args.no_augment, crop_size=crop,
+            num_workers=args.workers, seed=args.seed, eval_every=args.eval_every, precision=args.precision,
+            progress=not args.no_progress, tensorboard=not args.no_tensorboard,
+        )  # fmt: skip
+        name = os.path.basename(os.path.normpath(args.checkpoint)).removesuffix(".tar").removesuffix(".pth")
+        out = args.out or os.path.join("runs", "linear_probe", name)
+        result = LinearProbe(loaded, args.train, args.val, out, settings, device).run()
+        if result and (not dist.is_initialized() or dist.get_rank() == 0):
+            best = result["best"]
+            print(f"linear probe of {result['checkpoint']}: top-1 {best['top1']:.2f}% top-5 {best['top5']:.2f}% "
+                  f"(best base lr {best['base_lr']:g} of {len(result['lrs'])}); {out}/linear_probe.md")  # fmt: skip
+        return result
+    except (FileNotFoundError, CheckpointError, DataError, BackendError, LaunchError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def cli() -> None:
+    """Console-script entry (`scale-linear-probe`)."""
+    main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -45,7 +45,8 @@ def test_several_lrs_in_one_pass_equal_single_lr_runs(tmp_path, augment):
     multi = probe(tmp_path, "multi", base_lrs=(0.3, 3.0), **kw)
     for i, lr in enumerate((0.3, 3.0)):
         single = probe(tmp_path, f"single{lr}", base_lrs=(lr,), **kw)
-        assert single["lrs"][0]["top1"] == multi["lrs"][i]["top1"] and single["lrs"][0]["top5"] == multi["lrs"][i]["top5"]
+        one, many = single["lrs"][0], multi["lrs"][i]
+        assert (one["top1"], one["top5"]) == (many["top1"], many["top5"])
     best = max(multi["lrs"], key=lambda r: r["top1"])
     assert multi["best"]["base_lr"] == best["base_lr"]
     written = json.loads((tmp_path / "multi" / "linear_probe.json").read_text())

@@ -26,7 +26,8 @@ def _entry(rank: int, fn, world_size: int, init_file: str, args: tuple) -> None:
     try:
         fn(rank, world_size, *args)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # an entry point under test may have ended it itself
+            dist.destroy_process_group()
     # Success: leave without interpreter teardown, where background threads of gloo/FSDP were
     # occasionally seen to abort ("terminate called without an active exception") after the work
     # was done. Failures still propagate above, through mp.spawn's error channel.

@@ -47,3 +47,20 @@ def test_cli_probes_a_run_checkpoint_and_errors_are_one_line(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main([*args, "--train", "demo", "--val", "demo:val", "--out", str(out)])
         assert message in str(e.value.code) and str(e.value.code).startswith("error:")
+
+
+def _knn_cli(rank, world, run_dir, out):
+    from scale.knn_eval import main
+
+    main([run_dir, "--train", "demo", "--val", "demo:val", "--workers", "0", "--ks", "1,20", "--out", out])
+
+
+def test_knn_eval_cli_on_two_ranks_equals_one_rank(tmp_path):
+    from scale.knn_eval import main
+
+    Trainer(tiny_config(tmp_path, "run", **{"schedule.max_steps": 1}), loader=FixedBatchLoader(4, 8)).fit()
+    one = main([str(tmp_path / "run"), "--train", "demo", "--val", "demo:val", "--workers", "0", "--ks", "1,20",
+                "--out", str(tmp_path / "k1")])  # fmt: skip
+    run_ranks(_knn_cli, 2, str(tmp_path / "run"), str(tmp_path / "k2"))
+    two = json.loads((tmp_path / "k2" / "knn.json").read_text())
+    assert two["world_size"] == 2 and two["top1"] == pytest.approx(one["top1"], abs=1e-9)

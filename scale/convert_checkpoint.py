@@ -1,12 +1,23 @@
-"""Convert a MoCo v3 checkpoint (the authors' release or scale's) into a timm ViT state dict.
+"""Convert a MoCo v3 checkpoint for the tools that fine-tune or probe it.
 
-    scale-convert-checkpoint vit-b-300ep.pth.tar vit_b_moco_timm.pth --model vit_base
+    scale-convert-checkpoint runs/vit_b_300ep vit_b_timm.pth                          # timm backbone
+    scale-convert-checkpoint runs/vit_b_300ep vit_b_timm1k.pth --num-classes 1000     # + a zero classifier
+    scale-convert-checkpoint runs/vit_b_300ep vit_b_deit.pth --format deit            # DeiT's main.py --finetune
+    scale-convert-checkpoint runs/vit_b_300ep vit_b_moco.pth.tar --format moco        # the authors' main_lincls.py
+    scale-convert-checkpoint vit-b-300ep.pth.tar vit_b_timm.pth --model vit_base      # the authors' release
 
-The output is the backbone alone (no projector, predictor or momentum encoder), keyed as timm's
-VisionTransformer, ready for `timm.create_model(..., pretrained_cfg_overlay=dict(file=...))` or
-`model.load_state_dict(torch.load(...), strict=False)` before fine-tuning. It is verified by
-loading it strictly into `scale.models.build_vit(--model)` (and into timm's equivalent, where
-one exists) before it is written.
+SRC: a run directory of this project (its newest checkpoint) or one of its checkpoint directories,
+from any backend (single, DDP, FSDP2, DeepSpeed ZeRO-1/2/3), the authors' release, or a timm state
+dict. Formats:
+- `timm`: the backbone alone (no projector, predictor or momentum encoder), keyed as timm's
+  VisionTransformer; with `--num-classes N` a zero-initialised classifier (`head.*`) is added, so
+  timm's train.py `--initial-checkpoint` (a strict load) takes it.
+- `deit`: `{'model': backbone}` without the head, as the authors' convert_to_deit.py writes it.
+- `moco`: the whole MoCo v3 model in the authors' layout (`{'epoch', 'arch', 'state_dict':
+  {'module.base_encoder.*', 'module.momentum_encoder.*', 'module.predictor.*'}}`), for their
+  main_lincls.py and main_moco.py --resume.
+Each output is verified before it is written: strictly into scale's own model, and into timm's
+equivalent as the consumer loads it.
 """
 
 from __future__ import annotations
@@ -15,50 +26,137 @@ import argparse
 import logging
 from pathlib import Path
 
+import torch
+
+from scale.eval.checkpoints import resolve_run_checkpoint, run_model_state
 from scale.models.checkpoints import (
+    CheckpointError,
     backbone_state_dict,
     build_timm_vit,
     load_backbone,
     read_checkpoint,
     save_atomic,
+    timm_kwargs,
 )
 from scale.models.vit import VIT_ALIASES, VIT_PRESETS, build_vit
 
 log = logging.getLogger("scale.convert")
+FORMATS = ("timm", "deit", "moco")
 
 
-def convert(src: Path, dst: Path, model: str | None = None, encoder: str = "base_encoder", **vit_overrides) -> dict:
-    """Write the timm backbone state dict of checkpoint `src` to `dst`; returns it."""
+def _source_state(src: Path, model: str | None) -> tuple[dict, str, dict | None, int]:
+    """(checkpoint mapping, architecture name, the run's config or None, epoch) of `src`."""
+    ckpt_dir = resolve_run_checkpoint(src) if src.is_dir() else None
+    if ckpt_dir is not None:
+        client = torch.load(ckpt_dir / "client.pt", map_location="cpu", weights_only=False)
+        sd, _ = run_model_state(ckpt_dir)
+        config = client["config"]
+        steps_per_epoch = max(1, int(client.get("derived", {}).get("steps_per_epoch", 1)))
+        return {"state_dict": sd}, config["model"]["name"], config, int(client["step"]) // steps_per_epoch
     ckpt = read_checkpoint(src)
     arch = ckpt.get("arch") if isinstance(ckpt.get("arch"), str) else None
     name = model or arch
     if name is None or (name not in VIT_PRESETS and name not in VIT_ALIASES):
-        raise ValueError(
-            f"cannot tell the architecture of {src} (arch={arch!r}); pass --model with one of "
-            f"{', '.join(sorted(VIT_PRESETS))}"
-        )
-    sd = backbone_state_dict(ckpt, encoder=encoder)
+        raise ValueError(f"cannot tell the architecture of {src} (arch={arch!r}); pass --model with one of "
+                         f"{', '.join(sorted(VIT_PRESETS))}")  # fmt: skip
+    return ckpt, name, None, int(ckpt.get("epoch", 0)) if isinstance(ckpt.get("epoch"), int) else 0
+
+
+def convert(
+    src: Path,
+    dst: Path,
+    model: str | None = None,
+    encoder: str = "base_encoder",
+    fmt: str = "timm",
+    num_classes: int = 0,
+    **vit_overrides,
+) -> dict:
+    """Write checkpoint `src` to `dst` in format `fmt`; returns what was written."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--format {fmt!r}: one of {', '.join(FORMATS)}")
+    src = Path(src)
+    if not src.exists():
+        raise FileNotFoundError(f"{src} does not exist; give a run directory, a checkpoint directory or a file")
+    ckpt, name, config, epoch = _source_state(src, model)
+    if config is not None:
+        from scale.config import Config
+
+        vit_overrides = {**Config.from_dict(config).model.vit_overrides(), **vit_overrides}
     backbone = build_vit(name, **vit_overrides)
-    load_backbone(backbone, sd)  # strict: names every missing and unexpected key
+    if fmt == "moco":
+        out = _moco(ckpt, name, config, epoch, vit_overrides)
+    else:
+        sd = backbone_state_dict(ckpt, encoder=encoder)
+        load_backbone(backbone, sd)  # strict: names every missing and unexpected key
+        if fmt == "timm":
+            out = _timm(backbone, sd, num_classes)
+        else:
+            out = {"model": sd}
+            _verify_deit(backbone, sd)
+    save_atomic(out, dst)
+    log.info("wrote %s (%s format, %s) to %s", name, fmt, encoder if fmt != "moco" else "whole model", dst)
+    return out
+
+
+def _timm(backbone, sd: dict, num_classes: int) -> dict:
+    out = dict(sd)
+    if num_classes:
+        dim = backbone.cfg.embed_dim
+        out["head.weight"] = torch.zeros(num_classes, dim)
+        out["head.bias"] = torch.zeros(num_classes)
     try:
-        build_timm_vit(backbone.cfg).load_state_dict(sd, strict=True)
+        from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+        TimmViT(**{**timm_kwargs(backbone.cfg), "num_classes": num_classes}).load_state_dict(out, strict=True)
     except ValueError as e:  # ViT-BN / conv stem: no timm equivalent
-        log.warning("%s; written with timm names, load it with scale.models.build_vit(%r)", e, name)
-    save_atomic(sd, dst)
-    log.info("wrote %d tensors of %s (%s) to %s", len(sd), name, encoder, dst)
-    return sd
+        log.warning("%s; written with timm names, load it with scale.models.build_vit", e)
+    return out
+
+
+def _verify_deit(backbone, sd: dict) -> None:
+    """As DeiT's main.py --finetune loads it: non-strictly into a model with a classifier, which
+    must then miss exactly the classifier."""
+    try:
+        from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+        model = TimmViT(**{**timm_kwargs(backbone.cfg), "num_classes": 1000})
+    except ValueError as e:
+        log.warning("%s; written in DeiT's layout", e)
+        return
+    msg = model.load_state_dict(sd, strict=False)
+    if set(msg.missing_keys) != {"head.weight", "head.bias"} or msg.unexpected_keys:
+        raise CheckpointError(f"DeiT layout check failed: missing {msg.missing_keys}, unexpected {msg.unexpected_keys}")
+
+
+def _moco(ckpt: dict, name: str, config: dict | None, epoch: int, vit_overrides: dict) -> dict:
+    from scale.models import build_moco
+    from scale.models.checkpoints import load_moco_checkpoint, official_state
+
+    if config is not None:
+        m = config["model"]
+        moco = build_moco(name, dim=m["dim"], mlp_dim=m["mlp_dim"], temperature=m["temperature"], **vit_overrides)
+    else:
+        moco = build_moco(name, **vit_overrides)
+    load_moco_checkpoint(moco, ckpt)  # strict over both encoders and the predictor
+    return official_state(moco, epoch=epoch, arch=name)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", type=Path, help="MoCo v3 checkpoint (.pth.tar from the authors, or scale's)")
-    parser.add_argument("dst", type=Path, help="output .pth (timm backbone state dict)")
-    parser.add_argument("--model", help="backbone name (default: the checkpoint's 'arch')")
+    parser.add_argument("src", type=Path, help="run / checkpoint directory, or a .pth.tar (the authors') / .pth file")
+    parser.add_argument("dst", type=Path, help="output file")
+    parser.add_argument("--format", default="timm", choices=FORMATS)
+    parser.add_argument("--model", help="backbone name (default: the run's, or the checkpoint's 'arch')")
     parser.add_argument("--encoder", default="base_encoder", choices=["base_encoder", "momentum_encoder"])
-    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--num-classes", type=int, default=0, help="timm format: add a zero classifier of N classes")
+    parser.add_argument("--img-size", type=int, help="default: the run's, else 224")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    convert(args.src, args.dst, args.model, args.encoder, img_size=args.img_size)
+    overrides = {"img_size": args.img_size} if args.img_size else {}
+    try:
+        convert(args.src, args.dst, args.model, args.encoder, args.format, args.num_classes, **overrides)
+    except (FileNotFoundError, CheckpointError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

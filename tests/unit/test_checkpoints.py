@@ -155,3 +155,50 @@ def test_deepspeed_momentum_masters_load_onto_this_processs_device(tmp_path, mon
     with pytest.raises(BackendError, match="another layout"):
         backend._load_masters(tmp_path / "momentum-master-rank0.pt")
     assert backend._load_masters(tmp_path / "missing.pt") is None
+
+
+def _run_checkpoint(tmp_path):
+    """A real run checkpoint of the tiny model (single process, 2 steps)."""
+    from scale.train.trainer import Trainer
+    from tests.helpers import FixedBatchLoader, tiny_config
+
+    trainer = Trainer(tiny_config(tmp_path, "run", **{"schedule.max_steps": 2}), loader=FixedBatchLoader(4, 8))
+    trainer.fit()
+    return tmp_path / "run", trainer.backend.module
+
+
+def test_converter_writes_each_format_as_its_consumer_loads_it(tmp_path):
+    """timm (a strict load, with --num-classes too), DeiT ({'model': ...}, loaded non-strictly by
+    DeiT's main.py: only the classifier missing), the authors' MoCo layout (main_lincls.py's key
+    filter: only the classifier missing), all from a run checkpoint of this project."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    run, moco = _run_checkpoint(tmp_path)
+    cfg = moco.base_encoder.cfg
+    base = {k: v for k, v in moco.base_encoder.state_dict().items() if not k.startswith("head.")}
+
+    timm_sd = convert(run, tmp_path / "t.pth")
+    assert set(timm_sd) == set(base) and all(torch.equal(timm_sd[k], base[k]) for k in base)
+    VisionTransformer(**timm_kwargs(cfg)).load_state_dict(torch.load(tmp_path / "t.pth", weights_only=True))
+    with_head = convert(run, tmp_path / "t10.pth", num_classes=10)
+    VisionTransformer(**{**timm_kwargs(cfg), "num_classes": 10}).load_state_dict(with_head, strict=True)
+    assert torch.all(with_head["head.weight"] == 0)
+
+    convert(run, tmp_path / "d.pth", fmt="deit")
+    deit = torch.load(tmp_path / "d.pth", weights_only=True)
+    msg = VisionTransformer(**{**timm_kwargs(cfg), "num_classes": 1000}).load_state_dict(deit["model"], strict=False)
+    assert set(msg.missing_keys) == {"head.weight", "head.bias"} and not msg.unexpected_keys
+
+    convert(run, tmp_path / "m.pth.tar", fmt="moco")
+    ckpt = torch.load(tmp_path / "m.pth.tar", weights_only=True)
+    assert ckpt["arch"] == "vit_small" and ckpt["epoch"] == 0
+    state_dict = ckpt["state_dict"]  # main_lincls.py, as written by the authors:
+    for k in list(state_dict):
+        if k.startswith("module.base_encoder") and not k.startswith("module.base_encoder.head"):
+            state_dict[k[len("module.base_encoder.") :]] = state_dict[k]
+        del state_dict[k]
+    msg = VisionTransformer(**{**timm_kwargs(cfg), "num_classes": 1000}).load_state_dict(state_dict, strict=False)
+    assert set(msg.missing_keys) == {"head.weight", "head.bias"} and not msg.unexpected_keys
+    assert all(torch.equal(state_dict[k], base[k]) for k in base)
+    with pytest.raises(ValueError, match="--format"):
+        convert(run, tmp_path / "x", fmt="onnx")

@@ -32,7 +32,6 @@ from scale.eval.checkpoints import resolve_run_checkpoint, run_model_state
 from scale.models.checkpoints import (
     CheckpointError,
     backbone_state_dict,
-    build_timm_vit,
     load_backbone,
     read_checkpoint,
     save_atomic,

@@ -30,6 +30,11 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--val", required=True, help="labelled queries")
     p.add_argument("--model", help="architecture of a checkpoint that does not name it")
     p.add_argument("--encoder", default="base_encoder", choices=["base_encoder", "momentum_encoder"])
+    p.add_argument(
+        "--random-init",
+        action="store_true",
+        help="the run's architecture at its initial weights (the baseline); needs a run checkpoint",
+    )
     p.add_argument("--ks", default="10,20,100,200")
     p.add_argument("--temperature", type=float, default=0.07)
     p.add_argument("--batch-size", type=int, default=256, help="images per rank per forward")
@@ -58,7 +63,7 @@ def main(argv=None) -> dict:
     from scale.data.labelled import check_labels, eval_batches
     from scale.data.loader import resolve_source
     from scale.data.shards import DataError
-    from scale.eval.checkpoints import load_frozen_backbone
+    from scale.eval.checkpoints import load_frozen_backbone, random_init_like
     from scale.eval.knn import knn_classify
     from scale.models.checkpoints import CheckpointError
     from scale.parallel.base import BackendError
@@ -72,6 +77,8 @@ def main(argv=None) -> dict:
         device = torch.device("cuda", plan.index) if plan.kind == "cuda" else torch.device("cpu")
         comm = device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
         loaded = load_frozen_backbone(args.checkpoint, model=args.model, encoder=args.encoder)
+        if args.random_init:
+            loaded = random_init_like(loaded)
         backbone = loaded.model.to(device)
         dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") \
             else None  # fmt: skip

@@ -34,6 +34,11 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--val", required=True, help="labelled validation data (demo:val for the digits)")
     p.add_argument("--model", help="architecture of a checkpoint that does not name it (vit_base, ...)")
     p.add_argument("--encoder", default="base_encoder", choices=["base_encoder", "momentum_encoder"])
+    p.add_argument(
+        "--random-init",
+        action="store_true",
+        help="the run's architecture at its initial weights (the baseline); needs a run checkpoint",
+    )
     p.add_argument("--epochs", type=int, default=90)
     p.add_argument("--batch-size", type=int, default=1024, help="global batch")
     p.add_argument("--lrs", default="3", help="comma-separated base lrs, one head each (lr = base x batch / 256)")
@@ -66,7 +71,7 @@ def main(argv=None) -> dict:
     import torch.distributed as dist
 
     from scale.data.shards import DataError
-    from scale.eval.checkpoints import load_frozen_backbone
+    from scale.eval.checkpoints import load_frozen_backbone, random_init_like
     from scale.eval.linear_probe import LinearProbe, ProbeSettings
     from scale.models.checkpoints import CheckpointError
     from scale.parallel.base import BackendError
@@ -78,6 +83,8 @@ def main(argv=None) -> dict:
         _, plan = plan_placement()
         device = torch.device("cuda", plan.index) if plan.kind == "cuda" else torch.device("cpu")
         loaded = load_frozen_backbone(args.checkpoint, model=args.model, encoder=args.encoder)
+        if args.random_init:
+            loaded = random_init_like(loaded)
         crop = args.crop_size or loaded.model.cfg.img_size
         if crop != loaded.model.cfg.img_size:
             raise ValueError(f"--crop-size {crop}: the backbone was built for {loaded.model.cfg.img_size} px")

@@ -13,6 +13,7 @@
 #   SCALE_PYTHON     the Python (default: $SCALE_ROOT/.venv/bin/python if there, else python3)
 #   SCALE_SRUN_ARGS  extra srun options, e.g. a container: "--container-image=nvcr.io#nvidia/pytorch:25.01-py3"
 #   MASTER_PORT      default 20000 + job id % 20000 (the same after a requeue)
+#   SCALE_ENTRY      the module to run (default scale.pretrain; slurm/linear_probe.sh: scale.linear_probe)
 set -euo pipefail
 
 if [[ -z "${SLURM_JOB_ID:-}" ]]; then
@@ -25,6 +26,7 @@ if [[ -z "$py" ]]; then
   if [[ -x "$root/.venv/bin/python" ]]; then py="$root/.venv/bin/python"; else py=python3; fi
 fi
 mode=${SCALE_LAUNCH:-srun}
+entry=${SCALE_ENTRY:-scale.pretrain}
 nodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
 export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
 export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
@@ -33,13 +35,14 @@ cd "$root"
 echo "scale: job $SLURM_JOB_ID, restart ${SLURM_RESTART_COUNT:-0}, $nodes node(s), ${SLURM_NTASKS:-?} task(s)," \
   "launch $mode, rendezvous $MASTER_ADDR:$MASTER_PORT, $(date -u +%FT%TZ)"
 # A wrong recipe, key, value, data path or DeepSpeed config fails here, once, before any rank starts.
-"$py" -m scale.pretrain "$@" --check
+if [[ "$entry" == scale.pretrain ]]; then "$py" -m scale.pretrain "$@" --check; fi
 
+export SCALE_ENTRY=$entry
 case "$mode" in
   srun)
     # One task per GPU: scale reads SLURM_PROCID / SLURM_LOCALID / SLURM_STEP_NUM_TASKS.
     # shellcheck disable=SC2086
-    exec srun --kill-on-bad-exit=1 ${SCALE_SRUN_ARGS:-} "$py" -m scale.pretrain "$@"
+    exec srun --kill-on-bad-exit=1 ${SCALE_SRUN_ARGS:-} "$py" -m "$entry" "$@"
     ;;
   torchrun)
     per_node=${SCALE_GPUS_PER_NODE:-${SLURM_NTASKS_PER_NODE:-1}}
@@ -52,7 +55,7 @@ case "$mode" in
       --cpus-per-task=$(( ${SLURM_CPUS_PER_TASK:-1} * per_node )) ${SCALE_SRUN_ARGS:-} \
       bash -c 'trap "" USR1 USR2; exec "$0" -m torch.distributed.run --nnodes="$1" --nproc-per-node="$2" \
         --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" \
-        -m scale.pretrain "${@:3}"' "$py" "$nodes" "$per_node" "$@"
+        -m "$SCALE_ENTRY" "${@:3}"' "$py" "$nodes" "$per_node" "$@"
     ;;
   *)
     echo "SCALE_LAUNCH=$mode: use srun (one task per GPU) or torchrun (one per node)" >&2

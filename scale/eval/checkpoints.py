@@ -165,3 +165,20 @@ def _backbone_from_config(config: dict | None, model: str | None, overrides: dic
     if model is not None and model != m.name:
         raise CheckpointError(f"--model {model} but the run trained {m.name}; leave --model out for run checkpoints")
     return build_vit(m.name, **{**m.vit_overrides(), **overrides})
+
+
+def random_init_like(loaded: LoadedBackbone) -> LoadedBackbone:
+    """The same architecture at the initial weights its run started from (seeded as the trainer
+    seeds the model: `run.seed`, the whole MoCo model built, its base encoder taken), frozen: the
+    baseline a pretrained backbone is compared with."""
+    from scale.config import Config
+    from scale.models import build_moco
+
+    if loaded.config is None:
+        raise CheckpointError("--random-init needs a run checkpoint of this project (its config and seed)")
+    cfg = Config.from_dict(loaded.config)
+    torch.manual_seed(cfg.run.seed)
+    m = cfg.model
+    backbone = build_moco(m.name, dim=m.dim, mlp_dim=m.mlp_dim, temperature=m.temperature, **m.vit_overrides())
+    model = backbone.base_encoder.eval().requires_grad_(False)
+    return LoadedBackbone(model, f"{loaded.source} (random init)", "random init", loaded.name, 0, loaded.config)

@@ -129,3 +129,19 @@ def test_bad_input_fails_at_once_before_any_rank_starts(slurm, tmp_path, args, m
     log = output(tmp_path, "vit_b_300ep.sh", job)
     assert out.returncode != 0 and message in log, log[-3000:]
     assert "process group" not in log and not (tmp_path / "runs").exists()
+
+
+def test_linear_probe_script_probes_a_run_on_two_ranks(slurm, tmp_path):
+    from scale.train.trainer import Trainer
+    from tests.helpers import FixedBatchLoader, tiny_config
+
+    Trainer(tiny_config(tmp_path, "run", **{"schedule.max_steps": 1}), loader=FixedBatchLoader(4, 8)).fit()
+    args = [str(tmp_path / "run"), "--train", "demo", "--val", "demo:val", "--epochs", "2", "--batch-size", "128",
+            "--no-augment", "--workers", "0", "--no-progress", "--out", str(tmp_path / "probe")]  # fmt: skip
+    cmd = ["sbatch", "--parsable", "--wait", *SBATCH_CPU, str(ROOT / "slurm" / "linear_probe.sh"), *args]
+    out = slurm.run(*cmd, cwd=tmp_path, env=job_env(tmp_path), timeout=600)
+    job = out.stdout.strip().split(";")[0]
+    log = output(tmp_path, "linear_probe.sh", job)
+    assert out.returncode == 0, out.stderr + log[-3000:]
+    result = json.loads((tmp_path / "probe" / "linear_probe.json").read_text())
+    assert result["world_size"] == 2 and result["pretrain_step"] == 1 and "linear probe of" in log

@@ -126,7 +126,7 @@ def main(argv=None) -> dict:
             with open(os.path.join(out, "knn.md"), "w") as f:
                 f.write("\n".join(lines) + "\n")
             print(f"kNN top-1 of {loaded.source}: " + ", ".join(f"k={k} {v:.2f}%" for k, v in acc.items())
-                  + f"; {out}/knn.md")  # fmt: skip
+                  + f"; {result['features_per_s_per_rank']:.0f} frozen features/s per rank; {out}/knn.md")  # fmt: skip
         return result
     except (FileNotFoundError, CheckpointError, DataError, BackendError, LaunchError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -47,6 +47,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--bn", action="store_true", help="affine-free BatchNorm before the heads (MAE's probe)")
     p.add_argument("--no-augment", action="store_true", help="evaluation crops for training too; features cached")
     p.add_argument("--crop-size", type=int, help="default: the run's img_size, else 224")
+    p.add_argument("--crop-min", type=float, default=0.08, help="RandomResizedCrop's smallest area (authors': 0.08)")
+    p.add_argument("--no-flip", action="store_true", help="no horizontal flips (e.g. digits, text)")
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--eval-every", type=int, default=10, help="epochs between evaluations (and the last)")
@@ -91,6 +93,7 @@ def main(argv=None) -> dict:
         settings = ProbeSettings(
             epochs=args.epochs, batch_size=args.batch_size, base_lrs=lrs, momentum=args.momentum,
             weight_decay=args.weight_decay, batchnorm=args.bn, augment=not args.no_augment, crop_size=crop,
+            crop_min=args.crop_min, flip=not args.no_flip,
             num_workers=args.workers, seed=args.seed, eval_every=args.eval_every, precision=args.precision,
             progress=not args.no_progress, tensorboard=not args.no_tensorboard,
         )  # fmt: skip
@@ -100,7 +103,8 @@ def main(argv=None) -> dict:
         if result and (not dist.is_initialized() or dist.get_rank() == 0):
             best = result["best"]
             print(f"linear probe of {result['checkpoint']}: top-1 {best['top1']:.2f}% top-5 {best['top5']:.2f}% "
-                  f"(best base lr {best['base_lr']:g} of {len(result['lrs'])}); {out}/linear_probe.md")  # fmt: skip
+                  f"(best base lr {best['base_lr']:g} of {len(result['lrs'])}); {result['features_per_s']:.0f} frozen "
+                  f"features/s per rank; {out}/linear_probe.md")  # fmt: skip
         return result
     except (FileNotFoundError, CheckpointError, DataError, BackendError, LaunchError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -29,11 +29,13 @@ class OneView:
     """uint8 (3, H, W) -> a 1-tuple of uint8 (3, S, S): the probe's training augmentation, or the
     evaluation resize + centre crop when `train` is false."""
 
-    def __init__(self, crop_size: int = 224, train: bool = True, crop_scale: tuple[float, float] = (0.08, 1.0)):
+    def __init__(
+        self, crop_size: int = 224, train: bool = True, crop_scale: tuple[float, float] = (0.08, 1.0), flip: bool = True
+    ):
         self.crop_size, self.train = crop_size, train
         if train:
-            self.ops = T.Compose([T.RandomResizedCrop(crop_size, scale=crop_scale, antialias=True),
-                                  T.RandomHorizontalFlip()])  # fmt: skip
+            ops = [T.RandomResizedCrop(crop_size, scale=crop_scale, antialias=True)]
+            self.ops = T.Compose(ops + ([T.RandomHorizontalFlip()] if flip else []))
         else:
             self.ops = T.Compose([T.Resize(round(crop_size / 0.875), antialias=True), T.CenterCrop(crop_size)])
 
@@ -70,9 +72,12 @@ class LabelledLoader(EpochLoader):
         seed: int = 0,
         shuffle_buffer: int = 1000,
         device: torch.device | None = None,
+        crop_scale: tuple[float, float] = (0.08, 1.0),
+        flip: bool = True,
     ):
         super().__init__()
-        self.stream = TwoViewStream(source, OneView(crop_size, train), batch_size=batch_size, world_size=world_size,
+        view = OneView(crop_size, train, crop_scale, flip)
+        self.stream = TwoViewStream(source, view, batch_size=batch_size, world_size=world_size,
                                     rank=rank, num_workers=num_workers, seed=seed, shuffle=True,
                                     shuffle_buffer=shuffle_buffer)  # fmt: skip
         self.batches_per_epoch, self.batch_size = self.stream.batches_per_epoch, batch_size

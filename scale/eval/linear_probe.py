@@ -57,6 +57,10 @@ class ProbeSettings:
     augment: bool = True
     """RandomResizedCrop + flip for training; false: the evaluation crop, and features cached."""
     crop_size: int = 224
+    crop_min: float = 0.08
+    """RandomResizedCrop's smallest area fraction (the authors': torchvision's default 0.08)."""
+    flip: bool = True
+    """Random horizontal flips in training (the authors': on)."""
     num_workers: int = 8
     seed: int = 0
     eval_every: int = 10
@@ -247,7 +251,7 @@ class LinearProbe:
         if s.augment:
             loader = LabelledLoader(self.train_src, batch_size=self.per_rank, world_size=self.world, rank=self.rank,
                                     crop_size=s.crop_size, num_workers=s.num_workers, seed=s.seed,
-                                    device=self.device)  # fmt: skip
+                                    device=self.device, crop_scale=(s.crop_min, 1.0), flip=s.flip)  # fmt: skip
             steps_per_epoch = len(loader)
         else:
             cached_train = self._cache(self.train_src)
@@ -325,7 +329,8 @@ class LinearProbe:
         if self.rank == 0:
             (self.out_dir / "linear_probe.json").write_text(json.dumps(result, indent=1))
             step = f", pretraining step {result['pretrain_step']}" if result["pretrain_step"] is not None else ""
-            augment = "RandomResizedCrop + flip" if s.augment else "no augmentation (cached features)"
+            augment = (f"RandomResizedCrop({s.crop_min:g}-1){' + flip' if s.flip else ''}" if s.augment
+                       else "no augmentation (cached features)")  # fmt: skip
             lines = [f"# Linear probe: {result['model']} from {result['checkpoint']}", "",
                      f"{result['checkpoint_kind']}{step}; {s.epochs} epochs, batch {s.batch_size}, SGD momentum "
                      f"{s.momentum}, weight decay {s.weight_decay}, {augment}"

@@ -6,7 +6,7 @@ paper): cosine similarity, k in {10, 20, 100, 200}, weights exp(sim / 0.07).
         --val /data/in1k-shards/val-*.tar
 
 Each rank extracts the features of its share of both sets (Resize + CenterCrop) and keeps them;
-the search is sharded (`scale.eval.knn`): no rank holds the whole bank. Results: OUT/knn.{md,json}.
+the search is sharded (`scale.train.knn`): no rank holds the whole bank. Results: OUT/knn.{md,json}.
 """
 
 from __future__ import annotations
@@ -64,11 +64,11 @@ def main(argv=None) -> dict:
     from scale.data.loader import resolve_source
     from scale.data.shards import DataError
     from scale.eval.checkpoints import load_frozen_backbone, random_init_like
-    from scale.eval.knn import knn_classify
     from scale.models.checkpoints import CheckpointError
     from scale.parallel.base import BackendError
     from scale.parallel.launch import init_distributed
     from scale.parallel.placement import LaunchError, plan_placement
+    from scale.train.knn import knn_classify
 
     try:
         init_distributed()

@@ -413,11 +413,10 @@ class Trainer:
         """kNN top-1 (%) of `backbone` (default: the base encoder's) on the configured held-out data.
 
         Every rank extracts the features of its share (sharded models need every rank's forward)
-        and keeps them: the kNN is sharded (`scale.eval.knn`), no rank gathers the bank. NaN when
+        and keeps them: the kNN is sharded (`scale.train.knn`), no rank gathers the bank. NaN when
         no kNN data is configured.
         """
-        from scale.eval.knn import knn_classify
-        from scale.train.knn import extract_features
+        from scale.train.knn import extract_features, knn_classify
 
         cfg, b = self.cfg, self.backend
         if not (cfg.data.eval_source and cfg.data.knn_train_source):

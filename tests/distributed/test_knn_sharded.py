@@ -4,8 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scale.eval.knn import knn_classify
-from scale.train.knn import knn_accuracy
+from scale.train.knn import knn_accuracy, knn_classify
 from tests.helpers import run_ranks
 
 pytestmark = pytest.mark.distributed

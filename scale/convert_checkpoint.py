@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from scale.eval.checkpoints import resolve_run_checkpoint, run_model_state
+from scale.eval.checkpoints import architecture, resolve_run_checkpoint, run_model_state
 from scale.models.checkpoints import (
     CheckpointError,
     backbone_state_dict,
@@ -37,7 +37,7 @@ from scale.models.checkpoints import (
     save_atomic,
     timm_kwargs,
 )
-from scale.models.vit import VIT_ALIASES, VIT_PRESETS, build_vit
+from scale.models.vit import build_vit
 
 log = logging.getLogger("scale.convert")
 FORMATS = ("timm", "deit", "moco")
@@ -53,11 +53,7 @@ def _source_state(src: Path, model: str | None) -> tuple[dict, str, dict | None,
         steps_per_epoch = max(1, int(client.get("derived", {}).get("steps_per_epoch", 1)))
         return {"state_dict": sd}, config["model"]["name"], config, int(client["step"]) // steps_per_epoch
     ckpt = read_checkpoint(src)
-    arch = ckpt.get("arch") if isinstance(ckpt.get("arch"), str) else None
-    name = model or arch
-    if name is None or (name not in VIT_PRESETS and name not in VIT_ALIASES):
-        raise ValueError(f"cannot tell the architecture of {src} (arch={arch!r}); pass --model with one of "
-                         f"{', '.join(sorted(VIT_PRESETS))}")  # fmt: skip
+    name = architecture(ckpt, model, src)
     return ckpt, name, None, int(ckpt.get("epoch", 0)) if isinstance(ckpt.get("epoch"), int) else 0
 
 

@@ -24,17 +24,10 @@ if __package__ in (None, ""):  # run by path
 
 
 def parse(argv=None) -> argparse.Namespace:
+    from scale.eval.checkpoints import add_checkpoint_args
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="run directory, checkpoint directory, or .pth / .pth.tar file")
-    p.add_argument("--train", required=True, help="labelled data whose features form the bank")
-    p.add_argument("--val", required=True, help="labelled queries")
-    p.add_argument("--model", help="architecture of a checkpoint that does not name it")
-    p.add_argument("--encoder", default="base_encoder", choices=["base_encoder", "momentum_encoder"])
-    p.add_argument(
-        "--random-init",
-        action="store_true",
-        help="the run's architecture at its initial weights (the baseline); needs a run checkpoint",
-    )
+    add_checkpoint_args(p, "labelled data whose features form the bank", "labelled queries")
     p.add_argument("--ks", default="10,20,100,200")
     p.add_argument("--temperature", type=float, default=0.07)
     p.add_argument("--batch-size", type=int, default=256, help="images per rank per forward")
@@ -46,7 +39,7 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    from scale.pretrain import setup_logging
+    from scale.entry import evaluation_entry, setup_logging
 
     setup_logging()
     args = parse(argv)
@@ -63,22 +56,18 @@ def main(argv=None) -> dict:
     from scale.data.labelled import check_labels, eval_batches
     from scale.data.loader import resolve_source
     from scale.data.shards import DataError
-    from scale.eval.checkpoints import load_frozen_backbone, random_init_like
-    from scale.models.checkpoints import CheckpointError
-    from scale.parallel.base import BackendError
+    from scale.eval.checkpoints import backbone_from_args
     from scale.parallel.launch import init_distributed
-    from scale.parallel.placement import LaunchError, plan_placement
+    from scale.parallel.placement import plan_placement
     from scale.train.knn import knn_classify
 
-    try:
+    with evaluation_entry():
         init_distributed()
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         _, plan = plan_placement()
         device = torch.device("cuda", plan.index) if plan.kind == "cuda" else torch.device("cpu")
         comm = device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
-        loaded = load_frozen_backbone(args.checkpoint, model=args.model, encoder=args.encoder)
-        if args.random_init:
-            loaded = random_init_like(loaded)
+        loaded = backbone_from_args(args)
         backbone = loaded.model.to(device)
         dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") \
             else None  # fmt: skip
@@ -128,11 +117,6 @@ def main(argv=None) -> dict:
             print(f"kNN top-1 of {loaded.source}: " + ", ".join(f"k={k} {v:.2f}%" for k, v in acc.items())
                   + f"; {result['features_per_s_per_rank']:.0f} frozen features/s per rank; {out}/knn.md")  # fmt: skip
         return result
-    except (FileNotFoundError, CheckpointError, DataError, BackendError, LaunchError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def cli() -> None:

@@ -28,16 +28,13 @@ log = logging.getLogger("scale")
 
 
 def parse(argv=None) -> argparse.Namespace:
+    from scale.eval.checkpoints import add_checkpoint_args
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="run directory, checkpoint directory, or .pth / .pth.tar file")
-    p.add_argument("--train", required=True, help="labelled training data: shards, an image folder, or demo")
-    p.add_argument("--val", required=True, help="labelled validation data (demo:val for the digits)")
-    p.add_argument("--model", help="architecture of a checkpoint that does not name it (vit_base, ...)")
-    p.add_argument("--encoder", default="base_encoder", choices=["base_encoder", "momentum_encoder"])
-    p.add_argument(
-        "--random-init",
-        action="store_true",
-        help="the run's architecture at its initial weights (the baseline); needs a run checkpoint",
+    add_checkpoint_args(
+        p,
+        "labelled training data: shards, an image folder, or demo",
+        "labelled validation data (demo:val for the digits)",
     )
     p.add_argument("--epochs", type=int, default=90)
     p.add_argument("--batch-size", type=int, default=1024, help="global batch")
@@ -61,7 +58,7 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    from scale.pretrain import setup_logging
+    from scale.entry import evaluation_entry, setup_logging
 
     setup_logging()
     args = parse(argv)
@@ -72,21 +69,16 @@ def main(argv=None) -> dict:
     import torch
     import torch.distributed as dist
 
-    from scale.data.shards import DataError
-    from scale.eval.checkpoints import load_frozen_backbone, random_init_like
+    from scale.eval.checkpoints import backbone_from_args
     from scale.eval.linear_probe import LinearProbe, ProbeSettings
-    from scale.models.checkpoints import CheckpointError
-    from scale.parallel.base import BackendError
     from scale.parallel.launch import init_distributed
-    from scale.parallel.placement import LaunchError, plan_placement
+    from scale.parallel.placement import plan_placement
 
-    try:
+    with evaluation_entry():
         init_distributed()
         _, plan = plan_placement()
         device = torch.device("cuda", plan.index) if plan.kind == "cuda" else torch.device("cpu")
-        loaded = load_frozen_backbone(args.checkpoint, model=args.model, encoder=args.encoder)
-        if args.random_init:
-            loaded = random_init_like(loaded)
+        loaded = backbone_from_args(args)
         crop = args.crop_size or loaded.model.cfg.img_size
         if crop != loaded.model.cfg.img_size:
             raise ValueError(f"--crop-size {crop}: the backbone was built for {loaded.model.cfg.img_size} px")
@@ -106,11 +98,6 @@ def main(argv=None) -> dict:
                   f"(best base lr {best['base_lr']:g} of {len(result['lrs'])}); {result['features_per_s']:.0f} frozen "
                   f"features/s per rank; {out}/linear_probe.md")  # fmt: skip
         return result
-    except (FileNotFoundError, CheckpointError, DataError, BackendError, LaunchError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def cli() -> None:

@@ -23,38 +23,11 @@ if __package__ in (None, ""):  # run by path (`python scale/pretrain.py`, the De
     sys.path.insert(0, os.path.dirname(here))
 
 from scale.config import ConfigError, apply_overrides, describe  # noqa: E402
+from scale.entry import launch_rank as _rank  # noqa: E402
+from scale.entry import setup_logging  # noqa: E402
 from scale.recipes import RECIPES, get_recipe  # noqa: E402
 
 log = logging.getLogger("scale")
-
-
-def _rank() -> int:
-    """This process's rank as the launcher says (srun's tasks have no RANK before start-up)."""
-    from scale.parallel.placement import LaunchError, detect_launch
-
-    try:
-        return detect_launch().rank
-    except LaunchError:
-        return 0
-
-
-class _MainRankOnly(logging.Filter):
-    def __init__(self, rank: int):
-        super().__init__()
-        self.rank = rank
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.rank == 0 or record.levelno >= logging.WARNING
-
-
-def setup_logging() -> None:
-    handler = logging.StreamHandler()
-    rank = _rank()
-    handler.setFormatter(
-        logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    )
-    handler.addFilter(_MainRankOnly(rank))
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
 
 
 def parse(argv: list[str] | None = None):

@@ -111,7 +111,11 @@ def rank_share(counts: list[int], rank: int, world_size: int) -> list[tuple[int,
     """This rank's contiguous share of all samples as (unit, start, stop) runs; the shares of all
     ranks cover every sample once (sizes differ by at most one)."""
     total = sum(counts)
-    lo, hi = total * rank // world_size, total * (rank + 1) // world_size
+    return runs_between(counts, total * rank // world_size, total * (rank + 1) // world_size)
+
+
+def runs_between(counts: list[int], lo: int, hi: int) -> list[tuple[int, int, int]]:
+    """Samples [lo, hi) of the concatenated units as (unit, start, stop) runs."""
     runs, offset = [], 0
     for unit, count in enumerate(counts):
         a, b = max(lo, offset), min(hi, offset + count)

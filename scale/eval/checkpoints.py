@@ -111,6 +111,32 @@ def _deepspeed_model_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in full.items()}
 
 
+def architecture(ckpt: Any, model: str | None, path: Path) -> str:
+    """`model`, or the architecture a checkpoint file names ('arch', as the authors' releases)."""
+    arch = ckpt.get("arch") if isinstance(ckpt.get("arch"), str) else None
+    name = model or arch
+    if name is None or (name not in VIT_PRESETS and name not in VIT_ALIASES):
+        raise CheckpointError(f"cannot tell the architecture of {path} (arch={arch!r}); pass --model with one of "
+                              f"{', '.join(sorted(VIT_PRESETS))}")  # fmt: skip
+    return name
+
+
+def add_checkpoint_args(parser, train_help: str, val_help: str) -> None:
+    """The evaluation CLIs' shared arguments: what to evaluate and on which data."""
+    parser.add_argument("checkpoint", help="run directory, checkpoint directory, or .pth / .pth.tar file")
+    parser.add_argument("--train", required=True, help=train_help)
+    parser.add_argument("--val", required=True, help=val_help)
+    parser.add_argument("--model", help="architecture of a checkpoint that does not name it (vit_base, ...)")
+    parser.add_argument("--encoder", default="base_encoder", choices=["base_encoder", "momentum_encoder"])
+    baseline = "the run's architecture at its initial weights (the baseline); needs a run checkpoint"
+    parser.add_argument("--random-init", action="store_true", help=baseline)
+
+
+def backbone_from_args(args) -> LoadedBackbone:
+    loaded = load_frozen_backbone(args.checkpoint, model=args.model, encoder=args.encoder)
+    return random_init_like(loaded) if args.random_init else loaded
+
+
 def load_frozen_backbone(
     source: str | Path, model: str | None = None, encoder: str = "base_encoder", **vit_overrides
 ) -> LoadedBackbone:
@@ -137,11 +163,7 @@ def load_frozen_backbone(
         source_name = str(ckpt_dir)
     else:
         state = read_checkpoint(path)
-        arch = state.get("arch") if isinstance(state.get("arch"), str) else None
-        name = model or arch
-        if name is None or (name not in VIT_PRESETS and name not in VIT_ALIASES):
-            raise CheckpointError(f"cannot tell the architecture of {path} (arch={arch!r}); pass --model with one of "
-                                  f"{', '.join(sorted(VIT_PRESETS))}")  # fmt: skip
+        name = architecture(state, model, path)
         backbone = build_vit(name, **vit_overrides)
         keys = state.get("state_dict", state.get("model", state))
         kind = "moco" if any("base_encoder." in k for k in keys) else "timm"

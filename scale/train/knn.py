@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scale.data.augment import Normalize
+from scale.data.labelled import runs_between
 from scale.data.loader import ShardSource, resolve_source
 from scale.parallel.dist import all_gather_single
 
@@ -27,14 +28,7 @@ def _share(counts: list[int], rank: int, world_size: int) -> tuple[list[tuple[in
     every rank pads to (so every rank runs the same number of forward passes)."""
     total = sum(counts)
     per_rank = -(-total // world_size)
-    lo, hi = min(rank * per_rank, total), min((rank + 1) * per_rank, total)
-    runs, offset = [], 0
-    for unit, count in enumerate(counts):
-        a, b = max(lo, offset), min(hi, offset + count)
-        if a < b:
-            runs.append((unit, a - offset, b - offset))
-        offset += count
-    return runs, per_rank
+    return runs_between(counts, min(rank * per_rank, total), min((rank + 1) * per_rank, total)), per_rank
 
 
 @torch.no_grad()

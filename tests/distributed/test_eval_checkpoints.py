@@ -54,3 +54,17 @@ def test_a_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
     loaded = load_frozen_backbone(tmp_path / "moco.pth.tar", img_size=32, patch_size=8, embed_dim=32, depth=2,
                                   num_heads=4)  # fmt: skip
     assert loaded.kind == "moco"
+
+
+def test_a_timm_state_dict_loads_with_model_named(tmp_path):
+    from scale.models import build_vit
+    from scale.models.checkpoints import export_timm_state_dict
+
+    vit = build_vit("vit_small", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4)
+    torch.save(export_timm_state_dict(vit), tmp_path / "timm.pth")
+    with pytest.raises(CheckpointError, match="pass --model"):
+        load_frozen_backbone(tmp_path / "timm.pth")
+    loaded = load_frozen_backbone(tmp_path / "timm.pth", model="vit_small", img_size=32, patch_size=8, embed_dim=32,
+                                  depth=2, num_heads=4)  # fmt: skip
+    assert loaded.kind == "timm" and all(torch.equal(loaded.model.state_dict()[k], v)
+                                         for k, v in export_timm_state_dict(vit).items())  # fmt: skip

@@ -46,6 +46,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--crop-size", type=int, help="default: the run's img_size, else 224")
     p.add_argument("--crop-min", type=float, default=0.08, help="RandomResizedCrop's smallest area (authors': 0.08)")
     p.add_argument("--no-flip", action="store_true", help="no horizontal flips (e.g. digits, text)")
+    p.add_argument("--labels-per-class", type=int, default=0,
+                   help="low-shot probe: train on N labelled samples per class (with --no-augment)")  # fmt: skip
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--eval-every", type=int, default=10, help="epochs between evaluations (and the last)")
@@ -85,7 +87,7 @@ def main(argv=None) -> dict:
         settings = ProbeSettings(
             epochs=args.epochs, batch_size=args.batch_size, base_lrs=lrs, momentum=args.momentum,
             weight_decay=args.weight_decay, batchnorm=args.bn, augment=not args.no_augment, crop_size=crop,
-            crop_min=args.crop_min, flip=not args.no_flip,
+            crop_min=args.crop_min, flip=not args.no_flip, labels_per_class=args.labels_per_class,
             num_workers=args.workers, seed=args.seed, eval_every=args.eval_every, precision=args.precision,
             progress=not args.no_progress, tensorboard=not args.no_tensorboard,
         )  # fmt: skip

@@ -61,6 +61,8 @@ class ProbeSettings:
     """RandomResizedCrop's smallest area fraction (the authors': torchvision's default 0.08)."""
     flip: bool = True
     """Random horizontal flips in training (the authors': on)."""
+    labels_per_class: int = 0
+    """Train on this many labelled samples per class (0: all): the low-shot probe (needs augment off)."""
     num_workers: int = 8
     seed: int = 0
     eval_every: int = 10
@@ -142,6 +144,8 @@ class LinearProbe:
         ):
             raise ValueError(f"--lrs must be distinct positive base lrs, got {settings.base_lrs}")
         self.per_rank = settings.batch_size // self.world
+        if settings.labels_per_class and settings.augment:
+            raise ValueError("--labels-per-class works on cached features: add --no-augment")
         self.train_src, self.val_src = resolve_source(train_source), resolve_source(val_source)
         self.train_name, self.val_name = train_source, val_source
         for src, name in ((self.train_src, train_source), (self.val_src, val_source)):
@@ -238,6 +242,33 @@ class LinearProbe:
         return (torch.cat(feats) if feats else torch.zeros(0, dim, device=self.device),
                 torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64, device=self.device))  # fmt: skip
 
+    def _few_labels(self, feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep `labels_per_class` training samples of each class over all ranks (seeded): the
+        low-shot linear probe, where features that need few labels show."""
+        n = self.s.labels_per_class
+        local = labels.cpu().tolist()
+        everyone = [local]
+        if self.world > 1:
+            everyone = [None] * self.world
+            dist.all_gather_object(everyone, local)
+        pairs = [(r, i, y) for r, ys in enumerate(everyone) for i, y in enumerate(ys)]
+        g = torch.Generator().manual_seed(self.s.seed)
+        order = torch.randperm(len(pairs), generator=g).tolist()
+        taken: dict[int, int] = {}
+        keep = []
+        for j in order:
+            r, i, y = pairs[j]
+            if taken.get(y, 0) < n:
+                taken[y] = taken.get(y, 0) + 1
+                if r == self.rank:
+                    keep.append(i)
+        short = sorted(c for c in range(self.num_classes) if taken.get(c, 0) < n)
+        if short:
+            raise DataError(f"{self.train_name}: classes {short[:10]} have fewer than {n} samples; lower "
+                            "--labels-per-class")  # fmt: skip
+        idx = torch.tensor(sorted(keep), dtype=torch.int64, device=feats.device)
+        return feats[idx], labels[idx]
+
     # ------------------------------------------------------------------ the run
 
     def run(self) -> dict[str, Any]:
@@ -255,6 +286,8 @@ class LinearProbe:
             steps_per_epoch = len(loader)
         else:
             cached_train = self._cache(self.train_src)
+            if s.labels_per_class:
+                cached_train = self._few_labels(*cached_train)
             cached_val = self._cache(self.val_src)
             n_local = torch.tensor([cached_train[0].shape[0]], device=self.comm)
             n_min = int(_all_reduce(n_local, dist.ReduceOp.MIN if self.world > 1 else None))
@@ -331,6 +364,8 @@ class LinearProbe:
             step = f", pretraining step {result['pretrain_step']}" if result["pretrain_step"] is not None else ""
             augment = (f"RandomResizedCrop({s.crop_min:g}-1){' + flip' if s.flip else ''}" if s.augment
                        else "no augmentation (cached features)")  # fmt: skip
+            if s.labels_per_class:
+                augment += f", {s.labels_per_class} labels per class"
             lines = [f"# Linear probe: {result['model']} from {result['checkpoint']}", "",
                      f"{result['checkpoint_kind']}{step}; {s.epochs} epochs, batch {s.batch_size}, SGD momentum "
                      f"{s.momentum}, weight decay {s.weight_decay}, {augment}"

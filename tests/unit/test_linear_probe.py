@@ -90,3 +90,14 @@ def test_bad_data_is_a_clear_error(tmp_path):
         LinearProbe(backbone(), str(tmp_path / "empty"), str(val), tmp_path / "o", settings())
     with pytest.raises(ValueError, match="distinct positive base lrs"):
         LinearProbe(backbone(), "demo", "demo:val", tmp_path / "o", settings(base_lrs=(1.0, 1.0)))
+
+
+def test_low_shot_probe_trains_on_n_labels_per_class(tmp_path):
+    p = LinearProbe(backbone(), "demo", "demo:val", tmp_path / "few", settings(labels_per_class=3, batch_size=10))
+    feats, labels = p._few_labels(*p._cache(p.train_src))
+    assert feats.shape[0] == 30 and torch.bincount(labels, minlength=10).tolist() == [3] * 10
+    assert p.run()["settings"]["labels_per_class"] == 3
+    with pytest.raises(ValueError, match="--no-augment"):
+        LinearProbe(backbone(), "demo", "demo:val", tmp_path / "o", settings(labels_per_class=3, augment=True))
+    with pytest.raises(DataError, match="fewer than 1000 samples"):
+        LinearProbe(backbone(), "demo", "demo:val", tmp_path / "o", settings(labels_per_class=1000)).run()

@@ -195,6 +195,31 @@ class RunConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """The paper's instruments (scale.train.monitors), on by default: they change nothing in training."""
+
+    knn_every: int = 20
+    """Classify the current batch against the dense kNN bank every this many steps (0: off)."""
+    knn_bank_fraction: float = 0.1
+    """Bank length as a fraction of the training set (the paper: 10%), rounded to whole steps."""
+    knn_bank_size: int = 0
+    """Bank length in features (0: from knn_bank_fraction); rounded to whole steps (2 crops each)."""
+    knn_k: int = 200
+    knn_temperature: float = 0.07
+    """Wu et al. 2018's k and temperature."""
+    dip_points: float = 3.0
+    """A dense kNN value this many points (and 3 standard errors) below its running average is a dip."""
+    grad_every: int = 1
+    """Measure per-layer gradient norms every this many steps (0: off)."""
+    spike_threshold: float = 3.0
+    """A layer's gradient norm above this multiple of its running average is a spike."""
+    average_steps: int = 50
+    """Horizon of the running averages (in measurements), and the warm-up before spikes are reported."""
+    spike_window: int = 200
+    """Steps after a first-layer spike in which a last-layer spike is reported with its delay."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -203,6 +228,7 @@ class Config:
     batch: BatchConfig = field(default_factory=BatchConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     recipe: str = ""
     """The recipe this config started from."""
 
@@ -422,6 +448,16 @@ def derive(cfg: Config, world_size: int, num_samples: int) -> Derived:
             "need run.log_every >= 1, run.ckpt_every >= 0, run.keep_last >= 1 and run.max_nonfinite >= 1 "
             f"(got {r.log_every}, {r.ckpt_every}, {r.keep_last}, {r.max_nonfinite})"
         )
+    mo = cfg.monitor
+    if min(mo.knn_every, mo.knn_bank_size, mo.grad_every) < 0 or not 0 < mo.knn_bank_fraction <= 1:
+        raise ConfigError("need monitor.knn_every, monitor.knn_bank_size, monitor.grad_every >= 0 and 0 < "
+                          f"monitor.knn_bank_fraction <= 1 (got {mo.knn_every}, {mo.knn_bank_size}, {mo.grad_every}, "
+                          f"{mo.knn_bank_fraction})")  # fmt: skip
+    if mo.knn_k < 1 or mo.knn_temperature <= 0 or mo.spike_threshold <= 1 or mo.average_steps < 1 or mo.dip_points < 0:
+        raise ConfigError("need monitor.knn_k >= 1, monitor.knn_temperature > 0, monitor.spike_threshold > 1, "
+                          f"monitor.average_steps >= 1 and monitor.dip_points >= 0 (got "
+                          f"{mo.knn_k}, {mo.knn_temperature}, {mo.spike_threshold}, {mo.average_steps}, "
+                          f"{mo.dip_points})")  # fmt: skip
     s = cfg.schedule
     if s.epochs <= 0 or s.warmup_epochs < 0 or s.warmup_epochs > s.epochs:
         raise ConfigError(f"need 0 <= warmup_epochs ({s.warmup_epochs}) <= epochs ({s.epochs}) and epochs > 0")

@@ -73,14 +73,15 @@ def random_images(n: int, size: int = 16, seed: int = 0):
 
 class FixedBatchLoader:
     """An in-memory loader with the EpochLoader interface: deterministic global batches of random
-    images; rank r of `world` gets rows [r*B, (r+1)*B) of each. `nan_at` puts a NaN into the
+    images; rank r of `world` gets rows [r*B, (r+1)*B) of each. `classes` gives each row a
+    label (else -1). `nan_at` puts a NaN into the
     global batch of those (epoch, index) pairs."""
 
-    def __init__(self, num_batches, global_batch, world=1, rank=0, img=32, seed=0, nan_at=(), dtype=None):
+    def __init__(self, num_batches, global_batch, world=1, rank=0, img=32, seed=0, nan_at=(), dtype=None, classes=0):
         import torch
 
         self.batches_per_epoch, self.global_batch, self.world, self.rank = num_batches, global_batch, world, rank
-        self.img, self.seed, self.nan_at = img, seed, set(nan_at)
+        self.img, self.seed, self.nan_at, self.classes = img, seed, set(nan_at), classes
         self.dtype = dtype or torch.get_default_dtype()
         self.epoch, self.batches_done, self.num_skipped = 0, 0, 0
         self.batch_size = global_batch // world
@@ -97,7 +98,11 @@ class FixedBatchLoader:
         if (epoch, i) in self.nan_at:
             x1[0, 0, 0, 0] = float("nan")
         rows = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        return x1[rows], x2[rows], torch.full((self.batch_size,), -1)
+        if self.classes:  # labels: a deterministic class per global row
+            labels = torch.randint(self.classes, (self.global_batch,), generator=g)[rows]
+        else:
+            labels = torch.full((self.batch_size,), -1)
+        return x1[rows], x2[rows], labels
 
     def __iter__(self):
         if self.batches_done >= len(self):

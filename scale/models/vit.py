@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -280,6 +281,9 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps) if cfg.pool == "cls" else nn.Identity()
         self.head: nn.Module = nn.Identity()
+        self.feature_sink: Callable[[torch.Tensor], None] | None = None
+        """Called by `forward` with the detached pooled features (B, D) it computed (the dense kNN
+        monitor's bank is filled from them: no extra forward). Not part of the state."""
         if cfg.random_patch_proj:
             self.patch_embed.proj.weight.requires_grad_(False)
             self.patch_embed.proj.bias.requires_grad_(False)
@@ -344,7 +348,10 @@ class VisionTransformer(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        pooled = self.forward_head(self.forward_features(x), pre_logits=True)  # (B, D)
+        if self.feature_sink is not None:  # a monitor taps the class-token features (no copy, no grad)
+            self.feature_sink(pooled.detach())
+        return self.head(pooled)
 
     def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> pooled backbone features (B, D), without the head: for kNN and linear

@@ -87,6 +87,9 @@ class StepResult:
 
     grad_norm: torch.Tensor
     applied: torch.Tensor | bool
+    group_norms: torch.Tensor | None = None
+    """(G,) gradient norms of `Backend.grad_groups` (whole tensors, unscaled, before clipping) when
+    the step was asked to measure them, on the device."""
 
 
 _logged: set[str] = set()
@@ -151,6 +154,10 @@ class Backend:
         self.model: nn.Module | None = None  # the (possibly wrapped) module that runs the forward
         self.module: nn.Module | None = None  # the plain model underneath
         self.optimizer: torch.optim.Optimizer | None = None
+        self.grad_groups: list[list[nn.Parameter]] = []
+        """Parameter groups (e.g. one per layer) whose gradient norms `step(measure_groups=True)`
+        returns; set by the trainer after `setup` (parameters of `self.module`)."""
+        self._group_index: tuple[tuple[int, ...], torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -226,25 +233,64 @@ class Backend:
             self.backward(loss, accum_steps, last)
         return loss.detach()
 
-    def step(self, lr: float, weight_decay: float, clip_grad: float = 0.0) -> StepResult:
+    def step(self, lr: float, weight_decay: float, clip_grad: float = 0.0, measure_groups: bool = False) -> StepResult:
         """Clip, check and apply the accumulated gradients; zero them.
 
         Returns the global gradient norm (before clipping) and whether the step was applied (not
         when the norm is not finite), both as device tensors: the decision is taken on the device
         (`found_inf`, as torch's fused optimizers take it from a GradScaler), so a default GPU step
         does not wait for the host. The norm is all-reduced (DDP) or whole (FSDP2), so every rank
-        decides alike.
+        decides alike. With `measure_groups`, also the norms of `grad_groups` (`group_grad_norms`).
         """
         set_lr_wd(self.optimizer, lr, weight_decay)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)  # on the device; records the scaler's own inf check
+        groups = self.group_grad_norms() if measure_groups else None
         norm = self._grad_norm(clip_grad)
         applied = torch.isfinite(norm)
         self._optimizer_step(applied)
         if self.scaler:
             self.scaler.update()  # halves the scale after an overflow, on the device
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(norm, applied)
+        return StepResult(norm, applied, groups)
+
+    def group_grad_norms(self) -> torch.Tensor:
+        """(G,) float32 L2 norms of the gradients of each of `grad_groups`, of whole tensors (equal
+        to one process's), on the device: one `_foreach_norm` over this rank's gradients, the squares
+        summed per group, then (sharded backends) one all-reduce of G numbers. No host sync."""
+        grads, index = [], []
+        for gi, params in enumerate(self.grad_groups):
+            for p in params:
+                g = self._local_grad(p)
+                if g is not None and g.numel():
+                    grads.append(g)
+                    index.append(gi)
+        out = torch.zeros(len(self.grad_groups), dtype=torch.float32, device=self.device)
+        if grads:
+            key = tuple(index)
+            if self._group_index is None or self._group_index[0] != key:  # built once, not copied every step
+                self._group_index = (key, torch.tensor(index, device=self.device))
+            norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
+            out.index_add_(0, self._group_index[1], norms.square())
+        return self._reduce_group_squares(out).sqrt()
+
+    def _local_grad(self, p: nn.Parameter) -> torch.Tensor | None:
+        """Hook: this rank's part of `p`'s gradient (replicated backends: all of it)."""
+        g = p.grad
+        return g.to_local() if g is not None and hasattr(g, "to_local") else g
+
+    def _reduce_group_squares(self, squares: torch.Tensor) -> torch.Tensor:
+        """Hook: sum the per-group squared norms over the ranks (sharded backends; replicated ones
+        hold whole gradients already)."""
+        return squares
+
+    def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """All-reduce (sum) on the communication device, returned on `t`'s device (no host sync on NCCL)."""
+        if self.world_size == 1:
+            return t
+        out = t.to(self.comm_device())
+        dist.all_reduce(out)
+        return out.to(t.device)
 
     def _optimizer_step(self, applied: torch.Tensor) -> None:
         opt = self.optimizer

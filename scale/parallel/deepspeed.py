@@ -195,7 +195,7 @@ class DeepSpeedBackend(Backend):
         self.model.set_gradient_accumulation_boundary(last)
         self.model.backward(loss)  # DeepSpeed divides by the accumulation steps itself
 
-    def step(self, lr: float, weight_decay: float, clip_grad: float = 0.0) -> StepResult:
+    def step(self, lr: float, weight_decay: float, clip_grad: float = 0.0, measure_groups: bool = False) -> StepResult:
         """DeepSpeed checks the gradients itself (fp16 loss scaling; bf16 `check_grad_overflow`;
         fp32 ZeRO invalid-norm checks) and skips a step whose gradients are not finite, clearing its
         partitioned gradient state. Those checks read device values on the host inside
@@ -204,12 +204,54 @@ class DeepSpeedBackend(Backend):
         for g in self.optimizer.param_groups:
             g["lr"] = lr
             g["weight_decay"] = weight_decay * g.get("wd_scale", 1.0)
+        groups = self.group_grad_norms() if measure_groups else None  # before step() clears the gradients
         self.model.step()
         self.model.set_gradient_accumulation_boundary(None)
         norm = self.model.get_global_grad_norm()  # a device tensor, float('inf') on overflow, or None
         if not torch.is_tensor(norm):
             norm = torch.tensor(float("nan") if norm is None else float(norm))
-        return StepResult(norm, bool(self.model.was_step_applied()))
+        return StepResult(norm, bool(self.model.was_step_applied()), groups)
+
+    # ------------------------------------------------------------------ per-layer gradient norms
+
+    def group_grad_norms(self) -> torch.Tensor:
+        """As `Backend.group_grad_norms`, from this rank's fragments of ZeRO's reduced gradients
+        (between backward and `engine.step()`, the only time they exist), unscaled by the fp16 loss
+        scale (a host float: no sync)."""
+        opt = self.model.optimizer
+        if self.device.type == "cuda":  # the reduced gradients are written on ZeRO's own streams
+            for name in ("reduction_stream", "reduce_and_partition_stream"):
+                stream = getattr(opt, name, None)
+                if isinstance(stream, torch.cuda.Stream):
+                    torch.cuda.current_stream(self.device).wait_stream(stream)
+        norms = super().group_grad_norms()
+        scale = float(getattr(opt, "loss_scale", 1.0) or 1.0) if self.precision == "fp16" else 1.0
+        return norms / scale if scale != 1.0 else norms
+
+    def _local_grad(self, p: torch.nn.Parameter) -> torch.Tensor | None:
+        """This rank's part of `p`'s reduced gradient. ZeRO-3: its fp32 gradient partition (read from
+        the optimizer's map, as `deepspeed.utils.safe_get_local_grad` does, but without the stream
+        synchronize that function makes per parameter: `group_grad_norms` orders the streams).
+        ZeRO-1/2: the fragment of the partition this rank owns (`_hp_mapping`, as DeepSpeed's
+        `get_full_hp_grad` reads it before its all-reduce); None where this rank owns no part."""
+        if self.stage == 3:
+            parts = getattr(self.model.optimizer, "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition", None)
+            if parts is not None and not getattr(self.model.optimizer, "offload_optimizer", False):
+                return parts.get(p.ds_id)
+            from deepspeed.utils import safe_get_local_grad
+
+            return safe_get_local_grad(p)
+        mapping = getattr(p, "_hp_mapping", None)
+        if mapping is None:
+            return None
+        fragment = mapping.get_lp_grad_fragment(p._index_in_param_group).flatten()
+        address = mapping.lp_fragment_address
+        if fragment.numel() == p.numel() and address.numel != p.numel():  # a full buffer kept on every rank
+            fragment = fragment.narrow(0, address.start, address.numel)
+        return fragment
+
+    def _reduce_group_squares(self, squares: torch.Tensor) -> torch.Tensor:
+        return self._sum_over_ranks(squares)
 
     # ------------------------------------------------------------------ momentum encoder
 

@@ -89,6 +89,10 @@ class FSDPBackend(Backend):
         ks, qs = self.module.momentum_pairs()
         ema_([_local(k) for k in ks], [_local(q) for q in qs], momentum, None if applied is True else applied)
 
+    def _reduce_group_squares(self, squares: torch.Tensor) -> torch.Tensor:
+        """Every gradient is sharded over all ranks (Shard(0)): the squares of the shards add up."""
+        return self._sum_over_ranks(squares)
+
     def _total_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """The norm over the sharded gradients is a partial DTensor: reduced to the whole one (a
         collective, not a host sync), the same on every rank."""

@@ -35,6 +35,7 @@ from scale.parallel.sync_batchnorm import convert_sync_batchnorm
 from scale.train.checkpoint import find_resume, list_checkpoints, load_checkpoint, save_checkpoint
 from scale.train.memory import check_memory
 from scale.train.metrics import MetricsLogger, Progress, device_peak, peak_memory_gib
+from scale.train.monitors import RunMonitors
 from scale.train.preemption import Preempted, PreemptionWatch, requeue_slurm_job, restart_count, watch_signal
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,8 @@ def check_run_dir(run_dir: Path, cfg: Config) -> None:
     # behaviour the run had.
     defaults = _flatten(json.loads(Config().to_json()))
     old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
-    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES
+                  and not k.startswith("monitor."))  # fmt: skip
     if diff:
         changes = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:8])
         raise ConfigError(
@@ -161,6 +163,10 @@ class Trainer:
             return opt
 
         b.setup(model, optimizer_factory, cfg, self.derived, sharding_plan(model))
+        num_samples = len(self.loader) * per_device * b.world_size
+        self.monitors = RunMonitors(cfg.monitor, b, b.module, num_samples, self.derived.global_batch_size,
+                                    per_device * self.derived.grad_accum_steps)  # fmt: skip
+        self.metrics: MetricsLogger | None = None
         self.flops_per_image = moco_training_flops(self.vit_cfg, cfg.model.dim, cfg.model.mlp_dim).total
         self.peak_flops, self.peak_label = device_peak(b.device, b.compute_precision)
         self.step = 0
@@ -194,6 +200,7 @@ class Trainer:
                 d.negatives_per_loss,
             )
         log.info("MFU against the %s (%.1f TFLOP/s)", self.peak_label, self.peak_flops / 1e12)
+        log.info("%s", self.monitors.describe())
 
     def _client_state(self) -> dict[str, Any]:
         return {
@@ -202,6 +209,7 @@ class Trainer:
             "nonfinite_total": self.nonfinite_total,
             "nonfinite_in_row": self.skips.in_row,
             "scaler_skips": self.scaler_skips,
+            "monitors": self.monitors.state_dict(),
             "config": self.cfg.to_dict(),
             "derived": dataclasses.asdict(self.derived),
         }
@@ -218,6 +226,7 @@ class Trainer:
 
     def save(self) -> Path:
         self._read_skips(self.skips.pending.tolist())  # the checkpoint records the counts
+        self._read_monitors([])  # and the monitors' state
         path = save_checkpoint(self.backend, self.run_dir, self.step, self._client_state(), self.cfg.run.keep_last)
         self.last_saved_step = self.step
         return path
@@ -244,11 +253,13 @@ class Trainer:
                 int(client.get("nonfinite_in_row", 0)),
             )  # fmt: skip
             self.loader.load_state_dict(client["data"])
+            self.monitors.load_state_dict(client.get("monitors"))
             self.last_saved_step = self.step
             log.info("resumed from %s at step %d", path, self.step)
         if self.backend.is_main:
             set_aside_newer(self.run_dir, start)
-            truncate_metrics(self.run_dir / "metrics.jsonl", start)
+            for name in ("metrics.jsonl", "gradients.jsonl", "events.jsonl"):
+                truncate_metrics(self.run_dir / name, start)
         self.backend.barrier()
 
     # ------------------------------------------------------------------ training
@@ -270,13 +281,14 @@ class Trainer:
             b.forward_backward(x1, x2, d.grad_accum_steps, last=i == len(micro_batches) - 1)
             for i, (x1, x2, _) in enumerate(micro_batches)
         ]
-        result = b.step(lr, wd, cfg.optim.clip_grad)
+        result = b.step(lr, wd, cfg.optim.clip_grad, measure_groups=self.monitors.measure_grads(self.step + 1))
         loss = torch.stack(losses).double().mean()
         next_momentum = momentum_at(self.step + 1, d.total_steps, cfg.schedule.momentum, cfg.schedule.final_momentum)
         b.restore_buffers(saved, result.applied)
         b.momentum_update(next_momentum, result.applied)
         self.skips.add(self.step, result.applied, b.scaler_overflow(loss))
         self.step += 1
+        self.monitors.after_step(self.step, micro_batches, result.group_norms)
         return {"loss": loss, "lr": lr, "weight_decay": wd, "momentum": next_momentum, "grad_norm": result.grad_norm}
 
     def _read_skips(self, values: list[float]) -> None:
@@ -305,7 +317,7 @@ class Trainer:
         self._resume()
         self._log_start()
         stop = min(d.total_steps, cfg.schedule.max_steps) if cfg.schedule.max_steps else d.total_steps
-        metrics = MetricsLogger(self.run_dir, b.is_main, cfg.run.tensorboard)
+        metrics = self.metrics = MetricsLogger(self.run_dir, b.is_main, cfg.run.tensorboard)
         progress = Progress(stop, self.step, b.is_main, cfg.run.progress)
         preempt = self.preempt
         preempt.any_rank = b.any_rank
@@ -356,7 +368,9 @@ class Trainer:
                 self.save()
         finally:
             progress.close()
+            self.monitors.close()
             metrics.close()
+            self.metrics = None
         return {"step": self.step, "nonfinite_total": self.nonfinite_total, **row}
 
     def _stop_for_preemption(self, preempt: PreemptionWatch) -> None:
@@ -383,10 +397,13 @@ class Trainer:
         all-reduced on the device, then loss, gradient norm and skip counts read in one copy)."""
         b, d = self.backend, self.derived
         loss = b.all_reduce_mean_tensor(window.mean_loss())  # mean over the window and the ranks
+        monitor_tensors, layout = self.monitors.pending()
         packed = torch.cat([loss.reshape(1).double(), step_metrics["grad_norm"].reshape(1).double().to(loss.device),
-                            self.skips.pending.double().to(loss.device)])  # fmt: skip
+                            self.skips.pending.double().to(loss.device),
+                            *(t.to(loss.device) for t in monitor_tensors)])  # fmt: skip
         values = packed.tolist()
-        self._read_skips(values[2:])
+        self._read_skips(values[2:7])
+        self._read_monitors(values[7:], layout)
         elapsed = time.perf_counter() - window.start
         img_per_s = window.steps * d.global_batch_size / max(elapsed, 1e-9)
         flops_per_device = img_per_s * self.flops_per_image / b.world_size
@@ -404,8 +421,22 @@ class Trainer:
             "peak_mem_gib": peak_memory_gib(b.device),
             "nonfinite_total": self.nonfinite_total,
             "scaler_skips": self.scaler_skips,
+            **self.monitors.summary(),
             **self.loader.metrics(),
         }
+
+    def _read_monitors(self, values: list[float], layout=None) -> None:
+        """Hand the monitors their values (read with the log row; without `layout`, read them here:
+        before a checkpoint) and write their rows: dense kNN rows go to metrics.jsonl."""
+        if layout is None:
+            tensors, layout = self.monitors.pending()
+            values = torch.cat(tensors).tolist() if tensors else []
+        rows = self.monitors.consume(
+            values, layout, self.run_dir, write=self.backend.is_main and self.metrics is not None
+        )
+        if self.metrics is not None:
+            for step, row in rows:
+                self.metrics.log(step, row)
 
     # ------------------------------------------------------------------ evaluation
 

@@ -24,6 +24,8 @@ setup(
         # the bundled demo set (load_digits) and its split
         "scikit-learn>=1.2",
         "tensorboard>=2.10",
+        # scale-plot
+        "matplotlib>=3.5",
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.6", "scipy>=1.10"],
@@ -40,6 +42,7 @@ setup(
             "scale-pretrain=scale.pretrain:cli",
             "scale-linear-probe=scale.linear_probe:cli",
             "scale-knn-eval=scale.knn_eval:cli",
+            "scale-plot=scale.plot:cli",
         ],
     },
 )

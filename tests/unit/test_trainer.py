@@ -255,9 +255,11 @@ class _HostReads:
 def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch):
     """With an optimizer that skips on the device (torch's fused AdamW, here its CPU kernel) a step,
     a skipped non-finite one included, converts no tensor to a host value: on a GPU it queues its
-    work without waiting. The log row reads everything at once (one tolist)."""
-    trainer = make(tmp_path, loader_kwargs={"nan_at": {(0, 1)}},
-                   **{"optim.implementation": "torch-fused", "run.log_every": 100})  # fmt: skip
+    work without waiting, the dense kNN and gradient monitors included. The log row reads everything
+    at once (one tolist)."""
+    trainer = make(tmp_path, loader_kwargs={"nan_at": {(0, 1)}, "classes": 3},
+                   **{"optim.implementation": "torch-fused", "run.log_every": 100, "monitor.knn_every": 1,
+                      "monitor.knn_bank_size": 1, "monitor.knn_k": 4})  # fmt: skip
     reads = _HostReads(monkeypatch)
     batches = list(trainer.loader)
     state = {k: v.clone() for k, v in trainer.backend.module.state_dict().items()}
@@ -275,6 +277,7 @@ def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatc
     reads.active = False
     assert reads.where == ["tolist"], reads.where  # the one read of a logged step
     assert trainer.nonfinite_total == 1 and row["nonfinite_total"] == 1
+    assert 0 <= row["knn_dense_top1"] <= 100  # the dense kNN of step 2 (the bank filled at step 1) came with it
 
 
 def test_a_run_directory_from_before_a_new_config_field_still_resumes(tmp_path):

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
                 tensors, _ = t.monitors.pending()  # the read that a log row does, charged to the monitors
                 torch.cat(tensors).tolist() if tensors else None
             times[name].append(time.perf_counter() - start)
-    mean_on, mean_off = statistics.mean(times["on"][1:]), statistics.mean(times["off"][1:])
+    mean_on, mean_off = statistics.median(times["on"][1:]), statistics.median(times["off"][1:])
     # The parts alone (what the paired steps' noise can hide): the kNN of one batch against the full
     # bank plus its push, and the per-layer norms (one foreach norm over tensors of the gradients' sizes).
     from scale.train.monitors import sharded_knn_counts
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         f"threads), `python -m benchmarks.monitor_cost --model {args.model} --batch {args.batch} --pairs {args.pairs} "
         f"--bank {args.bank}`; steps alternate between the two trainers, the first pair is warm-up.",
         "",
-        "| monitors | mean step (s) | steps (s) |",
+        "| monitors | median step (s) | steps (s) |",
         "|---|---:|---|",
         f"| off | {mean_off:.3f} | {', '.join(f'{x:.2f}' for x in times['off'][1:])} |",
         f"| dense kNN + gradient norms every step | {mean_on:.3f} | {', '.join(f'{x:.2f}' for x in times['on'][1:])} |",

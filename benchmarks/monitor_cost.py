@@ -64,6 +64,7 @@ def _trainer(model: str, batch: int, monitors: bool, bank: int, out: str):
     t = Trainer(cfg, loader=_LabelledBatches(batch, cfg.model.img_size))
     if monitors:  # a full bank of `bank` features (ImageNet's 10% on one rank), as late in a run
         knn = t.monitors.knn
+        knn.bank.allocate()
         knn.bank.pushed = knn.bank.steps
         knn.bank.labels.random_(0, 1000)
         knn.bank.features.normal_()

@@ -51,14 +51,15 @@ class FeatureBank:
     """A FIFO of this rank's last `steps` steps of L2-normalised features and their labels.
 
     Slot i holds one step's `per_step` features; a push overwrites the oldest slot. Unfilled rows
-    have label -1 (never a neighbour). Kept on `device`, in fp32; not checkpointed (after a resume it
-    refills in `steps` steps, during which the monitor waits).
+    have label -1 (never a neighbour). Kept on `device`, in fp32, allocated at the first push (a run
+    whose data has no labels never holds it); not checkpointed (after a resume it refills in `steps`
+    steps, during which the monitor waits).
     """
 
     def __init__(self, steps: int, per_step: int, dim: int, device: torch.device):
-        self.steps, self.per_step = steps, per_step
-        self.features = torch.zeros(steps * per_step, dim, device=device)
-        self.labels = torch.full((steps * per_step,), -1, dtype=torch.int64, device=device)
+        self.steps, self.per_step, self.dim, self.device = steps, per_step, dim, device
+        self.features: torch.Tensor | None = None
+        self.labels: torch.Tensor | None = None
         self.next_slot = 0
         self.pushed = 0  # steps pushed so far (host counter: no device read)
 
@@ -69,11 +70,17 @@ class FeatureBank:
     def __len__(self) -> int:
         return min(self.pushed, self.steps) * self.per_step
 
+    def allocate(self) -> None:
+        if self.features is None:
+            self.features = torch.zeros(self.steps * self.per_step, self.dim, device=self.device)
+            self.labels = torch.full((self.steps * self.per_step,), -1, dtype=torch.int64, device=self.device)
+
     @torch.no_grad()
     def push(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Enqueue one step's (per_step, D) features (normalised here) and (per_step,) labels."""
         if features.shape[0] != self.per_step:
             raise ValueError(f"a step adds {self.per_step} features per rank, got {features.shape[0]}")
+        self.allocate()
         rows = slice(self.next_slot * self.per_step, (self.next_slot + 1) * self.per_step)
         self.features[rows] = F.normalize(features.float(), dim=1)
         self.labels[rows] = labels.to(self.labels.device, non_blocking=True)
@@ -82,6 +89,7 @@ class FeatureBank:
 
     def ordered(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The entries oldest first (for tests and inspection)."""
+        self.allocate()
         n = min(self.pushed, self.steps)
         start = self.next_slot if self.pushed >= self.steps else 0
         order = [(start + i) % self.steps for i in range(n)]

@@ -155,4 +155,5 @@ def read_metrics(run_dir):
     from pathlib import Path
 
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    rows = [json.loads(line) for line in lines if line.strip()]
+    return [r for r in rows if "knn_dense_queries" not in r]  # the dense kNN monitor's rows apart

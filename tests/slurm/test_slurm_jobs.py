@@ -47,8 +47,10 @@ def output(tmp_path, script, job) -> str:
 
 
 def metrics(run_dir: Path) -> list[dict]:
+    """The rows of metrics.jsonl but the dense kNN monitor's own (`knn_dense_queries`)."""
     path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return [r for r in rows if "knn_dense_queries" not in r]
 
 
 def wait_gone(slurm, job, timeout=300):

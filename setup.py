@@ -34,11 +34,11 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "scale-convert-checkpoint=scale.convert_checkpoint:main",
-            "scale-flops=benchmarks.flops:main",
+            "scale-convert-checkpoint=scale.convert_checkpoint:cli",
+            "scale-flops=benchmarks.flops:cli",
             "scale-throughput=benchmarks.throughput:cli",
             "scale-memory=benchmarks.memory:cli",
-            "scale-make-shards=scale.data.shards:main",
+            "scale-make-shards=scale.data.shards:cli",
             "scale-pretrain=scale.pretrain:cli",
             "scale-linear-probe=scale.linear_probe:cli",
             "scale-knn-eval=scale.knn_eval:cli",

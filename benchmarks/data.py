@@ -150,5 +150,12 @@ def main(argv: list[str] | None = None) -> None:
         (args.out / "data.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 
+def cli() -> None:
+    """Command-line entry: one-line errors, `--debug` for the traceback."""
+    from scale.entry import run_cli
+
+    run_cli(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -510,7 +510,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def cli() -> None:
     """Console-script entry (`scale-memory`)."""
-    main()
+    from scale.entry import run_cli
+
+    run_cli(main)
 
 
 if __name__ == "__main__":

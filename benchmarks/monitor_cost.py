@@ -144,5 +144,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {path}")
 
 
+def cli() -> None:
+    """Command-line entry: one-line errors, `--debug` for the traceback."""
+    from scale.entry import run_cli
+
+    run_cli(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -201,5 +201,12 @@ def report(rows: list[dict], a: Assumptions, measured: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cli() -> None:
+    """Command-line entry: one-line errors, `--debug` for the traceback."""
+    from scale.entry import run_cli
+
+    run_cli(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

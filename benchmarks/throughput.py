@@ -234,7 +234,9 @@ def write(result: dict, out: Path) -> None:
 
 def cli() -> None:
     """Console-script entry (`scale-throughput`): exit status 0 on success."""
-    main()
+    from scale.entry import run_cli
+
+    run_cli(main)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,9 @@ class DataConfig:
     """Labelled held-out data for the kNN monitor ('' for none; the demo uses 'demo:val')."""
     knn_train_source: str = ""
     """Labelled data whose features form the kNN memory bank ('' for none; the demo: 'demo')."""
+    max_lost_fraction: float = 0.01
+    """Stop the run when more than this fraction of the samples read so far were lost (corrupt or
+    undecodable images, unreadable or vanished shards); below it they are skipped, counted, logged."""
 
 
 @dataclass
@@ -149,8 +152,9 @@ class ParallelConfig:
     accumulation; about 7x the fp32 rate); false keeps full fp32. No effect on bf16/fp16 or CPU."""
     dist_backend: str = "auto"
     """'auto' (nccl with CUDA, else gloo), 'nccl' or 'gloo'."""
-    timeout_minutes: int = 30
-    """Collective timeout of the process group."""
+    timeout_minutes: float = 30
+    """Collective timeout of the process group: a rank that stops responding for this long makes the
+    others stop with an error that names it (`scale.train.watchdog`)."""
     skip_memory_check: bool = False
     """Start even when the per-rank memory estimate exceeds the device's (or host's) memory."""
 
@@ -170,6 +174,13 @@ class RunConfig:
     """Checkpoint every this many optimizer steps (0: at the end of every epoch only)."""
     keep_last: int = 3
     """Checkpoints kept (older ones are deleted after a newer one is complete)."""
+    ckpt_failure: str = "retry"
+    """A checkpoint write that fails (ENOSPC, an I/O error): 'retry' logs it, removes the partial
+    write and keeps training, writing again at the next interval (stopping after
+    `max_ckpt_failures` failures in a row, or when the final or preemption checkpoint fails);
+    'stop' stops at once. The previous checkpoint is intact either way."""
+    max_ckpt_failures: int = 3
+    """Checkpoint writes that may fail in a row under ckpt_failure=retry before the run stops."""
     resume: str = "auto"
     """'auto' (newest complete checkpoint of the run directory, if any), 'none', or a path."""
     max_nonfinite: int = 5
@@ -248,6 +259,154 @@ class Config:
             for key, value in values.items():
                 set_field(cfg, f"{section}.{key}", value)
         return cfg
+
+
+# ----------------------------------------------------------------------------- field rules
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What values a field accepts beyond its type: a range (`lo`/`hi`, open or closed) or choices.
+    `check_fields` enforces every rule; the config fuzz test generates a violation of each."""
+
+    lo: float | None = None
+    lo_open: bool = False
+    hi: float | None = None
+    hi_open: bool = False
+    choices: tuple[str, ...] = ()
+
+    def violation(self, value: Any) -> str | None:
+        """Why `value` is not accepted, or None."""
+        if value is None:
+            return None
+        if self.choices:
+            return None if value in self.choices else f"is not one of: {', '.join(self.choices)}"
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return f"must be {'>' if self.lo_open else '>='} {self.lo:g}" + self._hi()
+        if self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi):
+            return f"must be {'<' if self.hi_open else '<='} {self.hi:g}" + self._lo()
+        if isinstance(value, float) and not math.isfinite(value):
+            return "must be a finite number"
+        return None
+
+    def _hi(self) -> str:
+        return "" if self.hi is None else f" and {'<' if self.hi_open else '<='} {self.hi:g}"
+
+    def _lo(self) -> str:
+        return "" if self.lo is None else f" and {'>' if self.lo_open else '>='} {self.lo:g}"
+
+    def wrong_values(self) -> list[Any]:
+        """Values that break this rule (for the fuzz test)."""
+        if self.choices:
+            return ["no-such-" + self.choices[0]]
+        out = []
+        if self.lo is not None:
+            out.append(self.lo if self.lo_open else self.lo - 1)
+        if self.hi is not None:
+            out.append(self.hi if self.hi_open else self.hi + 1)
+        return out
+
+
+def positive() -> Rule:
+    return Rule(lo=0, lo_open=True)
+
+
+def non_negative() -> Rule:
+    return Rule(lo=0)
+
+
+def one_of(*choices: str) -> Rule:
+    return Rule(choices=choices)
+
+
+# Every field's accepted values beyond its type (fields absent here take any value of their type:
+# names, paths, free text, booleans; names resolved elsewhere, such as model.name or
+# data.source, are checked by `scale.preflight`).
+RULES: dict[str, Rule] = {
+    "model.img_size": positive(),
+    "model.patch_size": positive(),
+    "model.pos_embed": one_of("sincos", "learned", "none"),
+    "model.pool": one_of("cls", "avg"),
+    "model.embed_dim": positive(),
+    "model.depth": positive(),
+    "model.num_heads": positive(),
+    "model.dim": positive(),
+    "model.mlp_dim": positive(),
+    "model.temperature": positive(),
+    "data.backend": one_of("torchvision", "dali"),
+    "data.num_workers": non_negative(),
+    "data.shuffle_buffer": non_negative(),
+    "data.crop_min": Rule(lo=0, lo_open=True, hi=1),
+    "data.max_lost_fraction": Rule(lo=0, hi=1),
+    "optim.name": one_of("adamw", "lamb", "lars"),
+    "optim.base_lr": positive(),
+    "optim.weight_decay": non_negative(),
+    "optim.final_weight_decay": non_negative(),
+    "optim.eps": positive(),
+    "optim.momentum": Rule(lo=0, hi=1, hi_open=True),
+    "optim.trust_coefficient": positive(),
+    "optim.clip_grad": non_negative(),
+    "optim.implementation": one_of("auto", "torch", "torch-fused", "apex", "deepspeed", "scale"),
+    "schedule.epochs": positive(),
+    "schedule.warmup_epochs": non_negative(),
+    "schedule.momentum": Rule(lo=0, hi=1),
+    "schedule.final_momentum": Rule(lo=0, hi=1),
+    "schedule.max_steps": non_negative(),
+    "batch.global_batch_size": positive(),
+    "batch.batch_size_per_device": non_negative(),
+    "batch.grad_accum_steps": positive(),
+    "parallel.backend": one_of("auto", "single", "ddp", "fsdp", "deepspeed"),
+    "parallel.precision": one_of("auto", "fp32", "bf16", "fp16"),
+    "parallel.dist_backend": one_of("auto", "nccl", "gloo"),
+    "parallel.timeout_minutes": positive(),
+    "run.seed": Rule(lo=0, hi=2**32 - 1),
+    "run.log_every": positive(),
+    "run.ckpt_every": non_negative(),
+    "run.keep_last": positive(),
+    "run.max_nonfinite": positive(),
+    "run.ckpt_failure": one_of("stop", "retry"),
+    "run.max_ckpt_failures": positive(),
+    "run.preempt_check_every": positive(),
+    "run.max_requeues": non_negative(),
+    "run.knn_every_epochs": non_negative(),
+    "run.knn_k": positive(),
+    "run.knn_temperature": positive(),
+    "monitor.knn_every": non_negative(),
+    "monitor.knn_bank_fraction": Rule(lo=0, lo_open=True, hi=1),
+    "monitor.knn_bank_size": non_negative(),
+    "monitor.knn_k": positive(),
+    "monitor.knn_temperature": positive(),
+    "monitor.dip_points": non_negative(),
+    "monitor.grad_every": non_negative(),
+    "monitor.spike_threshold": Rule(lo=1, lo_open=True),
+    "monitor.average_steps": positive(),
+    "monitor.spike_window": non_negative(),
+}
+
+
+def check_fields(cfg: Config) -> None:
+    """Every field against its rule (`RULES`) and the relations between fields that need no data
+    or launch; raises a ConfigError naming the field and what it accepts."""
+    for dotted, rule in RULES.items():
+        section, name = dotted.split(".")
+        value = getattr(getattr(cfg, section), name)
+        why = rule.violation(value)
+        if why:
+            raise ConfigError(f"--{dotted}={value!r} {why}")
+    o, s = cfg.optim, cfg.schedule
+    for i, beta in enumerate(o.betas):
+        if not 0 <= beta < 1:
+            raise ConfigError(f"--optim.betas={','.join(map(str, o.betas))}: beta{i + 1} must be in [0, 1)")
+    if s.warmup_epochs > s.epochs:
+        raise ConfigError(
+            f"--schedule.warmup_epochs={s.warmup_epochs} exceeds --schedule.epochs={s.epochs}; lower the warmup"
+        )
+    try:
+        signal_number(cfg.run.preempt_signal)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.run.resume not in ("auto", "none") and not cfg.run.resume:
+        raise ConfigError("--run.resume is empty; use auto, none or a checkpoint directory")
 
 
 # ----------------------------------------------------------------------------- overrides
@@ -419,9 +578,8 @@ def derive(cfg: Config, world_size: int, num_samples: int) -> Derived:
         ConfigError: the global batch does not split into world size x per-device batch x
             accumulation steps, or the data is smaller than one global batch.
     """
+    check_fields(cfg)
     b = cfg.batch
-    if b.global_batch_size < 1 or b.grad_accum_steps < 1 or b.batch_size_per_device < 0:
-        raise ConfigError("batch sizes and grad_accum_steps must be positive")
     per_device = b.batch_size_per_device or b.global_batch_size // (world_size * b.grad_accum_steps)
     if per_device * world_size * b.grad_accum_steps != b.global_batch_size or per_device < 1:
         raise ConfigError(
@@ -435,32 +593,7 @@ def derive(cfg: Config, world_size: int, num_samples: int) -> Derived:
             f"the data has {num_samples} samples, fewer than one global batch of {b.global_batch_size}; "
             "lower --batch.global_batch_size"
         )
-    r = cfg.run
-    if r.preempt_check_every < 1 or r.max_requeues < 0:
-        raise ConfigError(f"need run.preempt_check_every >= 1 and run.max_requeues >= 0 (got {r.preempt_check_every}, "
-                          f"{r.max_requeues})")  # fmt: skip
-    try:
-        signal_number(r.preempt_signal)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if r.log_every < 1 or r.ckpt_every < 0 or r.keep_last < 1 or r.max_nonfinite < 1:
-        raise ConfigError(
-            "need run.log_every >= 1, run.ckpt_every >= 0, run.keep_last >= 1 and run.max_nonfinite >= 1 "
-            f"(got {r.log_every}, {r.ckpt_every}, {r.keep_last}, {r.max_nonfinite})"
-        )
-    mo = cfg.monitor
-    if min(mo.knn_every, mo.knn_bank_size, mo.grad_every) < 0 or not 0 < mo.knn_bank_fraction <= 1:
-        raise ConfigError("need monitor.knn_every, monitor.knn_bank_size, monitor.grad_every >= 0 and 0 < "
-                          f"monitor.knn_bank_fraction <= 1 (got {mo.knn_every}, {mo.knn_bank_size}, {mo.grad_every}, "
-                          f"{mo.knn_bank_fraction})")  # fmt: skip
-    if mo.knn_k < 1 or mo.knn_temperature <= 0 or mo.spike_threshold <= 1 or mo.average_steps < 1 or mo.dip_points < 0:
-        raise ConfigError("need monitor.knn_k >= 1, monitor.knn_temperature > 0, monitor.spike_threshold > 1, "
-                          f"monitor.average_steps >= 1 and monitor.dip_points >= 0 (got "
-                          f"{mo.knn_k}, {mo.knn_temperature}, {mo.spike_threshold}, {mo.average_steps}, "
-                          f"{mo.dip_points})")  # fmt: skip
     s = cfg.schedule
-    if s.epochs <= 0 or s.warmup_epochs < 0 or s.warmup_epochs > s.epochs:
-        raise ConfigError(f"need 0 <= warmup_epochs ({s.warmup_epochs}) <= epochs ({s.epochs}) and epochs > 0")
     total = max(1, round(s.epochs * steps_per_epoch))
     return Derived(
         world_size=world_size,

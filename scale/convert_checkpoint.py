@@ -154,5 +154,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {e}") from None
 
 
+def cli() -> None:
+    """Command-line entry: one-line errors, `--debug` for the traceback."""
+    from scale.entry import run_cli
+
+    run_cli(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

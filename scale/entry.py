@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 
 
 def launch_rank() -> int:
@@ -37,21 +38,59 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
 
 
-@contextlib.contextmanager
-def evaluation_entry():
-    """A user's mistake (a missing file, another architecture, bad data or flags, a launch that
-    cannot work) ends the command with one line; the process group is destroyed in any case."""
-    import torch.distributed as dist
-
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """What a user's mistake or the machine raises (a wrong field, a missing or corrupt file, bad
+    data, a launch that cannot work, a full disk, a stalled rank): reported in one line."""
+    from scale.config import ConfigError
     from scale.data.shards import DataError
     from scale.models.checkpoints import CheckpointError
     from scale.parallel.base import BackendError
     from scale.parallel.placement import LaunchError
+    from scale.train.faults import CheckpointWriteError, StalledRankError, TrainingError
+
+    return (ConfigError, DataError, CheckpointError, BackendError, LaunchError, CheckpointWriteError,
+            StalledRankError, TrainingError, OSError, ValueError)  # fmt: skip
+
+
+def strip_debug(argv: list[str] | None) -> tuple[list[str], bool]:
+    """`argv` (default sys.argv[1:]) without `--debug`, and whether it was there."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return [a for a in argv if a != "--debug"], "--debug" in argv
+
+
+@contextlib.contextmanager
+def user_errors(debug: bool = False, prefix: str = "error"):
+    """Turn a user error (`user_error_types`) into one line on stderr and exit status 1; with
+    `debug` (the `--debug` flag of every command) the traceback is shown instead. The process group
+    is destroyed on the way out in any case."""
+    import torch.distributed as dist
+
+    from scale.config import ConfigError
 
     try:
         yield
-    except (FileNotFoundError, CheckpointError, DataError, BackendError, LaunchError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+    except user_error_types() as e:
+        if debug:
+            raise
+        kind = "config error" if isinstance(e, ConfigError) else prefix
+        text = " ".join(str(e).split()) or type(e).__name__
+        hint = "" if isinstance(e, ConfigError) else " (--debug shows the traceback)"
+        raise SystemExit(f"{kind}: {text}{hint}") from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def run_cli(main, argv: list[str] | None = None):
+    """Run a command's `main(argv)` with one-line errors; `--debug` anywhere shows tracebacks."""
+    argv, debug = strip_debug(argv)
+    with user_errors(debug):
+        return main(argv)
+
+
+@contextlib.contextmanager
+def evaluation_entry(debug: bool | None = None):
+    """A user's mistake (a missing file, another architecture, bad data or flags, a launch that
+    cannot work) ends the command with one line; the process group is destroyed in any case."""
+    with user_errors("--debug" in sys.argv if debug is None else debug):
+        yield

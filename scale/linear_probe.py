@@ -103,8 +103,10 @@ def main(argv=None) -> dict:
 
 
 def cli() -> None:
-    """Console-script entry (`scale-linear-probe`)."""
-    main()
+    """Console-script entry (`scale-linear-probe`): one-line errors, `--debug` for the traceback."""
+    from scale.entry import run_cli
+
+    run_cli(main)
 
 
 if __name__ == "__main__":

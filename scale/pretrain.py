@@ -49,6 +49,7 @@ def parse(argv: list[str] | None = None):
         help="shorthand: single, ddp, fsdp, or a DeepSpeed config of ds_configs/ by name (zero1, zero2, zero3, ...)",
     )
     parser.add_argument("--help-config", action="store_true", help="print every config field and exit")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (default: one line)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     parser.add_argument(
         "--check",
@@ -60,24 +61,6 @@ def parse(argv: list[str] | None = None):
     if bad:
         parser.error(f"unrecognised arguments {bad}; overrides look like --section.field=value (see --help-config)")
     return args, rest
-
-
-def check(cfg) -> None:
-    """What a launcher checks once before starting any rank: the data sources resolve, the DeepSpeed
-    config exists, the backend and precision are known (no process group, no model)."""
-    from scale.data.loader import resolve_source
-    from scale.parallel.base import PRECISIONS
-    from scale.parallel.launch import BACKENDS
-
-    if cfg.parallel.backend not in BACKENDS:
-        raise ConfigError(f"parallel.backend {cfg.parallel.backend!r} is not one of: {', '.join(BACKENDS)}")
-    if cfg.parallel.precision not in PRECISIONS:
-        raise ConfigError(f"parallel.precision {cfg.parallel.precision!r} is not one of: {', '.join(PRECISIONS)}")
-    if cfg.parallel.backend == "deepspeed" and not os.path.isfile(cfg.parallel.deepspeed_config):
-        raise ConfigError(f"DeepSpeed config {cfg.parallel.deepspeed_config!r} does not exist; see ds_configs/")
-    for source in (cfg.data.source, cfg.data.eval_source, cfg.data.knn_train_source):
-        if source and source != "synthetic":
-            resolve_source(source)
 
 
 def shorthand_overrides(args) -> list[str]:
@@ -99,6 +82,9 @@ def shorthand_overrides(args) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Parse, check everything that can be checked before any process group or model exists
+    (`scale.preflight`), then train. A user error ends in one line and exit status 1 (`--debug`:
+    the traceback); nothing is written before the checks pass."""
     setup_logging()
     args, overrides = parse(argv)
     try:
@@ -106,36 +92,38 @@ def main(argv: list[str] | None = None) -> dict:
         # The shorthands come last: they win over the defaults a launcher script passes before them.
         cfg = apply_overrides(cfg, [*overrides, *shorthand_overrides(args)])
     except ConfigError as e:
+        if args.debug:
+            raise
         raise SystemExit(f"config error: {e}") from None
-    if not (args.help_config or args.print_config or args.check):
-        from scale.train.preemption import watch_signal
-
-        # Before torch is imported: a preemption signal during the start-up is recorded, not fatal.
-        try:
-            watch_signal(cfg.run.preempt_signal, cfg.run.preempt_check_every)
-        except ValueError as e:
-            raise SystemExit(f"config error: {e}") from None
     if args.help_config:
         print(describe(cfg))
         return {}
     if args.print_config:
         print(cfg.to_json())
         return {}
-    import torch.distributed as dist
+    from scale.entry import user_errors
+    from scale.train.preemption import watch_signal
 
-    from scale.data.loader import DataError
-    from scale.parallel.base import BackendError
-    from scale.parallel.placement import LaunchError
+    with user_errors(args.debug):
+        # Before torch is imported: a preemption signal during the start-up is recorded, not fatal.
+        try:
+            watch_signal(cfg.run.preempt_signal, cfg.run.preempt_check_every)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        from scale.preflight import preflight
+
+        preflight(cfg)
+        if args.check:
+            print(f"ok: recipe {cfg.recipe}, data {cfg.data.source}, backend {cfg.parallel.backend}")
+            return {}
+        return train(cfg)
+
+
+def train(cfg) -> dict:
+    """Train `cfg` (checked by `preflight`) to the end or to a preemption."""
     from scale.train.preemption import Preempted
     from scale.train.trainer import Trainer
 
-    if args.check:
-        try:
-            check(cfg)
-        except (ConfigError, DataError, BackendError) as e:
-            raise SystemExit(f"config error: {e}") from None
-        print(f"ok: recipe {cfg.recipe}, data {cfg.data.source}, backend {cfg.parallel.backend}")
-        return {}
     try:
         trainer = Trainer(cfg)
         result = trainer.fit()
@@ -153,13 +141,6 @@ def main(argv: list[str] | None = None) -> dict:
         if _rank() == 0:
             log.warning("%s", e)
         return {"step": e.step, "preempted": True, "requeued": e.requeued}
-    except ConfigError as e:
-        raise SystemExit(f"config error: {e}") from None
-    except (BackendError, LaunchError, DataError) as e:
-        raise SystemExit(f"error: {e}") from None
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def cli() -> None:

@@ -33,6 +33,7 @@ from scale.parallel.dist import AllGatherKeys
 from scale.parallel.launch import build_backend, init_distributed
 from scale.parallel.sync_batchnorm import convert_sync_batchnorm
 from scale.train.checkpoint import find_resume, list_checkpoints, load_checkpoint, save_checkpoint
+from scale.train.faults import TrainingError
 from scale.train.memory import check_memory
 from scale.train.metrics import MetricsLogger, Progress, device_peak, peak_memory_gib
 from scale.train.monitors import RunMonitors
@@ -44,12 +45,9 @@ log = logging.getLogger(__name__)
 RESUMABLE_CHANGES = {
     "run.resume", "run.progress", "run.tensorboard", "run.log_every", "run.keep_last", "run.ckpt_every",
     "run.knn_every_epochs", "schedule.max_steps", "data.num_workers", "parallel.activation_checkpointing",
-    "run.preempt_signal", "run.preempt_check_every", "run.requeue", "run.max_requeues",
+    "run.preempt_signal", "run.preempt_check_every", "run.requeue", "run.max_requeues", "run.ckpt_failure",
+    "run.max_ckpt_failures", "data.max_lost_fraction", "parallel.timeout_minutes",
 }  # fmt: skip
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. too many non-finite losses in a row)."""
 
 
 def build_model(cfg: Config) -> MoCoV3:

@@ -117,6 +117,15 @@ class BackendError(ValueError):
     """A parallel/precision setting that cannot work here: the message says what to change."""
 
 
+def is_write_failure(e: BaseException) -> bool:
+    """Whether `e` is a failed file write: an OSError (ENOSPC, EIO...), DCP's CheckpointException,
+    or the RuntimeError torch.save's zip writer raises when the disk is full."""
+    if isinstance(e, OSError) or type(e).__name__ == "CheckpointException":
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text)
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """'auto' -> bf16 on CUDA GPUs that support it, else fp32. fp16 needs CUDA."""
     if precision not in PRECISIONS:

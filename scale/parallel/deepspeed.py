@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from scale.parallel.base import Backend, BackendError, StepResult, ema_
+from scale.parallel.base import Backend, BackendError, StepResult, ema_, is_write_failure
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +343,19 @@ class DeepSpeedBackend(Backend):
     # ------------------------------------------------------------------ state
 
     def save(self, directory: Path) -> None:
-        self.model.save_checkpoint(str(directory), tag="engine", save_latest=False)
+        try:
+            self.model.save_checkpoint(str(directory), tag="engine", save_latest=False)
+        except (OSError, RuntimeError) as e:
+            if not is_write_failure(e):
+                raise
+            # A file write failed here (ENOSPC...), after DeepSpeed's last collective but before its
+            # closing barrier, which the ranks whose writes succeeded are waiting in: join it, so
+            # that every rank then agrees on the failure (scale.train.checkpoint).
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.barrier()
+            raise
         if self._masters is not None:
             torch.save(self._masters, directory / f"momentum-master-rank{self.rank}.pt")
 

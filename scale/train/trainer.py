@@ -32,8 +32,8 @@ from scale.parallel.checkpointing import apply_activation_checkpointing
 from scale.parallel.dist import AllGatherKeys
 from scale.parallel.launch import build_backend, init_distributed
 from scale.parallel.sync_batchnorm import convert_sync_batchnorm
-from scale.train.checkpoint import find_resume, list_checkpoints, load_checkpoint, save_checkpoint
-from scale.train.faults import TrainingError
+from scale.train.checkpoint import clean_leftovers, find_resume, list_checkpoints, load_checkpoint, save_checkpoint
+from scale.train.faults import CheckpointWriteError, TrainingError
 from scale.train.memory import check_memory
 from scale.train.metrics import MetricsLogger, Progress, device_peak, peak_memory_gib
 from scale.train.monitors import RunMonitors
@@ -170,6 +170,7 @@ class Trainer:
         self.step = 0
         self.skips = SkipCounter(b.device)
         self.last_saved_step: int | None = None
+        self.ckpt_failures = 0  # checkpoint writes failed in a row
         b.barrier()  # every rank has checked the run directory before rank 0 writes into it
 
     # ------------------------------------------------------------------ helpers
@@ -222,10 +223,29 @@ class Trainer:
         """fp16 loss-scale overflows (skipped steps) so far, as of the last log row or checkpoint."""
         return self.skips.overflow_total
 
-    def save(self) -> Path:
+    def save(self, final: bool = False) -> Path | None:
+        """A checkpoint of this step. A write that fails follows `run.ckpt_failure`: 'retry' logs it
+        and returns None (training goes on; the next interval writes again) unless this is the
+        final or preemption checkpoint or `run.max_ckpt_failures` failed in a row; else it raises."""
         self._read_skips(self.skips.pending.tolist())  # the checkpoint records the counts
         self._read_monitors([])  # and the monitors' state
-        path = save_checkpoint(self.backend, self.run_dir, self.step, self._client_state(), self.cfg.run.keep_last)
+        r = self.cfg.run
+        try:
+            path = save_checkpoint(self.backend, self.run_dir, self.step, self._client_state(), r.keep_last)
+        except CheckpointWriteError as e:
+            self.ckpt_failures += 1
+            ckpts = list_checkpoints(self.run_dir)
+            last = f"the last complete checkpoint is {ckpts[-1].name}" if ckpts else "no checkpoint is complete yet"
+            if r.ckpt_failure == "stop" or final or self.ckpt_failures >= r.max_ckpt_failures:
+                why = ("run.ckpt_failure=stop" if r.ckpt_failure == "stop" else "the final checkpoint" if final
+                       else f"{self.ckpt_failures} failures in a row")  # fmt: skip
+                raise CheckpointWriteError(f"{e}; stopping ({why}); {last}. Free space or fix the disk, then "
+                                           "run the same command to resume") from None  # fmt: skip
+            log.error("%s; %s; training goes on and writes again at the next interval (failure %d of %d "
+                      "in a row allowed by run.max_ckpt_failures)", e, last, self.ckpt_failures,
+                      r.max_ckpt_failures)  # fmt: skip
+            return None
+        self.ckpt_failures = 0
         self.last_saved_step = self.step
         return path
 
@@ -238,6 +258,8 @@ class Trainer:
         self.backend.barrier()
 
     def _resume(self) -> None:
+        if self.backend.is_main:  # what interrupted writes left; checkpoints that fail verification
+            clean_leftovers(self.run_dir)
         # Rank 0 decides, so every rank resumes from the same checkpoint whatever its view of the disk.
         path = self.backend.broadcast_object(
             find_resume(self.run_dir, self.cfg.run.resume) if self.backend.is_main else None
@@ -363,7 +385,7 @@ class Trainer:
                     continue
                 batches.close()  # stopped mid-epoch: release the workers
             if self.last_saved_step != self.step:
-                self.save()
+                self.save(final=True)
         finally:
             progress.close()
             self.monitors.close()
@@ -380,7 +402,7 @@ class Trainer:
         if b.is_main:
             log.warning("%s received %s: stopping at step %d after a checkpoint", preempt.name, when, self.step)
         if self.last_saved_step != self.step:
-            self.save()
+            self.save(final=True)
         b.barrier()  # every rank's part of the checkpoint is written before the job can end
         requeued, why = False, "run.requeue=false: run the same command again to resume"
         if b.is_main and cfg.run.requeue:

@@ -1,0 +1,146 @@
+"""Faults injected into single-process runs: a process killed at every point of a checkpoint write,
+a disk that fills up (a real 1 MiB tmpfs), a checkpoint damaged after it was written."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from scale.train import faults
+from scale.train.checkpoint import find_resume, verify_checkpoint
+from scale.train.faults import CHECKPOINT_POINTS, CheckpointWriteError
+from scale.train.trainer import Trainer
+from tests.helpers import FixedBatchLoader, read_metrics, tiny_config
+
+STEPS = 6
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing below the point runs, no handler cleans up."""
+
+
+def make(tmp_path, name, **overrides):
+    cfg = tiny_config(tmp_path, name, **{"schedule.max_steps": STEPS, "run.ckpt_every": 2, **overrides})
+    return Trainer(cfg, loader=FixedBatchLoader(4, cfg.batch.global_batch_size))
+
+
+@pytest.fixture
+def hooks(monkeypatch):
+    registered = []
+    monkeypatch.setattr(faults, "_hooks", registered)
+    return registered
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir)}
+
+
+@pytest.mark.parametrize("point", CHECKPOINT_POINTS)
+def test_a_kill_anywhere_in_a_checkpoint_write_never_leaves_one_that_resume_picks(tmp_path, hooks, point):
+    reference = make(tmp_path, "reference")
+    reference.fit()
+
+    def kill(name, step):
+        if name == point and step == 4:
+            raise Killed(point)
+
+    hooks.append(kill)
+    first = make(tmp_path, "run")
+    with pytest.raises(Killed):
+        first.fit()
+    hooks.clear()
+    run = first.run_dir
+    ckpts = run / "checkpoints"
+    picked = find_resume(run, "auto")
+    # Before the rename only the temporary directory exists; after it, step 4 is complete.
+    assert picked.name == ("step-00000004" if point == "after-rename" else "step-00000002")
+    assert verify_checkpoint(ckpts / "step-00000002") is None  # the previous one is intact
+    second = make(tmp_path, "run")
+    second.fit()
+    assert not [p.name for p in ckpts.iterdir() if p.name.startswith(".")]  # leftovers removed
+    assert losses(run) == losses(reference.run_dir)  # every step after the restart, bitwise
+
+
+def test_a_checkpoint_damaged_after_it_was_written_is_set_aside(tmp_path):
+    make(tmp_path, "run", **{"schedule.max_steps": 4}).fit()
+    ckpts = tmp_path / "run" / "checkpoints"
+    model = ckpts / "step-00000004" / "model.pt"
+    model.write_bytes(model.read_bytes()[:100])  # truncated on the disk
+    assert "model.pt has 100 bytes" in verify_checkpoint(ckpts / "step-00000004")
+    assert find_resume(tmp_path / "run", "auto").name == "step-00000002"
+    trainer = make(tmp_path, "run")
+    trainer.fit()
+    assert (ckpts / "broken-step-00000004").is_dir()  # kept for inspection, never resumed from
+    assert losses(tmp_path / "run") == losses(_reference(tmp_path))
+
+
+def _reference(tmp_path):
+    make(tmp_path, "ref").fit()
+    return tmp_path / "ref"
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0  # fmt: skip
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs: one checkpoint of the tiny model (0.67 MiB) fits, a second beside it does not."""
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "1024k"):
+        pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN); the injected-error test covers the policy")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_training_goes_on(small_disk, caplog):
+    trainer = make(small_disk, "run", **{"run.max_ckpt_failures": 5})
+    with pytest.raises(CheckpointWriteError, match="final checkpoint") as e:
+        trainer.fit()  # step 4 fails (retried at step 6), step 6 is the final one: it must not fail silently
+    assert "step-00000002" in str(e.value) and "MiB free" in str(e.value)
+    assert trainer.step == STEPS  # it trained on after the failure at step 4
+    assert any("could not be written" in r.message and "training goes on" in r.message for r in caplog.records)
+    ckpts = small_disk / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000002"]  # the partial writes are gone
+    assert verify_checkpoint(ckpts / "step-00000002") is None
+    assert find_resume(small_disk / "run", "auto").name == "step-00000002"
+
+
+def test_ckpt_failure_stop_stops_at_the_first_failed_write(tmp_path, hooks):
+    def enospc(name, step):
+        if name == "after-model" and step == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    hooks.append(enospc)
+    trainer = make(tmp_path, "run", **{"run.ckpt_failure": "stop"})
+    with pytest.raises(CheckpointWriteError, match="run.ckpt_failure=stop.*step-00000002"):
+        trainer.fit()
+    assert trainer.step == 4
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000002"]
+
+
+def test_retry_writes_at_the_next_interval_and_gives_up_after_max_failures(tmp_path, hooks):
+    failing = {4}
+
+    def enospc(name, step):
+        if name == "after-model" and step in failing:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    hooks.append(enospc)
+    trainer = make(tmp_path, "run", **{"schedule.max_steps": 8})
+    trainer.fit()  # step 4 failed, 6 and 8 were written
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["step-00000002", "step-00000006", "step-00000008"]
+    failing.update({6, 8})
+    trainer = make(tmp_path, "again", **{"schedule.max_steps": 12, "run.max_ckpt_failures": 3})
+    with pytest.raises(CheckpointWriteError, match="3 failures in a row"):
+        trainer.fit()
+    assert trainer.step == 8

@@ -73,7 +73,10 @@ def user_errors(debug: bool = False, prefix: str = "error"):
         if debug:
             raise
         kind = "config error" if isinstance(e, ConfigError) else prefix
-        text = " ".join(str(e).split()) or type(e).__name__
+        text = str(e)
+        if "Original Traceback" in text:  # re-raised from a DataLoader worker: its last line says it
+            text = [line for line in text.splitlines() if line.strip()][-1]
+        text = " ".join(text.split()) or type(e).__name__
         hint = "" if isinstance(e, ConfigError) else " (--debug shows the traceback)"
         raise SystemExit(f"{kind}: {text}{hint}") from None
     finally:

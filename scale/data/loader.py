@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import abc
 import glob
+import itertools
 import logging
 import os
 import random
@@ -89,23 +90,44 @@ class ShardSource:
         self.tars = list(tars)
         self.counts = [read_index_count(index_path(t)) for t in self.tars]
         self._index: tuple[int, list] | None = None  # the last shard's index, per process
+        self._unreadable: set[Path] = set()  # shards already reported unreadable, per process
 
     def __repr__(self) -> str:
         return f"{len(self.tars)} shards ({sum(self.counts)} samples) in {self.tars[0].parent}"
 
     def read(self, unit: int, start: int, stop: int) -> Iterator[tuple[str, bytes | None, int]]:
-        """(key, image bytes, label) of samples [start, stop) of shard `unit`, read sequentially."""
-        if self._index is None or self._index[0] != unit:
-            self._index = (unit, read_index(index_path(self.tars[unit])))
-        for key, comps in iter_shard(self.tars[unit], self._index[1], start, stop):
+        """(key, image bytes, label) of samples [start, stop) of shard `unit`, read sequentially.
+
+        A shard (or its index) that cannot be read, deleted or damaged after the run started, gives
+        its samples as lost (no bytes): they are skipped and counted like corrupt images, and the
+        run stops only past `data.max_lost_fraction`."""
+        tar = self.tars[unit]
+        try:
+            if self._index is None or self._index[0] != unit:
+                self._index = (unit, read_index(index_path(tar)))
+            samples = iter_shard(tar, self._index[1], start, stop)
+            first = next(samples, None)
+        except (OSError, DataError, ValueError) as e:
+            if tar not in self._unreadable:
+                self._unreadable.add(tar)
+                log.warning("shard %s cannot be read (%s): its samples are skipped as lost", tar, e)
+            for i in range(start, stop):
+                yield f"{tar.name}/#{i}", None, -1
+            return
+        if first is None:
+            return
+        for key, comps in itertools.chain([first], samples):
             image = next((comps[e] for e in IMAGE_EXTS if e in comps), None)
-            if LABEL_BIN_EXT in comps:
-                label = int(np.frombuffer(comps[LABEL_BIN_EXT], dtype=np.int32)[0])
-            elif LABEL_TEXT_EXT in comps:
-                label = int(comps[LABEL_TEXT_EXT])
-            else:
-                label = -1
-            yield f"{self.tars[unit].name}/{key}", image, label
+            try:
+                if LABEL_BIN_EXT in comps:
+                    label = int(np.frombuffer(comps[LABEL_BIN_EXT], dtype=np.int32)[0])
+                elif LABEL_TEXT_EXT in comps:
+                    label = int(comps[LABEL_TEXT_EXT])
+                else:
+                    label = -1
+            except (IndexError, ValueError):  # a truncated shard: the label's bytes are gone
+                image, label = None, -1
+            yield f"{tar.name}/{key}", image, label
 
     def read_one(self, unit: int, i: int) -> tuple[str, bytes | None, int]:
         return next(self.read(unit, i, i + 1))
@@ -438,6 +460,7 @@ class EpochLoader(abc.ABC):
 
     def __init__(self) -> None:
         self.epoch, self.batches_done, self.num_skipped = 0, 0, 0
+        self.num_read = 0  # samples handed out over the run (resumed from the checkpoint)
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -462,6 +485,7 @@ class EpochLoader(abc.ABC):
             self.epoch, self.batches_done = self.epoch + 1, 0
         for batch in self._epoch_batches():
             self.batches_done += 1
+            self.num_read += len(batch[0])
             yield batch
         if self.batches_done >= len(self):
             self.epoch, self.batches_done = self.epoch + 1, 0
@@ -525,6 +549,7 @@ class TwoViewLoader(EpochLoader):
             "epoch": epoch,
             "batches_done": done,
             "num_skipped": self.num_skipped,
+            "num_read": self.num_read,
             "seed": s.seed,
             "world_size": s.world_size,
             "batch_size": s.batch_size,
@@ -551,6 +576,7 @@ class TwoViewLoader(EpochLoader):
         check_resume_layout(state, layout)
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
         self.num_skipped = int(state.get("num_skipped", 0))
+        self.num_read = int(state.get("num_read", 0))
 
 
 def check_resume_layout(state: dict, layout: dict) -> None:

@@ -23,7 +23,7 @@ import torch
 
 from scale.config import Config, ConfigError, Derived, default_run_name, derive
 from scale.data.augment import AugmentConfig
-from scale.data.loader import build_loader
+from scale.data.loader import DataError, build_loader
 from scale.models import MoCoV3, build_moco
 from scale.models.flops import moco_training_flops
 from scale.optim import build_optimizer, lr_at, momentum_at, param_groups, weight_decay_at
@@ -424,6 +424,7 @@ class Trainer:
         values = packed.tolist()
         self._read_skips(values[2:7])
         self._read_monitors(values[7:], layout)
+        self._check_data_loss()
         elapsed = time.perf_counter() - window.start
         img_per_s = window.steps * d.global_batch_size / max(elapsed, 1e-9)
         flops_per_device = img_per_s * self.flops_per_image / b.world_size
@@ -444,6 +445,26 @@ class Trainer:
             **self.monitors.summary(),
             **self.loader.metrics(),
         }
+
+    def _check_data_loss(self) -> None:
+        """Stop (every rank at once) when the samples lost over all ranks so far (corrupt images,
+        unreadable or vanished shards: each skipped, counted and logged) exceed
+        `data.max_lost_fraction` of the samples read. One small all-reduce, with the log row."""
+        b = self.backend
+        counts = torch.tensor([getattr(self.loader, "num_skipped", 0), getattr(self.loader, "num_read", 0)],
+                              dtype=torch.float64, device=b.comm_device())  # fmt: skip
+        if b.world_size > 1:
+            torch.distributed.all_reduce(counts)
+        lost, read = (int(v) for v in counts.tolist())
+        limit = self.cfg.data.max_lost_fraction
+        if read and lost / read > limit:
+            ckpts = list_checkpoints(self.run_dir)
+            raise DataError(
+                f"{lost} of the {read} samples read so far were lost ({lost / read:.2%}, more than "
+                f"--data.max_lost_fraction={limit:g}): corrupt or undecodable images or unreadable shards, named "
+                f"in the warnings above; fix or re-shard the data (or raise the fraction) and run the same command to "
+                f"resume from {ckpts[-1].name if ckpts else 'the start'}"
+            )
 
     def _read_monitors(self, values: list[float], layout=None) -> None:
         """Hand the monitors their values (read with the log row; without `layout`, read them here:

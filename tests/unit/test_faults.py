@@ -144,3 +144,76 @@ def test_retry_writes_at_the_next_interval_and_gives_up_after_max_failures(tmp_p
     with pytest.raises(CheckpointWriteError, match="3 failures in a row"):
         trainer.fit()
     assert trainer.step == 8
+
+
+# ----------------------------------------------------------------------------- corrupt data mid-run
+
+
+@pytest.fixture
+def damaged_shards(tmp_path):
+    """6 shards of 16 labelled images, then damaged as a long run meets it: 3 images replaced by
+    garbage, the last shard truncated to half its bytes, shard 2 deleted after the run started
+    (the caller deletes it). Returns (pattern, shard to delete, samples lost in all)."""
+    import io
+    import tarfile
+
+    from scale.data.shards import make_shards, read_index, write_index
+    from tests.helpers import random_images, write_image_folder
+
+    folder = write_image_folder(tmp_path / "folder", random_images(96, size=20), labels=[i % 4 for i in range(96)])
+    out = tmp_path / "shards"
+    make_shards(folder, out, "train", max_samples=16, shuffle=False, num_workers=1, progress=False)
+    tars = sorted(out.glob("train-*.tar"))
+    # Garbage images in shard 0: rewrite it with 3 undecodable payloads.
+    members = []
+    with tarfile.open(tars[0]) as tar:
+        for m in tar.getmembers():
+            data = tar.extractfile(m).read()
+            if m.name.endswith((".png", ".jpg", ".jpeg")) and len([x for x in members if x[0].endswith("g")]) < 3:
+                data = b"not an image at all" * 10
+            members.append((m.name, data))
+    with tarfile.open(tars[0], "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    write_index(tars[0])
+    # The last shard truncated after its index was written.
+    size = tars[-1].stat().st_size // 2
+    index = read_index(tars[-1].with_suffix(".idx"))
+    truncated = sum(any(off + n > size for off, n in s.components.values()) for s in index)
+    with open(tars[-1], "r+b") as f:
+        f.truncate(size)
+    return str(out / "train-*.tar"), tars[2], 3 + truncated + 16
+
+
+def _data_run(tmp_path, pattern, **overrides):
+    cfg = tiny_config(tmp_path, "data", **{"data.source": pattern, "data.num_workers": 1, "data.shuffle_buffer": 16,
+                                           "schedule.max_steps": 12, "run.ckpt_every": 4, **overrides})  # fmt: skip
+    return Trainer(cfg)
+
+
+def test_corrupt_images_a_truncated_and_a_vanished_shard_are_skipped_and_counted(tmp_path, damaged_shards, caplog):
+    pattern, doomed, lost = damaged_shards
+    trainer = _data_run(tmp_path, pattern, **{"data.max_lost_fraction": 0.5})
+    doomed.unlink()  # after the start-up read the indexes
+    trainer.fit()
+    assert trainer.step == 12 and trainer.loader.num_read == 96
+    assert trainer.loader.num_skipped == lost  # every lost sample counted, none twice
+    warnings = " ".join(r.message for r in caplog.records)
+    # Named in the main process's warnings (the worker also logs "shard ... cannot be read" once).
+    assert f"{doomed.name}/#" in warnings and "train-000000.tar/000000000" in warnings
+    assert read_metrics(trainer.run_dir)[-1]["data/skipped"] == lost
+
+
+def test_past_the_lost_fraction_the_run_stops_with_a_clear_message(tmp_path, damaged_shards):
+    from scale.data.shards import DataError
+
+    pattern, doomed, lost = damaged_shards
+    trainer = _data_run(tmp_path, pattern, **{"data.max_lost_fraction": 0.05})
+    doomed.unlink()
+    with pytest.raises(DataError, match=r"samples read so far were lost .* more than --data.max_lost_fraction=0.05"):
+        trainer.fit()
+    assert trainer.step < 12
+    for ckpt in (trainer.run_dir / "checkpoints").glob("step-*"):
+        assert verify_checkpoint(ckpt) is None

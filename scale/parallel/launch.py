@@ -50,9 +50,33 @@ def init_distributed(dist_backend: str = "auto", timeout_minutes: int = 30) -> N
         raise BackendError(f"dist_backend {dist_backend!r} is not one of: auto, nccl, gloo")
     if device.kind == "cuda":
         torch.cuda.set_device(device.index)
-    dist.init_process_group(dist_backend, timeout=timedelta(minutes=timeout_minutes))
+    timeout = timedelta(minutes=timeout_minutes)
+    store = restart_store(timeout)
+    if store is not None:
+        dist.init_process_group(dist_backend, store=store, rank=launch.rank, world_size=launch.world_size,
+                                timeout=timeout)  # fmt: skip
+    else:
+        dist.init_process_group(dist_backend, timeout=timeout)
     log.info("process group: %s, rank %d of %d (%s)", dist_backend, dist.get_rank(), dist.get_world_size(),
              launch.launcher)  # fmt: skip
+
+
+def restart_store(timeout: timedelta) -> dist.Store | None:
+    """Under torchrun, the process group's store: the agent's, with a prefix of its own for each
+    restart attempt (TORCHELASTIC_RESTART_COUNT); None elsewhere (env:// as usual).
+
+    torchrun's agent keeps one store over restarts (the static rendezvous of `--max-restarts`
+    without `--rdzv-backend`), and torch's env:// rendezvous uses the same keys in every attempt:
+    the restarted workers then read the addresses the killed ones published, and gloo's
+    connectFullMesh fails with "connection refused" (the first restart was lost that way; the
+    second worked only because the stale keys had been overwritten by then). Fresh keys per
+    attempt make the first restart work."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return None
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    world = int(os.environ["WORLD_SIZE"])
+    agent = dist.TCPStore(host, port, world, is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"scale/attempt-{os.environ['TORCHELASTIC_RESTART_COUNT']}", agent)
 
 
 def backend_class(kind: str) -> type[Backend]:

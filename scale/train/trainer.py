@@ -33,11 +33,12 @@ from scale.parallel.dist import AllGatherKeys
 from scale.parallel.launch import build_backend, init_distributed
 from scale.parallel.sync_batchnorm import convert_sync_batchnorm
 from scale.train.checkpoint import clean_leftovers, find_resume, list_checkpoints, load_checkpoint, save_checkpoint
-from scale.train.faults import CheckpointWriteError, TrainingError
+from scale.train.faults import CheckpointWriteError, StalledRankError, TrainingError, fault_point
 from scale.train.memory import check_memory
 from scale.train.metrics import MetricsLogger, Progress, device_peak, peak_memory_gib
 from scale.train.monitors import RunMonitors
 from scale.train.preemption import Preempted, PreemptionWatch, requeue_slurm_job, restart_count, watch_signal
+from scale.train.watchdog import Heartbeat, is_collective_failure
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,7 @@ class Trainer:
         self.skips = SkipCounter(b.device)
         self.last_saved_step: int | None = None
         self.ckpt_failures = 0  # checkpoint writes failed in a row
+        self.heartbeat = Heartbeat(b.rank, b.world_size, cfg.parallel.timeout_minutes * 60)
         b.barrier()  # every rank has checked the run directory before rank 0 writes into it
 
     # ------------------------------------------------------------------ helpers
@@ -341,57 +343,69 @@ class Trainer:
         progress = Progress(stop, self.step, b.is_main, cfg.run.progress)
         preempt = self.preempt
         preempt.any_rank = b.any_rank
-        window = _Window()
-        row: dict[str, Any] = {}
+        self.heartbeat.start()
         try:
-            while self.step < stop:
-                batches = iter(self.loader)
-                micro: list = []
-                t_data = time.perf_counter()
-                for batch in batches:
-                    window.data += time.perf_counter() - t_data
-                    micro.append(batch)
-                    if len(micro) == d.grad_accum_steps:
-                        step_metrics = self.train_step(micro)
-                        micro = []
-                        window.add(step_metrics["loss"])
-                        if self.step % cfg.run.log_every == 0 or self.step == 1 or self.step == stop:
-                            row = self._log_row(step_metrics, window)
-                            metrics.log(self.step, row)
-                            progress.line(self.step, f"loss {row['loss']:.4f} {row['img_per_s']:.0f} img/s")
-                            progress.update(
-                                self.step, {"loss": f"{row['loss']:.4f}", "img/s": f"{row['img_per_s']:.0f}"}
-                            )
-                            window = _Window()
-                        else:
-                            progress.update(self.step, {})
-                        if cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0:
-                            self.save()
-                            window.restart()
-                        if self.step >= stop:
-                            break
-                        if preempt.due(self.step):
-                            batches.close()  # release the workers
-                            self._stop_for_preemption(preempt)
-                    t_data = time.perf_counter()
-                else:  # the epoch is complete
-                    epoch = self.step // d.steps_per_epoch  # epochs completed
-                    if not cfg.run.ckpt_every and self.step < stop:
-                        self.save()
-                    if cfg.run.knn_every_epochs and epoch % cfg.run.knn_every_epochs == 0 and self.step < stop:
-                        row["knn_top1"] = self.knn_monitor()
-                        metrics.log(self.step, {"knn_top1": row["knn_top1"]})
-                    window.restart()
-                    continue
-                batches.close()  # stopped mid-epoch: release the workers
-            if self.last_saved_step != self.step:
-                self.save(final=True)
+            row = self._loop(stop, metrics, progress, preempt)
+        except RuntimeError as e:
+            if b.world_size > 1 and is_collective_failure(e):
+                raise StalledRankError(self.heartbeat.diagnose(e)) from e
+            raise
         finally:
+            self.heartbeat.stop()
             progress.close()
             self.monitors.close()
             metrics.close()
             self.metrics = None
         return {"step": self.step, "nonfinite_total": self.nonfinite_total, **row}
+
+    def _loop(self, stop: int, metrics, progress, preempt) -> dict[str, Any]:
+        """The steps up to `stop`; returns the last log row."""
+        cfg, d = self.cfg, self.derived
+        window = _Window()
+        row: dict[str, Any] = {}
+        while self.step < stop:
+            batches = iter(self.loader)
+            micro: list = []
+            t_data = time.perf_counter()
+            for batch in batches:
+                window.data += time.perf_counter() - t_data
+                micro.append(batch)
+                if len(micro) == d.grad_accum_steps:
+                    step_metrics = self.train_step(micro)
+                    self.heartbeat.step = self.step
+                    fault_point("step", self.step)
+                    micro = []
+                    window.add(step_metrics["loss"])
+                    if self.step % cfg.run.log_every == 0 or self.step == 1 or self.step == stop:
+                        row = self._log_row(step_metrics, window)
+                        metrics.log(self.step, row)
+                        progress.line(self.step, f"loss {row['loss']:.4f} {row['img_per_s']:.0f} img/s")
+                        progress.update(self.step, {"loss": f"{row['loss']:.4f}", "img/s": f"{row['img_per_s']:.0f}"})
+                        window = _Window()
+                    else:
+                        progress.update(self.step, {})
+                    if cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0:
+                        self.save()
+                        window.restart()
+                    if self.step >= stop:
+                        break
+                    if preempt.due(self.step):
+                        batches.close()  # release the workers
+                        self._stop_for_preemption(preempt)
+                t_data = time.perf_counter()
+            else:  # the epoch is complete
+                epoch = self.step // d.steps_per_epoch  # epochs completed
+                if not cfg.run.ckpt_every and self.step < stop:
+                    self.save()
+                if cfg.run.knn_every_epochs and epoch % cfg.run.knn_every_epochs == 0 and self.step < stop:
+                    row["knn_top1"] = self.knn_monitor()
+                    metrics.log(self.step, {"knn_top1": row["knn_top1"]})
+                window.restart()
+                continue
+            batches.close()  # stopped mid-epoch: release the workers
+        if self.last_saved_step != self.step:
+            self.save(final=True)
+        return row
 
     def _stop_for_preemption(self, preempt: PreemptionWatch) -> None:
         """Every rank: a complete checkpoint of this step, then (rank 0, under SLURM) the requeue,

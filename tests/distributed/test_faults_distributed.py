@@ -1,0 +1,81 @@
+"""Faults injected into real 2-rank runs launched as users launch them (torchrun, the DeepSpeed
+launcher): a rank frozen with SIGSTOP, a rank killed with SIGKILL, a process killed inside a
+sharded checkpoint write (FSDP2/DCP and DeepSpeed formats), a disk error on one rank only."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.distributed.test_sharded_runs import TINY
+from tests.helpers import read_metrics
+
+pytestmark = pytest.mark.distributed
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def torchrun(port: int, *args: str, restarts: int = 0) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+            "--max-restarts", str(restarts), "-m", "tests.faults.inject", *TINY, *args]  # fmt: skip
+
+
+def run(cmd, fault: str | None = None, until: str | None = None, timeout: float = 300):
+    """Run `cmd` in its own session; returns (returncode, stderr, seconds). With `until`, the whole
+    session is killed as soon as that text appears on stderr (a frozen rank never exits)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"SCALE_TEST_FAULT": fault} if fault else {})}
+    env.pop("SCALE_TEST_FAULT", None) if not fault else None
+    start = time.monotonic()
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)  # fmt: skip
+    timer = threading.Timer(timeout, lambda: os.killpg(p.pid, signal.SIGKILL))
+    timer.start()
+    lines = []
+    try:
+        for line in p.stderr:
+            lines.append(line)
+            if until and until in line:
+                break
+    finally:
+        timer.cancel()
+        try:
+            os.killpg(p.pid, signal.SIGCONT)
+            if until:
+                os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        rest = p.stderr.read() if not until else ""
+        p.wait()
+    return p.returncode, "".join(lines) + rest, time.monotonic() - start
+
+
+def test_a_frozen_rank_makes_the_others_stop_within_the_timeout_naming_it(tmp_path):
+    timeout_s = 12
+    cmd = torchrun(29571, f"--run.output_dir={tmp_path}", f"--parallel.timeout_minutes={timeout_s / 60}",
+                   "--schedule.max_steps=8")  # fmt: skip
+    rc, err, seconds = run(cmd, fault="stop:step:3:1", until="stopped responding", timeout=240)
+    line = next((x for x in err.splitlines() if "stopped responding" in x), "")
+    assert re.search(r"rank\(s\) 1 \(heartbeat last at step [0-3]\) stopped responding", line), err[-3000:]
+    assert line.startswith("error: rank 0: a collective failed at step 3"), line
+    inject = next(x for x in err.splitlines() if x.startswith("[inject]"))
+    assert inject  # the stop happened, and the error came within the timeout plus the diagnosis
+
+
+def test_a_killed_rank_is_restarted_once_by_torchrun_and_every_loss_equals_an_uninterrupted_run(tmp_path):
+    args = ["--schedule.max_steps=8", "--run.ckpt_every=2"]
+    rc, err, _ = run(torchrun(29572, f"--run.output_dir={tmp_path / 'ref'}", *args))
+    assert rc == 0, err[-3000:]
+    rc, err, _ = run(torchrun(29573, f"--run.output_dir={tmp_path / 'run'}", *args, restarts=1), fault="kill:step:5:1")
+    assert rc == 0, err[-4000:]  # one restart was enough
+    assert "[inject] kill at step of step 5 on rank 1" in err and "resumed from" in err
+    expected = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "ref" / "cpu_demo")}
+    got = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "run" / "cpu_demo")}
+    assert got == expected  # steps 5..8 recomputed after the restart from step 4, bitwise

@@ -225,3 +225,37 @@ def test_trust_ratio_optimizers_under_fsdp_equal_ddp(tmp_path, optimizer):
     )
     for name, value in ddp.items():
         torch.testing.assert_close(fsdp[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _zero_run(rank, world, out_dir, stage, name, steps, error_file=""):
+    cfg = tiny_config(out_dir, name, **{**backend_overrides(stage), "schedule.max_steps": steps})
+    try:
+        Trainer(cfg, loader=FixedBatchLoader(4, 8, world=world, rank=rank)).fit()
+    except BackendError as e:
+        if not error_file:
+            raise
+        Path(error_file).write_text(str(e))
+
+
+@pytest.mark.parametrize("stage", ["zero2", pytest.param("zero3", marks=pytest.mark.slow)])
+def test_deepspeed_checkpoint_on_another_world_size_is_refused_then_resumes_after_conversion(tmp_path, stage):
+    """A 2-rank ZeRO checkpoint (taken at an epoch end) on 1 rank: refused with the conversion
+    command; after running it, it resumes through DeepSpeed's universal format and continues the
+    uninterrupted run's losses."""
+    run_ranks(_zero_run, 2, str(tmp_path), stage, "straight", 6)
+    run_ranks(_zero_run, 2, str(tmp_path), stage, "moved", 4)
+    error = tmp_path / "error.txt"
+    run_ranks(_zero_run, 1, str(tmp_path), stage, "moved", 6, str(error))
+    message = error.read_text()
+    assert "was written by 2 ranks and this run has 1" in message and "ds_to_universal" in message
+    command = message.split("`")[1]
+    out = subprocess.run([sys.executable, *command.split()[1:]], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    run_ranks(_zero_run, 1, str(tmp_path), stage, "moved", 6)
+    straight = [r["loss"] for r in read_metrics(tmp_path / "straight")]
+    moved = [r["loss"] for r in read_metrics(tmp_path / "moved")]
+    # Not bit-exact (a plain 1- vs 2-rank ZeRO-2 run agrees to 2e-7): the two steps after the
+    # universal load differ by up to 2e-4 relative; the state DeepSpeed's universal load does not
+    # restore exactly is not found yet (docs/reliability.md).
+    assert moved[:4] == straight[:4] and moved == pytest.approx(straight, rel=1e-3)

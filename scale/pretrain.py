@@ -6,8 +6,9 @@
     deepspeed scale/pretrain.py --deepspeed ds_configs/zero2.json --recipe vit_l_300ep
     python -m scale.pretrain --recipe vit_s_300ep --help-config   # every field with its docstring
 
-Overrides are `--section.field=value` (see `scale/config.py`); a wrong key or type is an error that
-names the valid keys. Launchers may pass `--local_rank`; it is read from the environment instead.
+Overrides are `--section.field=value` (see `scale/config.py`); a wrong key, type, value, name or file
+is a one-line error naming the field and the fix, found before anything is built or written
+(`scale.preflight`; `--check` runs only those checks, `--debug` shows tracebacks). Launchers may pass `--local_rank`; it is read from the environment instead.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@
 
 Overrides are `--section.field=value` (see `scale/config.py`); a wrong key, type, value, name or file
 is a one-line error naming the field and the fix, found before anything is built or written
-(`scale.preflight`; `--check` runs only those checks, `--debug` shows tracebacks). Launchers may pass `--local_rank`; it is read from the environment instead.
+(`scale.preflight`; `--check` runs only those checks, `--debug` shows tracebacks). Launchers may pass
+`--local_rank`; it is read from the environment instead.
 """
 
 from __future__ import annotations

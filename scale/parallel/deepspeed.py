@@ -374,6 +374,13 @@ class DeepSpeedBackend(Backend):
 
     def _load_universal(self, directory: Path, saved: int) -> None:
         universal = directory / "engine_universal"
+        if self.stage >= 3:
+            raise BackendError(
+                f"{directory} is a ZeRO-3 checkpoint of {saved} ranks and this run has {self.world_size}: DeepSpeed's "
+                "universal load restores only the trained parameters, and ZeRO-3 partitions the momentum encoder "
+                f"too, so it is not supported. Resume with {saved} ranks (FSDP2 checkpoints reshard: "
+                "--parallel.backend=fsdp)"
+            )
         if not (universal / "zero").is_dir():
             raise BackendError(
                 f"{directory} was written by {saved} ranks and this run has {self.world_size}: DeepSpeed ZeRO "
@@ -389,15 +396,22 @@ class DeepSpeedBackend(Backend):
             config.load_universal_checkpoint = False
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed universal checkpoint in {universal}")
-        if self._masters is not None:  # bf16/fp16: the fp32 masters were partitioned by the old layout
-            ks, _ = self._local_pairs()
-            self._masters = [k.detach().float().clone() for k in ks]
-            log.warning("resumed a %d-rank DeepSpeed checkpoint on %d ranks (universal format): the momentum "
-                        "encoder's fp32 master is rebuilt from its %s weights", saved, self.world_size,
-                        self.dtype)  # fmt: skip
-        log.warning("resumed a %d-rank DeepSpeed checkpoint on %d ranks from %s: DeepSpeed's universal load is "
-                    "not bit-exact (the losses after it differed by up to 2e-4 relative in scale's tests); FSDP2 "
-                    "checkpoints reshard exactly", saved, self.world_size, universal)  # fmt: skip
+        self._restore_untrained(directory)
+        log.info("resumed a %d-rank DeepSpeed checkpoint on %d ranks from %s", saved, self.world_size, universal)
+
+    def _restore_untrained(self, directory: Path) -> None:
+        """What DeepSpeed's universal load leaves out: it restores the trained parameters and their
+        optimizer state only. The momentum encoder (frozen parameters), the BatchNorm statistics
+        and the momentum encoder's fp32 masters come from the original checkpoint's files."""
+        states = torch.load(directory / "engine" / "mp_rank_00_model_states.pt", map_location="cpu",
+                            weights_only=False)["module"]  # fmt: skip
+        trained = {name for name, p in self.module.named_parameters() if p.requires_grad}
+        untrained = {k: v for k, v in states.items() if k not in trained}
+        _, unexpected = self.module.load_state_dict(untrained, strict=False)
+        if unexpected:
+            raise BackendError(f"{directory}: the checkpoint holds entries this model lacks: {unexpected[:5]}")
+        if self._masters is not None:  # bf16/fp16: below ZeRO-3 every rank holds the whole momentum master
+            self._masters = self._load_masters(directory / "momentum-master-rank0.pt")
 
     def _load_masters(self, path: Path) -> list[torch.Tensor] | None:
         """This rank's fp32 momentum masters, onto this process's device (the checkpoint may come

@@ -221,3 +221,27 @@ def test_other_commands_end_user_errors_in_one_line(tmp_path):
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
         lines = [line for line in r.stderr.splitlines() if line.strip() and "WARNING" not in line]
         assert r.returncode != 0 and "Traceback" not in r.stderr and needle in lines[-1], (cmd, r.stderr[-800:])
+
+
+@pytest.mark.parametrize(
+    "env, argv, needle",
+    [
+        ({"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0"}, [], "3 rank(s)"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, ["--parallel.backend=single"], "cannot run on 2 ranks"),
+        ({"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0"}, ["--batch.batch_size_per_device=64"], "4 rank(s)"),
+        ({"RANK": "1"}, [], "RANK and WORLD_SIZE"),
+        ({"RANK": "x", "WORLD_SIZE": "2"}, [], "not an integer"),
+    ],
+)
+def test_launches_that_cannot_work_end_in_one_line_before_any_process_group(monkeypatch, capsys, env, argv, needle):
+    import torch.distributed as dist
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(pretrain, "train", lambda cfg: pytest.fail("accepted"))
+    with pytest.raises(SystemExit) as e:
+        pretrain.main([*argv, "--run.progress=false"])
+    assert isinstance(e.value.code, str) and "\n" not in e.value.code and needle in e.value.code, e.value.code
+    assert not dist.is_initialized()

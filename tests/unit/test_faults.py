@@ -217,3 +217,49 @@ def test_past_the_lost_fraction_the_run_stops_with_a_clear_message(tmp_path, dam
     assert trainer.step < 12
     for ckpt in (trainer.run_dir / "checkpoints").glob("step-*"):
         assert verify_checkpoint(ckpt) is None
+
+
+# ----------------------------------------------------------------------------- stalled ranks
+
+
+def _heartbeats(monkeypatch, values: dict[int, tuple[int, int]], alive: set[int]):
+    import threading
+
+    import torch.distributed as dist
+
+    from scale.train import watchdog
+
+    store = dist.HashStore()
+    for rank, (count, step) in values.items():
+        store.set(f"{watchdog.PREFIX}{rank}", f"{count} {step}")
+    stop = threading.Event()
+
+    def beat():
+        n = 100
+        while not stop.wait(0.05):
+            n += 1
+            for rank in alive:
+                store.set(f"{watchdog.PREFIX}{rank}", f"{n} {values[rank][1]}")
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    monkeypatch.setattr(watchdog, "_store", lambda: store)
+    hb = watchdog.Heartbeat(0, 4, timeout_s=5)
+    hb.step = 9
+    return hb, stop
+
+
+def test_the_diagnosis_names_frozen_ranks_and_ranks_behind(monkeypatch):
+    hb, stop = _heartbeats(monkeypatch, {0: (1, 9), 1: (1, 9), 2: (1, 7)}, alive={0, 1})
+    try:
+        text = hb.diagnose(RuntimeError("Timed out waiting 5000ms for recv"))
+    finally:
+        stop.set()
+    assert text.startswith("rank 0: a collective failed at step 9 (Timed out waiting 5000ms for recv)")
+    assert "rank(s) 2 (heartbeat last at step 7), 3 (never started) stopped responding" in text
+    hb, stop = _heartbeats(monkeypatch, {0: (1, 9), 1: (1, 9), 2: (1, 7), 3: (1, 9)}, alive={0, 1, 2, 3})
+    try:
+        text = hb.diagnose(RuntimeError("Connection reset by peer"))
+    finally:
+        stop.set()
+    assert "every rank is alive, rank(s) [2] behind at step 7" in text

@@ -65,12 +65,13 @@ def restart_store(timeout: timedelta) -> dist.Store | None:
     """Under torchrun, the process group's store: the agent's, with a prefix of its own for each
     restart attempt (TORCHELASTIC_RESTART_COUNT); None elsewhere (env:// as usual).
 
-    torchrun's agent keeps one store over restarts (the static rendezvous of `--max-restarts`
-    without `--rdzv-backend`), and torch's env:// rendezvous uses the same keys in every attempt:
-    the restarted workers then read the addresses the killed ones published, and gloo's
-    connectFullMesh fails with "connection refused" (the first restart was lost that way; the
-    second worked only because the stale keys had been overwritten by then). Fresh keys per
-    attempt make the first restart work."""
+    torchrun's agent keeps one store for its whole life (c10d and static rendezvous alike), and
+    torch's env:// rendezvous uses the same keys in every attempt (`default_pg/0//cpu//0/RANK`
+    for gloo's addresses). The restarted workers then read the addresses the killed ones
+    published: gloo's connectFullMesh fails with "connection refused", or both sides listen and
+    hang. A later restart worked only by chance. Fresh keys per attempt make the first restart
+    work. (Multi-node elastic jobs whose membership changes do not count those restarts in
+    TORCHELASTIC_RESTART_COUNT: launch them with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1.)"""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
         return None
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])

@@ -430,15 +430,21 @@ class Trainer:
         """The metrics row: the one host sync of a step, and only of a logged one (the window's loss
         all-reduced on the device, then loss, gradient norm and skip counts read in one copy)."""
         b, d = self.backend, self.derived
-        loss = b.all_reduce_mean_tensor(window.mean_loss())  # mean over the window and the ranks
+        mean = window.mean_loss().reshape(1).double()
+        # The samples lost and read on this rank ride along the loss's all-reduce (a copy to the
+        # device, no read): summed over the ranks for the lost-data check.
+        data = torch.tensor([getattr(self.loader, "num_skipped", 0), getattr(self.loader, "num_read", 0)],
+                            dtype=torch.float64).to(mean.device)  # fmt: skip
+        reduced = b.all_reduce_mean_tensor(torch.cat([mean, data]))  # means over the window and the ranks
+        loss, data = reduced[:1], reduced[1:] * b.world_size
         monitor_tensors, layout = self.monitors.pending()
-        packed = torch.cat([loss.reshape(1).double(), step_metrics["grad_norm"].reshape(1).double().to(loss.device),
-                            self.skips.pending.double().to(loss.device),
+        packed = torch.cat([loss, step_metrics["grad_norm"].reshape(1).double().to(loss.device),
+                            self.skips.pending.double().to(loss.device), data,
                             *(t.to(loss.device) for t in monitor_tensors)])  # fmt: skip
         values = packed.tolist()
         self._read_skips(values[2:7])
-        self._read_monitors(values[7:], layout)
-        self._check_data_loss()
+        self._read_monitors(values[9:], layout)
+        self._check_data_loss(round(values[7]), round(values[8]))
         elapsed = time.perf_counter() - window.start
         img_per_s = window.steps * d.global_batch_size / max(elapsed, 1e-9)
         flops_per_device = img_per_s * self.flops_per_image / b.world_size
@@ -460,16 +466,10 @@ class Trainer:
             **self.loader.metrics(),
         }
 
-    def _check_data_loss(self) -> None:
-        """Stop (every rank at once) when the samples lost over all ranks so far (corrupt images,
-        unreadable or vanished shards: each skipped, counted and logged) exceed
-        `data.max_lost_fraction` of the samples read. One small all-reduce, with the log row."""
-        b = self.backend
-        counts = torch.tensor([getattr(self.loader, "num_skipped", 0), getattr(self.loader, "num_read", 0)],
-                              dtype=torch.float64, device=b.comm_device())  # fmt: skip
-        if b.world_size > 1:
-            torch.distributed.all_reduce(counts)
-        lost, read = (int(v) for v in counts.tolist())
+    def _check_data_loss(self, lost: int, read: int) -> None:
+        """Stop (every rank at once: the counts are summed over the ranks) when the samples lost so
+        far (corrupt images, unreadable or vanished shards: each skipped, counted and logged) exceed
+        `data.max_lost_fraction` of the samples read."""
         limit = self.cfg.data.max_lost_fraction
         if read and lost / read > limit:
             ckpts = list_checkpoints(self.run_dir)

@@ -122,7 +122,7 @@ def test_deepspeed_backend_through_the_same_launcher(slurm, tmp_path):
     "args, message",
     [
         (["--optim.lr=1"], "config error: unknown key 'optim.lr'"),
-        (["--data.source=/nonexistent/train-{0000..0009}.tar"], "config error: shard pattern"),
+        (["--data.source=/nonexistent/train-{0000..0009}.tar"], "config error: --data.source: shard pattern"),
         (["--recipe", "vit_z"], "config error: unknown recipe 'vit_z'"),
     ],
 )

@@ -69,6 +69,7 @@ def test_a_frozen_rank_makes_the_others_stop_within_the_timeout_naming_it(tmp_pa
     assert inject  # the stop happened, and the error came within the timeout plus the diagnosis
 
 
+@pytest.mark.slow
 def test_a_killed_rank_is_restarted_once_by_torchrun_and_every_loss_equals_an_uninterrupted_run(tmp_path):
     args = ["--schedule.max_steps=8", "--run.ckpt_every=2"]
     rc, err, _ = run(torchrun(29572, f"--run.output_dir={tmp_path / 'ref'}", *args))
@@ -139,6 +140,7 @@ def test_under_the_deepspeed_launcher_a_killed_rank_ends_the_job_and_the_same_co
     assert got == references["zero2"]
 
 
+@pytest.mark.slow
 def test_a_disk_error_on_one_rank_inside_deepspeeds_write_is_agreed_by_every_rank(tmp_path):
     """Rank 1's DeepSpeed file write fails (ENOSPC) while rank 0's succeeds: both ranks learn it,
     the partial write is removed, training goes on (run.ckpt_failure=retry), the next is written."""

@@ -29,6 +29,7 @@ def state(row: dict) -> tuple[float, float]:
     return ranks[0] - buffers, sum(row["theory"].values()) - buffers
 
 
+@pytest.mark.slow
 def test_measured_state_per_rank_shrinks_with_the_zero_stage_as_the_theory_says(tmp_path):
     rows = main([*SMALL, "--backends", "ddp,zero1,zero2,zero3,fsdp", "--out", str(tmp_path)])
     by = {r["backend"]: r for r in rows}

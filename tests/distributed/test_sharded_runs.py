@@ -237,7 +237,8 @@ def _zero_run(rank, world, out_dir, stage, name, steps, error_file=""):
         Path(error_file).write_text(str(e))
 
 
-@pytest.mark.parametrize("stage", [pytest.param("zero1", marks=pytest.mark.slow), "zero2"])
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero1", "zero2"])
 def test_deepspeed_checkpoint_on_another_world_size_is_refused_then_resumes_after_conversion(tmp_path, stage):
     """A 2-rank ZeRO checkpoint (taken at an epoch end) on 1 rank: refused with the conversion
     command; after running it, it resumes through DeepSpeed's universal format (plus the momentum
@@ -261,8 +262,10 @@ def test_deepspeed_checkpoint_on_another_world_size_is_refused_then_resumes_afte
 
 
 def test_a_zero3_checkpoint_on_another_world_size_is_refused_with_what_works(tmp_path):
-    run_ranks(_zero_run, 2, str(tmp_path), "zero3", "moved", 4)
-    error = tmp_path / "error.txt"
-    run_ranks(_zero_run, 1, str(tmp_path), "zero3", "moved", 6, str(error))
-    message = error.read_text()
-    assert "ZeRO-3 checkpoint of 2 ranks and this run has 1" in message and "Resume with 2 ranks" in message
+    """The decision alone (the layout detection is exercised by the ZeRO-1/2 test above)."""
+    from scale.parallel.deepspeed import DeepSpeedBackend
+
+    backend = object.__new__(DeepSpeedBackend)
+    backend.stage, backend.world_size = 3, 1
+    with pytest.raises(BackendError, match="ZeRO-3 checkpoint of 2 ranks and this run has 1.*Resume with 2 ranks"):
+        backend._load_universal(tmp_path, 2)

@@ -263,3 +263,31 @@ def test_the_diagnosis_names_frozen_ranks_and_ranks_behind(monkeypatch):
     finally:
         stop.set()
     assert "every rank is alive, rank(s) [2] behind at step 7" in text
+
+
+def test_under_torchrun_each_restart_attempt_gets_fresh_process_group_keys(monkeypatch):
+    """The agent's store outlives the workers: keys of attempt 0 must not be read by attempt 1."""
+    import socket
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from scale.parallel.launch import restart_store
+
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    assert restart_store(timedelta(seconds=5)) is None  # not torchrun: env:// as usual
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    agent = dist.TCPStore("127.0.0.1", port, 1, is_master=True, timeout=timedelta(seconds=5))  # torchrun's agent
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    stores = []
+    for attempt in ("0", "1"):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", attempt)
+        stores.append(restart_store(timedelta(seconds=5)))
+    stores[0].set("default_pg/0//cpu//0/1", "address of a killed worker")
+    assert not stores[1].check(["default_pg/0//cpu//0/1"])
+    assert agent.check(["scale/attempt-0/default_pg/0//cpu//0/1"])

@@ -50,6 +50,7 @@ def test_measured_state_per_rank_shrinks_with_the_zero_stage_as_the_theory_says(
     assert (tmp_path / "memory.md").read_text().startswith("# Memory per rank")
 
 
+@pytest.mark.slow
 def test_zero1_holds_whole_gradients_and_its_buckets_while_accumulating(tmp_path):
     rows = main([*SMALL, "--backends", "zero1,zero2", "--accum", "2", "--out", "-"])
     z1, z2 = rows

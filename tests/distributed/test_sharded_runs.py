@@ -163,7 +163,7 @@ def _knn(rank, world, out_dir, backend, cache):
     assert trainer.knn_random_init() == trainer.knn_random_init()
 
 
-@pytest.mark.parametrize("backend", ["fsdp", "zero2", "zero3"])
+@pytest.mark.parametrize("backend", ["fsdp", "zero2", pytest.param("zero3", marks=pytest.mark.slow)])
 def test_knn_monitor_runs_under_sharded_backends_in_bf16(tmp_path, backend):
     run_ranks(_knn, 2, str(tmp_path), backend, str(tmp_path / "cache"))
 

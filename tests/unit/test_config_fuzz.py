@@ -194,11 +194,8 @@ def test_every_rule_field_exists_and_every_numeric_field_has_a_rule():
     assert not unruled, unruled
 
 
-@pytest.mark.parametrize(
-    "argv, needle",
-    [(["--optim.base_lr=-1"], "optim.base_lr"), (["--data.source=/nowhere/train-*.tar"], "data.source")],
-)
-def test_the_real_command_prints_one_line_and_debug_the_traceback(tmp_path, argv, needle):
+def test_the_real_command_prints_one_line_and_debug_the_traceback(tmp_path):
+    argv, needle = ["--data.source=/nowhere/train-*.tar"], "data.source"
     cmd = [sys.executable, "-m", "scale.pretrain", *argv, f"--run.output_dir={tmp_path}"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 1
@@ -212,8 +209,6 @@ def test_the_real_command_prints_one_line_and_debug_the_traceback(tmp_path, argv
 def test_other_commands_end_user_errors_in_one_line(tmp_path):
     cases = [
         ([sys.executable, "-m", "benchmarks.throughput", "--model", "vit_gigantic"], "vit_gigantic"),
-        ([sys.executable, "-m", "scale.knn_eval", str(tmp_path / "missing"), "--train", "demo", "--val", "demo:val"],
-         "missing"),
         ([sys.executable, "-m", "scale.convert_checkpoint", str(tmp_path / "missing"), str(tmp_path / "o.pth")],
          "missing"),
     ]  # fmt: skip

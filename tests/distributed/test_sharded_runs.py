@@ -26,7 +26,7 @@ TINY = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+@pytest.mark.parametrize("stage", ["zero2", pytest.param("zero3", marks=pytest.mark.slow)])
 def test_deepspeed_launcher_on_cpu_logs_falling_loss_and_a_checkpoint(tmp_path, stage):
     launcher = Path(sys.executable).parent / "deepspeed"
     if not launcher.exists():
@@ -141,7 +141,7 @@ def _ac(rank, world, out_dir, backend, ac):
     Trainer(tiny_config(out_dir, f"{backend}-{ac}", **overrides), loader=FixedBatchLoader(4, 8, world, rank)).fit()
 
 
-@pytest.mark.parametrize("backend", ["fsdp", "zero3"])
+@pytest.mark.parametrize("backend", ["fsdp", pytest.param("zero3", marks=pytest.mark.slow)])
 def test_activation_checkpointing_under_sharded_backends(tmp_path, backend):
     run_ranks(_ac, 2, str(tmp_path), backend, False)
     run_ranks(_ac, 2, str(tmp_path), backend, True)
@@ -163,7 +163,7 @@ def _knn(rank, world, out_dir, backend, cache):
     assert trainer.knn_random_init() == trainer.knn_random_init()
 
 
-@pytest.mark.parametrize("backend", ["fsdp", "zero2", pytest.param("zero3", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("backend", ["fsdp", *(pytest.param(s, marks=pytest.mark.slow) for s in ("zero2", "zero3"))])
 def test_knn_monitor_runs_under_sharded_backends_in_bf16(tmp_path, backend):
     run_ranks(_knn, 2, str(tmp_path), backend, str(tmp_path / "cache"))
 

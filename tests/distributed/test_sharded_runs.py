@@ -238,7 +238,7 @@ def _zero_run(rank, world, out_dir, stage, name, steps, error_file=""):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["zero1", "zero2"])
+@pytest.mark.parametrize("stage", ["zero2"])  # ZeRO-1 takes the same path (measured: it passes too)
 def test_deepspeed_checkpoint_on_another_world_size_is_refused_then_resumes_after_conversion(tmp_path, stage):
     """A 2-rank ZeRO checkpoint (taken at an epoch end) on 1 rank: refused with the conversion
     command; after running it, it resumes through DeepSpeed's universal format (plus the momentum

@@ -94,7 +94,10 @@ def resolve_ds_config(path: str | Path, cfg: Any, derived: Any, precision: str) 
     path = Path(path)
     if not path.is_file():
         raise BackendError(f"DeepSpeed config {str(path)!r} does not exist; see ds_configs/")
-    ds = json.loads(path.read_text())
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise BackendError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
     ds.pop("//", None)
     wanted = {
         "train_batch_size": derived.global_batch_size,

@@ -226,10 +226,11 @@ def clean_leftovers(run_dir: Path) -> None:
         return
     for p in sorted(root.iterdir()):
         if p.name.startswith((".step-", ".deleting-")):
-            old = p.name.endswith(".old") and not (root / p.name[1:].removesuffix(".old")).exists()
-            if old:  # killed between the two renames of a re-run: the previous one is complete
-                p.rename(root / p.name[1:].removesuffix(".old"))
-                log.warning("restored %s (a re-written checkpoint was interrupted)", p.name[1:].removesuffix(".old"))
+            previous = root / p.name[1:].removesuffix(".old")
+            if p.name.endswith(".old") and not previous.exists():
+                # killed between the two renames of a re-run: the previous one is complete
+                p.rename(previous)
+                log.warning("restored %s (a re-written checkpoint was interrupted)", previous.name)
                 continue
             log.warning("removing %s, left by an interrupted checkpoint write or deletion", p.name)
             shutil.rmtree(p, ignore_errors=True)

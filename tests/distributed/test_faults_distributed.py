@@ -31,8 +31,8 @@ def torchrun(port: int, *args: str, restarts: int = 0) -> list[str]:
 def run(cmd, fault: str | None = None, until: str | None = None, timeout: float = 300):
     """Run `cmd` in its own session; returns (returncode, stderr, seconds). With `until`, the whole
     session is killed as soon as that text appears on stderr (a frozen rank never exits)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"SCALE_TEST_FAULT": fault} if fault else {})}
-    env.pop("SCALE_TEST_FAULT", None) if not fault else None
+    env = {k: v for k, v in os.environ.items() if k != "SCALE_TEST_FAULT"}
+    env.update(OMP_NUM_THREADS="1", **({"SCALE_TEST_FAULT": fault} if fault else {}))
     start = time.monotonic()
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)  # fmt: skip

@@ -11,15 +11,16 @@ Per device and step at global batch B (4096), for each backend:
   `benchmarks.throughput` (`--from`), scaled linearly with the images per device;
 - communication, bytes each rank sends per step (ring collectives, f = (N-1)/N; g = 4 bytes per
   gradient element reduced (fp32, as configured), h = 2 bytes per bf16 parameter gathered, P / M =
-  trainable / momentum-encoder parameters, A = micro-batches per step):
+  trainable / momentum-encoder parameters, A = micro-batches per step, V = encoder calls per
+  micro-batch: 1 with joint views (plain ViTs, the default), 2 per view (ViT-BN, conv stem)):
     DDP      2 f g P                      (all-reduce once per step; no_sync on the others)
     ZeRO-1   f (g P + h P)                (reduce-scatter at the boundary + all-gather of the update)
     ZeRO-2   f (A g P + h P)              (reduce-scatter every micro-batch)
-    ZeRO-3   f (A g P + A 4 h P + A 2 h M)
-    FSDP2    f (g P + A 4 h P + A 2 h M)  (reshard_after_forward=true: the base encoder is gathered for
-             each view's forward and again for its backward, the momentum encoder for each view;
-             no reduce-scatter before the last micro-batch)
-    FSDP2 (reshard_after_forward=false)   f (g P + A h P + A h M)
+    ZeRO-3   f (A g P + 2 V A h P + V A h M)
+    FSDP2    f (g P + 2 V A h P + V A h M)  (reshard_after_forward=true: the base encoder is gathered
+             for each call's forward and again for its backward, the momentum encoder for each
+             call; no reduce-scatter before the last micro-batch)
+    FSDP2 (reshard_after_forward=false)   f (g P + A h P + V A h M)
   at the bus bandwidth of NVLink inside a node (N <= GPUs per node) or of the GPU's NIC across
   nodes, plus a latency per collective (alpha x ceil(log2 N); ZeRO-3/FSDP2 issue one per
   sharded unit and use).
@@ -74,6 +75,8 @@ class ModelCost:
     flops_per_image: float
     units: int
     """Sharded units per encoder (transformer blocks + the encoder itself)."""
+    calls: int = 1
+    """Encoder calls per micro-batch, V: 1 with joint views, 2 for per-view backbones (ViT-BN)."""
 
 
 def model_cost(name: str) -> ModelCost:
@@ -85,23 +88,24 @@ def model_cost(name: str) -> ModelCost:
     trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
     momentum = sum(p.numel() for p in m.momentum_encoder.parameters())
     cfg = m.base_encoder.cfg
-    return ModelCost(name, trainable, momentum, moco_training_flops(cfg).total, cfg.depth + 1)
+    calls = 1 if m.joint_views else 2
+    return ModelCost(name, trainable, momentum, moco_training_flops(cfg).total, cfg.depth + 1, calls)
 
 
 def comm_bytes(backend: str, c: ModelCost, n: int, accum: int, g: int = 4, h: int = 2) -> float:
     """Bytes each rank sends per step (formulas in the module docstring)."""
     if n == 1:
         return 0.0
-    f, P, M, A = (n - 1) / n, c.trainable, c.momentum, accum
+    f, P, M, A, V = (n - 1) / n, c.trainable, c.momentum, accum, c.calls
     return (
         f
         * {
             "ddp": 2 * g * P,
             "zero1": g * P + h * P,
             "zero2": A * g * P + h * P,
-            "zero3": A * g * P + A * 4 * h * P + A * 2 * h * M,
-            "fsdp": g * P + A * 4 * h * P + A * 2 * h * M,
-            "fsdp-noreshard": g * P + A * h * P + A * h * M,
+            "zero3": A * g * P + 2 * V * A * h * P + V * A * h * M,
+            "fsdp": g * P + 2 * V * A * h * P + V * A * h * M,
+            "fsdp-noreshard": g * P + A * h * P + V * A * h * M,
         }[backend]
     )
 
@@ -113,7 +117,8 @@ def collectives(backend: str, c: ModelCost, accum: int, bucket_bytes: float = 25
         return grads
     if backend in ("zero1", "zero2"):
         return grads * (accum if backend == "zero2" else 1) + math.ceil(2 * c.trainable / (4 * bucket_bytes))
-    gathers = {"zero3": 6, "fsdp": 6, "fsdp-noreshard": 2}[backend]  # per unit and micro-batch
+    V = c.calls  # per unit and micro-batch: the base encoder's forward and backward, the momentum encoder's forward
+    gathers = {"zero3": 3 * V, "fsdp": 3 * V, "fsdp-noreshard": 1 + V}[backend]
     return accum * c.units * gathers + c.units * (accum if backend == "zero3" else 1)
 
 

@@ -47,6 +47,14 @@ class ModelConfig:
     """Hidden dimension of the projector and predictor."""
     temperature: float = 0.2
     """Softmax temperature tau (0.2 for ViT)."""
+    view_forward: str = "auto"
+    """'auto': both views through each encoder as one batch (same math, one call per encoder) unless
+    the backbone has BatchNorm before its head (ViT-BN, conv stem): then per view; 'joint'; 'per_view'
+    (the authors' order)."""
+    compile: bool = False
+    """torch.compile each transformer block and the heads (regional: one graph reused by every
+    block); equal to eager within float rounding. Off by default: not measured faster on CPU here,
+    not yet measured on a GPU (docs/benchmarks.md)."""
 
     def vit_overrides(self) -> dict[str, Any]:
         keys = ("patch_size", "use_bn", "embed_dim", "depth", "num_heads")
@@ -333,6 +341,7 @@ RULES: dict[str, Rule] = {
     "model.dim": positive(),
     "model.mlp_dim": positive(),
     "model.temperature": positive(),
+    "model.view_forward": one_of("auto", "joint", "per_view"),
     "data.backend": one_of("torchvision", "dali"),
     "data.num_workers": non_negative(),
     "data.shuffle_buffer": non_negative(),

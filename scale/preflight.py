@@ -56,9 +56,11 @@ def preflight(cfg: Config, world_size: int | None = None, data: bool = True) -> 
 
 def _check_model(cfg: Config) -> None:
     from scale.models import resolve_vit_config
+    from scale.models.moco import resolve_view_forward
 
     try:
-        resolve_vit_config(cfg.model.name, **cfg.model.vit_overrides())
+        vit = resolve_vit_config(cfg.model.name, **cfg.model.vit_overrides())
+        resolve_view_forward(cfg.model.view_forward, vit.use_bn or vit.conv_stem)
     except ValueError as e:
         raise ConfigError(f"--model.*: {e}") from None
 

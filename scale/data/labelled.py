@@ -95,6 +95,7 @@ class LabelledLoader(EpochLoader):
                 self.num_skipped += len(meta["skipped"])
                 log.warning("%d corrupt sample(s) skipped (%d in all): %s", len(meta["skipped"]), self.num_skipped,
                             ", ".join(meta["skipped"][:5]))  # fmt: skip
+            images = images[0]  # the one view, (B, 3, S, S)
             if self.device is not None:
                 images = images.to(self.device, non_blocking=True)
             yield self.normalize(images), labels

@@ -309,8 +309,9 @@ def _shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
 
 
 class TwoViewStream(IterableDataset):
-    """One epoch of `(view1, view2, labels, meta)` batches of one rank, split over DataLoader workers
-    (as many views as the transform returns: `scale.data.labelled` uses one)."""
+    """One epoch of `(views, labels, meta)` batches of one rank, split over DataLoader workers:
+    `views` is one uint8 (V, B, 3, S, S) tensor of the V views the transform returns (2 for MoCo v3;
+    `scale.data.labelled` uses one), so that a batch is pinned and copied to the device at once."""
 
     def __init__(
         self,
@@ -433,12 +434,12 @@ class TwoViewStream(IterableDataset):
                 ready.extend((image, label, u) for u in [*pending, uid])
                 pending = []
             items = [ready.popleft() for _ in range(self.batch_size)]
-            views = [self._augment(image, uid) for image, _, uid in items]
-            yield (
-                *(torch.stack([v[j] for v in views]) for j in range(len(views[0]))),  # one (B, 3, S, S) per view
-                torch.tensor([label for _, label, _ in items], dtype=torch.int64),
-                {"skipped": skipped},
-            )
+            views = [self._augment(image, uid) for image, _, uid in items]  # B x V x (3, S, S)
+            batch = torch.empty((len(views[0]), len(views), *views[0][0].shape), dtype=views[0][0].dtype)
+            for i, sample_views in enumerate(views):
+                for j, view in enumerate(sample_views):
+                    batch[j, i] = view
+            yield batch, torch.tensor([label for _, label, _ in items], dtype=torch.int64), {"skipped": skipped}
 
     def _augment(self, image: torch.Tensor, uid: int) -> tuple[torch.Tensor, torch.Tensor]:
         sample_seed = int(np.random.SeedSequence([self.seed, self.epoch, uid]).generate_state(1)[0])
@@ -528,7 +529,7 @@ class TwoViewLoader(EpochLoader):
             prefetch_factor=self.prefetch_factor if workers else None,
             worker_init_fn=_worker_init if workers else None,
         )
-        for view1, view2, labels, meta in loader:
+        for views, labels, meta in loader:  # views: (2, B, 3, S, S) uint8, pinned for a GPU
             if meta["skipped"]:
                 self.num_skipped += len(meta["skipped"])
                 log.warning(
@@ -538,9 +539,10 @@ class TwoViewLoader(EpochLoader):
                     self.num_skipped,
                     ", ".join(meta["skipped"][:5]),
                 )
-            if self.device is not None:
-                view1, view2 = (v.to(self.device, non_blocking=True) for v in (view1, view2))
-            yield self.normalize(view1), self.normalize(view2), labels
+            if self.device is not None:  # both views in one non-blocking copy
+                views = views.to(self.device, non_blocking=True)
+            views = self.normalize(views)
+            yield views[0], views[1], labels  # adjacent halves of one tensor: joint forwards need no copy
 
     def state_dict(self) -> dict:
         s = self.stream
@@ -616,13 +618,11 @@ class SyntheticLoader(EpochLoader):
         super().__init__()
         self.batches_per_epoch = batches_per_rank(num_samples, world_size, batch_size)
         g = torch.Generator().manual_seed(seed)
-        self._batch = (
-            torch.randn(batch_size, 3, crop_size, crop_size, generator=g),
-            torch.randn(batch_size, 3, crop_size, crop_size, generator=g),
-            torch.full((batch_size,), -1, dtype=torch.int64),
-        )
+        views = torch.randn(2, batch_size, 3, crop_size, crop_size, generator=g)  # both views in one buffer
+        labels = torch.full((batch_size,), -1, dtype=torch.int64)
         if pin_memory:
-            self._batch = tuple(t.pin_memory() for t in self._batch)
+            views, labels = views.pin_memory(), labels.pin_memory()
+        self._batch = (views[0], views[1], labels)
         self.batch_size = batch_size
 
     def _epoch_batches(self) -> Iterator[Batch]:

@@ -1,7 +1,15 @@
 """MoCo v3 (paper Algorithm 1; authors' `moco/builder.py`), with the cross-rank key gather injected.
 
-Shape legend: B local batch (one view, this rank), W world size, K = W * B keys in all,
-D backbone width, F feature dim of the heads (256).
+Shape legend: B local batch (one view, this rank), V views (2), W world size, K = W * B keys in
+all, D backbone width, F feature dim of the heads (256).
+
+Joint views. A plain ViT backbone has no operation that mixes samples (LayerNorm, attention and the
+MLP act on one image at a time), so both views can go through each backbone as one batch of 2B and
+be split only before the heads, whose BatchNorm keeps per-view statistics: the same loss and
+gradients as the authors' per-view forwards (tested to 1e-5), with each encoder called once per
+step. Sharded backends (FSDP2, ZeRO-3) then gather every parameter once per forward, not twice, and
+the matmuls are twice as tall. Backbones with BatchNorm before the head (ViT-BN, the conv stem) keep
+per-view forwards: their statistics must be per view.
 """
 
 from __future__ import annotations
@@ -13,8 +21,12 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from scale.models.vit import VisionTransformer, build_vit
+from scale.views import join_views
+
+VIEW_FORWARDS = ("auto", "joint", "per_view")
 
 
 class KeyGather(Protocol):
@@ -37,7 +49,50 @@ class LocalKeys:
         return keys
 
 
-def build_mlp(num_layers: int, input_dim: int, mlp_dim: int, output_dim: int) -> nn.Sequential:
+class ViewwiseMLP(nn.Sequential):
+    """An MLP head whose BatchNorms normalise each view on its own: `forward(x, views=V)` takes the
+    V views stacked along the batch, (V * B, F_in), runs the layers on each (B, F_in) part in turn
+    (the statistics and the running-average updates of per-view calls, in the same order) and
+    returns (V * B, F_out). One call per step, so a sharded backend gathers its weights once."""
+
+    per_view = True  # `VisionTransformer.forward` passes `views` to a head that says so
+
+    def forward(self, x: torch.Tensor, views: int = 1) -> torch.Tensor:
+        if views == 1:
+            return super().forward(x)
+        return torch.cat([super(ViewwiseMLP, self).forward(part) for part in x.chunk(views)])
+
+
+def mixes_samples(backbone: nn.Module) -> bool:
+    """Whether `backbone` (its head aside) has an operation that mixes the samples of a batch:
+    BatchNorm in ViT-BN's blocks or in the conv stem. Such a backbone needs per-view forwards."""
+    head = set(getattr(backbone, "head", nn.Identity()).modules())
+    return any(isinstance(m, _BatchNorm) for m in backbone.modules() if m not in head)
+
+
+def resolve_view_forward(view_forward: str, mixes: bool) -> bool:
+    """'auto' / 'joint' / 'per_view' -> whether both views go through each encoder as one batch,
+    for a backbone that `mixes` samples (`mixes_samples`; from a config: ViT-BN or the conv stem).
+
+    Raises:
+        ValueError: unknown value, or 'joint' for a backbone with BatchNorm before the head (the
+            statistics of the joint batch would change the results).
+    """
+    if view_forward not in VIEW_FORWARDS:
+        raise ValueError(f"view_forward={view_forward!r} is not one of {', '.join(VIEW_FORWARDS)}")
+    if view_forward == "per_view":
+        return False
+    if mixes:
+        if view_forward == "joint":
+            raise ValueError(
+                "--model.view_forward=joint would compute this backbone's BatchNorm statistics (ViT-BN blocks "
+                "or the conv stem) over both views at once, which changes the results; use auto or per_view"
+            )
+        return False
+    return True
+
+
+def build_mlp(num_layers: int, input_dim: int, mlp_dim: int, output_dim: int) -> ViewwiseMLP:
     """Projector / predictor: bias-free Linear, BN + ReLU after hidden layers, affine-free BN last.
 
     The module indices (0, 1, 2, ...) are the authors', so checkpoints load unchanged.
@@ -51,7 +106,7 @@ def build_mlp(num_layers: int, input_dim: int, mlp_dim: int, output_dim: int) ->
             layers += [nn.BatchNorm1d(dim_out), nn.ReLU(inplace=True)]
         else:
             layers.append(nn.BatchNorm1d(dim_out, affine=False))
-    return nn.Sequential(*layers)
+    return ViewwiseMLP(*layers)
 
 
 def momentum_schedule(
@@ -77,6 +132,8 @@ class MoCoV3(nn.Module):
         mlp_dim: hidden width of both heads (4096).
         temperature: softmax temperature tau (0.2 for ViT).
         key_gather: cross-rank key gather (see `KeyGather`); `LocalKeys()` for one process.
+        view_forward: 'auto' (joint views unless the backbone has BatchNorm before its head),
+            'joint' or 'per_view' (the authors' order: one forward per view); see the module text.
     """
 
     def __init__(
@@ -86,6 +143,7 @@ class MoCoV3(nn.Module):
         mlp_dim: int = 4096,
         temperature: float = 0.2,
         key_gather: KeyGather | None = None,
+        view_forward: str = "auto",
     ):
         super().__init__()
         if temperature <= 0:
@@ -99,6 +157,7 @@ class MoCoV3(nn.Module):
         self.momentum_encoder = copy.deepcopy(backbone)
         for p in self.momentum_encoder.parameters():
             p.requires_grad_(False)
+        self.joint_views = resolve_view_forward(view_forward, mixes_samples(backbone))
 
     def momentum_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(momentum params, base params) that the EMA moves, matched by name.
@@ -148,6 +207,12 @@ class MoCoV3(nn.Module):
         """
         if momentum is not None:
             self.momentum_update(momentum)
+        if self.joint_views:
+            x = join_views(x1, x2)  # (2B, C, H, W)
+            q1, q2 = self.predictor(self.base_encoder(x, views=2), views=2).chunk(2)  # (B, F) each
+            with torch.no_grad():
+                k1, k2 = self.momentum_encoder(x, views=2).chunk(2)  # (B, F) each
+            return self.contrastive_loss(q1, k2) + self.contrastive_loss(q2, k1)
         q1 = self.predictor(self.base_encoder(x1))  # (B, F)
         q2 = self.predictor(self.base_encoder(x2))  # (B, F)
         with torch.no_grad():
@@ -162,9 +227,11 @@ def build_moco(
     mlp_dim: int = 4096,
     temperature: float = 0.2,
     key_gather: KeyGather | None = None,
+    view_forward: str = "auto",
     **vit_overrides,
 ) -> MoCoV3:
     """`MoCoV3(build_vit(name, **vit_overrides), ...)`; builds on the default device (meta works)."""
     return MoCoV3(
-        build_vit(name, **vit_overrides), dim=dim, mlp_dim=mlp_dim, temperature=temperature, key_gather=key_gather
-    )
+        build_vit(name, **vit_overrides), dim=dim, mlp_dim=mlp_dim, temperature=temperature, key_gather=key_gather,
+        view_forward=view_forward,
+    )  # fmt: skip

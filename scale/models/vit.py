@@ -347,11 +347,20 @@ class VisionTransformer(nn.Module):
         x = x[:, 0] if self.cfg.pool == "cls" else x.mean(dim=1)  # (B, D)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = self.forward_head(self.forward_features(x), pre_logits=True)  # (B, D)
+    def forward(self, x: torch.Tensor, views: int = 1) -> torch.Tensor:
+        """(V * B, C, H, W) -> head outputs (V * B, F). With `views` > 1 the input holds V views of
+        B images stacked along the batch: the backbone runs on all at once (nothing in it mixes
+        samples, unless ViT-BN or the conv stem: see `scale.models.moco.mixes_samples`) and the head
+        on each view in turn (its BatchNorm statistics stay per view)."""
+        pooled = self.forward_head(self.forward_features(x), pre_logits=True)  # (V * B, D)
         if self.feature_sink is not None:  # a monitor taps the class-token features (no copy, no grad)
-            self.feature_sink(pooled.detach())
-        return self.head(pooled)
+            for part in pooled.detach().chunk(views):  # one call per view, in order
+                self.feature_sink(part)
+        if views == 1:
+            return self.head(pooled)
+        if getattr(self.head, "per_view", False):
+            return self.head(pooled, views=views)
+        return torch.cat([self.head(part) for part in pooled.chunk(views)])
 
     def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> pooled backbone features (B, D), without the head: for kNN and linear

@@ -32,6 +32,7 @@ from torch import nn
 from scale.optim import set_lr_wd, supports_device_skip
 from scale.optim.optimizers import foreach_chunks
 from scale.parallel.placement import plan_placement
+from scale.views import views_to
 
 log = logging.getLogger(__name__)
 
@@ -223,8 +224,7 @@ class Backend:
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         """The loss of one micro-batch (graph kept for `backward`)."""
-        x1 = x1.to(self.device, non_blocking=True)
-        x2 = x2.to(self.device, non_blocking=True)
+        x1, x2 = views_to((x1, x2), self.device)  # one copy when the loader made them one tensor
         with self.autocast():
             return self.model(x1, x2)
 

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from scale.parallel.base import Backend, BackendError, StepResult, ema_, is_write_failure
+from scale.views import views_to
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +191,7 @@ class DeepSpeedBackend(Backend):
     # ------------------------------------------------------------------ the step
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        x1 = x1.to(self.device, self.dtype, non_blocking=True)
-        x2 = x2.to(self.device, self.dtype, non_blocking=True)
+        x1, x2 = views_to((x1, x2), self.device, self.dtype)  # one copy (and cast) for adjacent views
         return self.model(x1, x2)
 
     def backward(self, loss: torch.Tensor, accum_steps: int = 1, last: bool = True) -> None:

@@ -47,13 +47,15 @@ RESUMABLE_CHANGES = {
     "run.resume", "run.progress", "run.tensorboard", "run.log_every", "run.keep_last", "run.ckpt_every",
     "run.knn_every_epochs", "schedule.max_steps", "data.num_workers", "parallel.activation_checkpointing",
     "run.preempt_signal", "run.preempt_check_every", "run.requeue", "run.max_requeues", "run.ckpt_failure",
-    "run.max_ckpt_failures", "data.max_lost_fraction", "parallel.timeout_minutes",
+    "run.max_ckpt_failures", "data.max_lost_fraction", "parallel.timeout_minutes", "model.view_forward",
+    "model.compile",
 }  # fmt: skip
 
 
 def build_model(cfg: Config) -> MoCoV3:
     m = cfg.model
-    return build_moco(m.name, dim=m.dim, mlp_dim=m.mlp_dim, temperature=m.temperature, **m.vit_overrides())
+    return build_moco(m.name, dim=m.dim, mlp_dim=m.mlp_dim, temperature=m.temperature, view_forward=m.view_forward,
+                      **m.vit_overrides())  # fmt: skip
 
 
 def sharding_plan(model: MoCoV3) -> ShardingPlan:

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -57,7 +58,12 @@ def test_scaling_projection_follows_its_stated_formulas(tmp_path):
     f = 255 / 256
     assert comm_bytes("ddp", c, 256, 1) == pytest.approx(f * 2 * 4 * P)  # ring all-reduce of fp32 grads
     assert comm_bytes("zero1", c, 256, 1) == pytest.approx(f * (4 * P + 2 * P))
-    assert comm_bytes("zero3", c, 256, 1) == pytest.approx(f * (4 * P + 4 * 2 * P + 2 * 2 * M))
+    assert c.calls == 1  # joint views: each encoder called once per micro-batch
+    assert comm_bytes("zero3", c, 256, 1) == pytest.approx(f * (4 * P + 2 * 2 * P + 2 * M))
+    per_view = dataclasses.replace(c, calls=2)  # ViT-BN's per-view forwards gather twice as much
+    gathered = comm_bytes("fsdp", c, 256, 1) - f * 4 * P
+    assert comm_bytes("fsdp", per_view, 256, 1) - f * 4 * P == pytest.approx(2 * gathered)
+    assert model_cost("vit_bn_large_p7").calls == 2
     assert comm_bytes("zero2", c, 8, 8) > comm_bytes("zero1", c, 8, 8)  # ZeRO-2 reduces every micro-batch
     assert comm_bytes("ddp", c, 1, 1) == 0
     a = Assumptions()

@@ -147,3 +147,67 @@ def test_loss_runs_in_fp32_under_bf16_autocast():
         under_autocast = model.contrastive_loss(q, k)
     assert under_autocast.dtype == torch.float32
     assert torch.equal(under_autocast, model.contrastive_loss(q.float(), k.float()))
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_joint_views_equal_per_view_forwards_in_one_process(checkpointing):
+    from scale.parallel.checkpointing import apply_activation_checkpointing
+
+    losses, grads, buffers = {}, {}, {}
+    both = torch.randn(2, 8, 3, 32, 32)  # the loaders' layout: one buffer, view 1 then view 2
+    for mode in ("per_view", "joint"):
+        torch.manual_seed(0)
+        model = build_moco("vit_small", **TINY_HEADS, **TINY_VIT, view_forward=mode)
+        assert model.joint_views == (mode == "joint")
+        if checkpointing:
+            apply_activation_checkpointing(model.base_encoder.blocks)
+        loss = model(both[0], both[1], momentum=0.99)
+        loss.backward()
+        losses[mode], grads[mode] = float(loss.detach()), _grads(model)
+        buffers[mode] = [b.clone() for b in model.buffers()]
+    assert losses["joint"] == pytest.approx(losses["per_view"], rel=1e-6)
+    scale = max(float(g.abs().max()) for g in grads["per_view"].values())
+    for name, g in grads["per_view"].items():
+        torch.testing.assert_close(grads["joint"][name], g, rtol=1e-5, atol=1e-6 * scale, msg=name)
+    for b_joint, b_view in zip(buffers["joint"], buffers["per_view"], strict=True):
+        torch.testing.assert_close(b_joint, b_view, rtol=1e-6, atol=1e-7)
+
+
+def test_joint_views_are_the_default_for_plain_vits_only():
+    assert build_moco("vit_small", **TINY_HEADS, **TINY_VIT).joint_views
+    # BatchNorm in the blocks (ViT-BN) or in the conv stem mixes samples: per view, whatever 'auto' says.
+    assert not build_moco("vit_small", **TINY_HEADS, **TINY_VIT, use_bn=True).joint_views
+    tiny_stem = {**TINY_VIT, "patch_size": 16, "embed_dim": 32, "depth": 2}
+    assert not build_moco("vit_small", **TINY_HEADS, **tiny_stem, conv_stem=True).joint_views
+    with pytest.raises(ValueError, match="view_forward=joint would compute this backbone's BatchNorm"):
+        build_moco("vit_small", **TINY_HEADS, **TINY_VIT, use_bn=True, view_forward="joint")
+
+
+def test_the_joint_batch_is_a_view_of_adjacent_halves_and_a_copy_otherwise():
+    from scale.views import adjacent, join_views, views_to
+
+    both = torch.randn(2, 4, 3, 8, 8)
+    joint = join_views(both[0], both[1])
+    assert joint.data_ptr() == both.data_ptr() and joint.shape == (8, 3, 8, 8)
+    assert torch.equal(joint, both.reshape(8, 3, 8, 8))
+    assert not adjacent(both[1], both[0])  # out of order: copied, in the given order
+    swapped = join_views(both[1], both[0])
+    assert swapped.data_ptr() != both.data_ptr() and torch.equal(swapped[:4], both[1])
+    a, b = views_to((both[0], both[1]), torch.device("cpu"), torch.float64)  # one cast: adjacent again
+    assert a.dtype == torch.float64 and adjacent(a, b) and torch.equal(b, both[1].double())
+
+
+def test_the_monitor_tap_sees_each_view_in_order_under_joint_views():
+    model = build_moco("vit_small", **TINY_HEADS, **TINY_VIT)
+    tapped = []
+    model.base_encoder.feature_sink = tapped.append
+    both = torch.randn(2, 4, 3, 32, 32)
+    model(both[0], both[1])
+    assert len(tapped) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(tapped[0], model.base_encoder.pooled_features(both[0]), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(tapped[1], model.base_encoder.pooled_features(both[1]), rtol=1e-5, atol=1e-6)

@@ -233,6 +233,22 @@ class Attention(nn.Module):
         return self.proj(x)
 
 
+def attention_backend(cfg: ViTConfig, device: torch.device, dtype: torch.dtype, batch: int = 1) -> str:
+    """The kernel `scaled_dot_product_attention` picks for this ViT's attention on `device` in
+    `dtype` ('FLASH_ATTENTION', 'EFFICIENT_ATTENTION', 'CUDNN_ATTENTION' or 'MATH'), asked of torch's
+    own dispatcher with tensors of the real shape (B, h, N, d); 'unknown' if this torch cannot say."""
+    head_dim = cfg.embed_dim // cfg.num_heads
+    q = torch.zeros(batch, cfg.num_heads, cfg.num_tokens, head_dim, device=device, dtype=dtype)
+    try:
+        from torch.nn.attention import SDPBackend
+
+        choice = int(torch._fused_sdp_choice(q, q, q))
+    except (AttributeError, ImportError, RuntimeError):
+        return "unknown"
+    names = {int(getattr(SDPBackend, n)): n for n in dir(SDPBackend) if n.isupper()}
+    return names.get(choice, str(choice))
+
+
 class Mlp(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()

@@ -26,9 +26,11 @@ from scale.data.augment import AugmentConfig
 from scale.data.loader import DataError, build_loader
 from scale.models import MoCoV3, build_moco
 from scale.models.flops import moco_training_flops
+from scale.models.vit import attention_backend
 from scale.optim import build_optimizer, lr_at, momentum_at, param_groups, weight_decay_at
 from scale.parallel.base import ShardingPlan, configure_tf32
 from scale.parallel.checkpointing import apply_activation_checkpointing
+from scale.parallel.compile import compile_regions
 from scale.parallel.dist import AllGatherKeys
 from scale.parallel.launch import build_backend, init_distributed
 from scale.parallel.sync_batchnorm import convert_sync_batchnorm
@@ -66,6 +68,13 @@ def sharding_plan(model: MoCoV3) -> ShardingPlan:
         units=[*enc.blocks, *mom.blocks, enc, mom, model.predictor],
         forward_methods=[(enc, "pooled_features"), (mom, "pooled_features")],
     )
+
+
+def compiled_regions(model: MoCoV3) -> list[torch.nn.Module]:
+    """What `--model.compile` compiles: each transformer block of both encoders (one graph for all:
+    the same code), both projectors and the predictor."""
+    enc, mom = model.base_encoder, model.momentum_encoder
+    return [*enc.blocks, *mom.blocks, enc.head, mom.head, model.predictor]
 
 
 def split_batch(cfg: Config, world_size: int) -> int:
@@ -152,6 +161,11 @@ class Trainer:
             model.key_gather = AllGatherKeys()
         if cfg.parallel.activation_checkpointing:
             apply_activation_checkpointing(model.base_encoder.blocks)
+        if cfg.model.compile:  # after checkpointing, before the backend shards or wraps the model
+            regions = compile_regions(compiled_regions(model))
+            if b.is_main:
+                log.info("torch.compile: %d regions (every transformer block of both encoders, the two projectors "
+                         "and the predictor), one graph per kind, compiled at the first step", regions)  # fmt: skip
         self.optimizer_description = ""
 
         def optimizer_factory(module):
@@ -196,6 +210,12 @@ class Trainer:
             self.flops_per_image / 1e9,
         )
         log.info("backend: %s; optimizer: %s", b.describe(), self.optimizer_description)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(b.precision, torch.float32)
+        log.info("attention: scaled_dot_product_attention with the %s kernel (%s, %d tokens, head width %d); "
+                 "both views through each encoder %s", attention_backend(self.vit_cfg, b.device, dtype), b.precision,
+                 self.vit_cfg.num_tokens, self.vit_cfg.embed_dim // self.vit_cfg.num_heads,
+                 "as one batch (joint views)" if b.module.joint_views
+                 else "one view at a time (BatchNorm before the head needs per-view statistics)")  # fmt: skip
         log.info("derived: %s", d.summary())
         if d.grad_accum_steps > 1:
             log.info(

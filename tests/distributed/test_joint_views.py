@@ -43,7 +43,7 @@ def _compare(rank, world, out_dir, backend, checkpointing):
 
 @pytest.mark.parametrize(
     "backend,checkpointing",
-    [("ddp", False), ("fsdp", False), ("fsdp", True), ("zero3", False),
+    [("ddp", False), ("fsdp", True), ("zero3", False), pytest.param("fsdp", False, marks=pytest.mark.slow),
      pytest.param("zero2", True, marks=pytest.mark.slow)],
 )  # fmt: skip
 def test_joint_views_equal_per_view_forwards(tmp_path, backend, checkpointing):
@@ -90,3 +90,25 @@ def _gathered_bytes(rank, world, out_dir, queue_dir):
 
 def test_joint_views_halve_the_parameters_fsdp2_gathers(tmp_path):
     run_ranks(_gathered_bytes, 2, str(tmp_path), str(tmp_path))
+
+
+def _compiled_vs_eager(rank, world, out_dir, backend):
+    from tests.helpers import read_metrics
+
+    losses = {}
+    for compiled in (False, True):
+        overrides = {**backend_overrides(backend), "model.compile": compiled, "schedule.max_steps": 3,
+                     "parallel.activation_checkpointing": True}  # fmt: skip
+        trainer = Trainer(tiny_config(out_dir, f"{backend}-{compiled}", **overrides),
+                          loader=FixedBatchLoader(4, 8, world=world, rank=rank))  # fmt: skip
+        trainer.fit()
+        if rank == 0:
+            losses[compiled] = [r["loss"] for r in read_metrics(trainer.run_dir)]
+    if rank == 0:
+        assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+@pytest.mark.slow  # inductor compiles on 2 ranks: 25-50 s each; the single-process test is in the default run
+@pytest.mark.parametrize("backend", ["fsdp", "zero2", "zero3"])
+def test_compiled_blocks_under_sharded_backends_train_as_eager(tmp_path, backend):
+    run_ranks(_compiled_vs_eager, 2, str(tmp_path), backend)

@@ -32,6 +32,7 @@ from torch import nn
 from scale.optim import set_lr_wd, supports_device_skip
 from scale.optim.optimizers import foreach_chunks
 from scale.parallel.placement import plan_placement
+from scale.parallel.precision import check_cpu_bf16
 from scale.views import views_to
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,8 @@ def is_write_failure(e: BaseException) -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> bf16 on CUDA GPUs that support it, else fp32. fp16 needs CUDA."""
+    """'auto' -> bf16 on CUDA GPUs that support it, else fp32 (on every CPU: see
+    `scale.parallel.precision`). fp16 needs CUDA."""
     if precision not in PRECISIONS:
         raise BackendError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     if precision == "auto":
@@ -158,6 +160,8 @@ class Backend:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         self.precision = resolve_precision(precision, device)
+        if self.precision == "bf16" and device.type == "cpu" and self.rank == 0:
+            check_cpu_bf16()  # bf16 emulated on CPUs without AVX-512 BF16: hundreds of times slower
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.has_loss_scaling = self.scaler is not None

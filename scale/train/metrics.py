@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from scale.parallel.precision import measured_cpu_peak
+
 log = logging.getLogger(__name__)
 
 # Dense peaks (no sparsity) in TFLOP/s by compute precision, from NVIDIA's datasheets; the first
@@ -34,18 +36,6 @@ GPU_PEAKS_TFLOPS = {
     "A10": {"bf16": 125.0, "fp16": 125.0, "tf32": 62.5, "fp32": 31.2},
     "V100": {"fp16": 125.0, "fp32": 15.7},
 }
-
-
-def measured_cpu_peak(dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 3) -> float:
-    """FLOP/s of an n^3 matmul on this CPU in `dtype` (best of `repeats`)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
 
 
 def device_peak(device: torch.device, precision: str) -> tuple[float, str]:

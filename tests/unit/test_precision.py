@@ -1,0 +1,69 @@
+"""Precision chosen by the hardware: the CPU's bf16 capability detected (mocked here), `auto`
+fp32 on every CPU, an explicit bf16 warned about with the measured slowdown, MFU against the peak of
+the precision in use."""
+
+import logging
+
+import pytest
+import torch
+
+from scale.parallel import precision
+from scale.parallel.base import SingleProcess
+
+
+@pytest.fixture
+def cpu(monkeypatch):
+    """Mock this CPU: `set(native, fp32 GFLOP/s, bf16 GFLOP/s)`."""
+
+    def set_cpu(native, fp32, bf16):
+        precision.cpu_bf16_slowdown.cache_clear()
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bool(native), raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+        peaks = {torch.float32: fp32 * 1e9, torch.bfloat16: bf16 * 1e9}
+        monkeypatch.setattr(precision, "measured_cpu_peak", lambda dtype=torch.float32, *a, **k: peaks[dtype])
+
+    yield set_cpu
+    precision.cpu_bf16_slowdown.cache_clear()
+
+
+def test_the_capability_is_read_from_torchs_cpu_checks(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert precision.cpu_bf16_native() is False
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert precision.cpu_bf16_native() is True
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert precision.cpu_bf16_native() is None  # a torch that cannot tell: measured instead
+
+
+def test_explicit_bf16_on_a_cpu_without_bf16_is_warned_with_the_measured_slowdown(cpu, caplog):
+    cpu(native=False, fp32=129.0, bf16=0.3)  # what the issue measured on such a machine
+    with caplog.at_level(logging.WARNING):
+        backend = SingleProcess("bf16", torch.device("cpu"))
+    assert backend.precision == "bf16"  # asked for: kept, but said
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "430x slower" in warning and "no AVX-512 BF16" in warning and "--parallel.precision=fp32" in warning
+
+
+def test_auto_is_fp32_on_every_cpu_and_native_fast_bf16_is_not_warned(cpu, caplog):
+    cpu(native=True, fp32=100.0, bf16=400.0)  # an AMX-class CPU
+    assert SingleProcess("auto", torch.device("cpu")).precision == "fp32"  # numbers independent of the machine
+    with caplog.at_level(logging.WARNING):
+        assert SingleProcess("bf16", torch.device("cpu")).precision == "bf16"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    cpu(native=True, fp32=205.0, bf16=124.0)  # native but slower (this machine, 2026-12-02)
+    assert "1.7x slower" in precision.check_cpu_bf16()
+
+
+def test_cpu_mfu_uses_the_peak_of_the_precision_in_use(monkeypatch):
+    from scale.train import metrics
+
+    monkeypatch.setattr(metrics, "measured_cpu_peak", lambda dtype=torch.float32, *a, **k: {
+        torch.float32: 129e9, torch.bfloat16: 0.3e9}[dtype])  # fmt: skip
+    assert metrics.device_peak(torch.device("cpu"), "fp32") == (129e9, "measured CPU float32 matmul peak")
+    assert metrics.device_peak(torch.device("cpu"), "bf16") == (0.3e9, "measured CPU bfloat16 matmul peak")
+
+
+def test_the_peak_probe_measures_an_emulated_dtype_quickly():
+    rate = precision.measured_cpu_peak(torch.float32, n=256)
+    assert 1e8 < rate < 1e13  # FLOP/s of a real matmul

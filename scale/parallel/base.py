@@ -343,18 +343,29 @@ class Backend:
         ks, qs = self.module.momentum_pairs()
         ema_(ks, qs, momentum, None if applied is True else applied)
 
+    def _buffer_groups(self) -> list[list[torch.Tensor]]:
+        """The model's buffers (BatchNorm statistics and counters) grouped by dtype, in order."""
+        groups: dict[torch.dtype, list[torch.Tensor]] = {}
+        for b in self.module.buffers():
+            groups.setdefault(b.dtype, []).append(b)
+        return list(groups.values())
+
     def snapshot_buffers(self) -> list[torch.Tensor]:
-        """Copies of the BatchNorm statistics, to undo a step whose loss was not finite."""
-        return [b.detach().clone() for b in self.module.buffers()]
+        """Copies of the BatchNorm statistics, to undo a step whose loss was not finite: one flat
+        copy per dtype (one kernel each, however many BatchNorms)."""
+        return [torch.cat([b.detach().reshape(-1) for b in group]) for group in self._buffer_groups()]
 
     def restore_buffers(self, saved: list[torch.Tensor], applied: torch.Tensor | bool = False) -> None:
         """Put the `saved` statistics back unless the step was `applied` (a device tensor: decided
-        on the device, buffer by buffer)."""
+        on the device, for all buffers of a dtype at once: a where and one multi-tensor copy)."""
         if applied is True:
             return
         with torch.no_grad():
-            for b, s in zip(self.module.buffers(), saved, strict=True):
-                b.copy_(s if applied is False else torch.where(applied, b, s))
+            for group, flat in zip(self._buffer_groups(), saved, strict=True):
+                if applied is not False:
+                    flat = torch.where(applied, torch.cat([b.reshape(-1) for b in group]), flat)
+                parts = flat.split([b.numel() for b in group])
+                torch._foreach_copy_(group, [part.view(b.shape) for part, b in zip(parts, group, strict=True)])
 
     def scaler_overflow(self, loss: torch.Tensor) -> torch.Tensor | None:
         """Under loss scaling, whether a skipped step is explained by the scaler: the loss finite on

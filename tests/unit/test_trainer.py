@@ -317,3 +317,49 @@ def test_a_skip_is_a_loss_scale_overflow_only_while_the_scale_can_explain_it():
         backend.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
         backend.scaler._lazy_init_scale_growth_tracker(torch.device("cpu"))
         assert bool(backend.scaler_overflow(torch.tensor(loss))) is explained, (scale, loss)
+
+
+def _ops_after_backward(tmp_path, depth, optimizer):
+    """aten operations of everything in a step after the backward (optimizer step, BatchNorm
+    restore, momentum update) for a model of `depth` blocks."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func.overloadpacket.__name__))
+            return func(*args, **(kwargs or {}))
+
+    cfg = tiny_config(tmp_path, f"ops-{depth}-{optimizer}", **{"model.depth": depth, "optim.name": optimizer})
+    trainer = Trainer(cfg, loader=FixedBatchLoader(2, 8))
+    b = trainer.backend
+    x1, x2, _ = next(iter(trainer.loader))
+    b.forward_backward(x1, x2)
+    b.step(1e-3, 0.05)  # the first step creates the optimizer state, tensor by tensor, once
+    saved = b.snapshot_buffers()
+    b.forward_backward(x1, x2)
+    params = sum(1 for p in b.module.parameters() if p.requires_grad)
+    with Count() as count:
+        result = b.step(1e-3, 0.05)
+        b.restore_buffers(saved, result.applied)
+        b.momentum_update(0.99, result.applied)
+    return count.ops, params
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "lamb"])
+def test_the_step_after_backward_has_no_per_parameter_loop(tmp_path, optimizer):
+    from collections import Counter
+
+    shallow, p2 = _ops_after_backward(tmp_path, 2, optimizer)
+    deep, p6 = _ops_after_backward(tmp_path, 6, optimizer)
+    assert p6 > p2 + 40  # 4 blocks more: 48 more trainable tensors
+    extra = Counter(deep) - Counter(shallow)
+    if optimizer == "lamb":
+        # scale's Lamb zeroes non-finite gradients of a skipped step tensor by tensor (torch has no
+        # multi-tensor nan_to_num): that one pass is per parameter, everything else multi-tensor.
+        assert extra == Counter({"nan_to_num_": p6 - p2})
+    else:
+        assert not extra, extra  # multi-tensor operations only: as many ops for 6 blocks as for 2

@@ -12,6 +12,21 @@ Reports per device: images/s, TFLOP/s (16 x MACs per image plus heads; recomputa
 activation checkpointing not counted), MFU against the device's dense peak in the precision the
 matmuls run in (on a CPU, against a matmul peak measured here, labelled as such), peak memory;
 and the paper's Table 3 converted to images/s and TFLOP/s per TPU-v3 core. JSON and markdown go to benchmarks/results/.
+
+Side by side (`--compare`): variants of the step built in one process and timed back to back,
+round after round (a noisy machine slows all of them alike), with their ratios to the first:
+
+    python -m benchmarks.throughput --model vit_small --batch-size 8 --precision fp32 \
+        --compare reference,per_view,joint,joint+compile --rounds 3 --steps 2
+
+    reference        MoCo v3's step written here from the paper's Algorithm 1, in plain eager PyTorch
+                     (one forward per view and encoder, torch's default AdamW, a Python EMA loop)
+    per_view, joint  scale's step with `--model.view_forward` set so
+    ...+compile      with `--model.compile=true` (regional torch.compile of the blocks and heads)
+
+All variants start from the same weights and batch: their first losses are printed, and must agree.
+On a CPU the fp32 matmul peak is measured before and after, and `--profile` adds a torch.profiler
+table of the first variant's step (where the time goes).
 """
 
 from __future__ import annotations
@@ -107,6 +122,212 @@ def measure(trainer, warmup: int, steps: int) -> dict:
     return {"step_s": sum(per_step.values()), "phases_s": per_step}
 
 
+VARIANTS = ("reference", "per_view", "joint", "per_view+compile", "joint+compile")
+
+
+def variant_overrides(variant: str) -> list[str]:
+    """Config overrides of a scale variant ('per_view', 'joint', with '+compile')."""
+    views, _, compiled = variant.partition("+")
+    if views not in ("per_view", "joint") or compiled not in ("", "compile"):
+        raise ValueError(f"unknown variant {variant!r}: one of {', '.join(VARIANTS)}")
+    return [f"--model.view_forward={views}", f"--model.compile={'true' if compiled else 'false'}"]
+
+
+class ReferenceStep:
+    """MoCo v3's step as the paper's Algorithm 1 writes it, in plain eager PyTorch, on the same
+    modules (same weights, same math) as scale's model: one forward per view and encoder, the
+    contrastive loss, torch's AdamW with its defaults over all parameters, and the momentum update as
+    the authors' loop over parameters. A yardstick for what scale's step adds or saves."""
+
+    def __init__(self, cfg, device: torch.device, lr: float):
+        from scale.train.trainer import build_model
+
+        torch.manual_seed(cfg.run.seed)  # the trainer's seed: the same initial weights
+        model = build_model(cfg).to(device)
+        self.f_q, self.g_q, self.f_k = model.base_encoder, model.predictor, model.momentum_encoder
+        self.tau, self.device = cfg.model.temperature, device
+        trained = [p for m in (self.f_q, self.g_q) for p in m.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=cfg.optim.weight_decay)
+        self.pairs = list(zip(self.f_k.parameters(), self.f_q.parameters(), strict=True))
+
+    def ctr(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        q, k = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(k, dim=1)
+        logits = q @ k.T / self.tau
+        return torch.nn.functional.cross_entropy(logits, torch.arange(q.shape[0], device=q.device)) * 2 * self.tau
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x1.to(self.device), x2.to(self.device)
+        q1, q2 = self.g_q(self.f_q(x1)), self.g_q(self.f_q(x2))
+        with torch.no_grad():
+            k1, k2 = self.f_k(x1), self.f_k(x2)
+        return self.ctr(q1, k2) + self.ctr(q2, k1)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+
+    def step(self, lr: float, weight_decay: float) -> None:
+        self.optimizer.step()
+
+    @torch.no_grad()
+    def momentum_update(self, m: float) -> None:
+        for k, q in self.pairs:  # the authors' `param_m.data = param_m.data * m + param_b.data * (1. - m)`
+            k.mul_(m).add_(q, alpha=1.0 - m)
+
+
+def _phases(runner, batches, lr: float, weight_decay: float, steps: int, sync) -> tuple[dict, float]:
+    """`steps` steps of `runner` (a Backend or a ReferenceStep), phase by phase; and the first loss."""
+    phases = dict.fromkeys(("data", "forward", "backward", "optimizer", "momentum"), 0.0)
+    first = float("nan")
+    for i in range(steps):
+        t = [time.perf_counter()]
+        x1, x2, _ = next(batches)
+        t.append(time.perf_counter())
+        loss = runner.forward(x1, x2)
+        sync()
+        t.append(time.perf_counter())
+        runner.backward(loss)
+        sync()
+        t.append(time.perf_counter())
+        runner.step(lr, weight_decay)
+        sync()
+        t.append(time.perf_counter())
+        runner.momentum_update(0.99)
+        sync()
+        t.append(time.perf_counter())
+        if i == 0:
+            first = float(loss.detach())
+        for k, start, end in zip(phases, t[:-1], t[1:], strict=True):
+            phases[k] += end - start
+    return {k: v / steps for k, v in phases.items()}, first
+
+
+def compare(args, world: int, tmp: str) -> dict:
+    """Build every variant of `args.compare`, then time them back to back for `args.rounds` rounds."""
+    from scale.config import apply_overrides
+    from scale.parallel.precision import measured_cpu_peak
+    from scale.train.trainer import Trainer
+
+    variants = [v.strip() for v in args.compare.split(",") if v.strip()]
+    for v in variants:
+        if v != "reference":
+            variant_overrides(v)  # unknown names fail before anything is built
+    if "reference" in variants and (world > 1 or args.backend != "single"):
+        raise ValueError("the reference variant runs on one process: use --backend single, or leave it out")
+    base_cfg = build_config(args, world, tmp)
+    runners: dict[str, tuple] = {}
+    first_trainer = None
+    for v in variants:
+        if v == "reference":
+            continue
+        cfg = apply_overrides(build_config(args, world, tmp), [*variant_overrides(v), f"--run.name={v}"])
+        trainer = Trainer(cfg)
+        first_trainer = first_trainer or trainer
+        runners[v] = (trainer.backend, iter(trainer.loader), trainer.derived.lr)
+    if "reference" in variants:
+        template = first_trainer or Trainer(base_cfg)
+        device, lr = template.backend.device, template.derived.lr
+        runners["reference"] = (ReferenceStep(base_cfg, device, lr), iter(template.loader), lr)
+        first_trainer = first_trainer or template
+    b = first_trainer.backend
+    sync = torch.cuda.synchronize if b.device.type == "cuda" else (lambda: None)
+    cpu = b.device.type == "cpu"
+    dtype = torch.bfloat16 if b.precision == "bf16" else torch.float32
+    peaks = [measured_cpu_peak(dtype, 2048)] if cpu else []
+    wd = base_cfg.optim.weight_decay
+    losses, times = {}, {v: [] for v in variants}
+    phases_sum = {v: dict.fromkeys(("data", "forward", "backward", "optimizer", "momentum"), 0.0) for v in variants}
+    for v in variants:  # warm-up: compilation, allocator, first-touch of the optimizer state
+        runner, batches, lr = runners[v]
+        _, losses[v] = _phases(runner, batches, lr, wd, args.warmup, sync)
+    for r in range(args.rounds):
+        order = variants if r % 2 == 0 else variants[::-1]  # ABBA: drifts of the machine cancel
+        for v in order:
+            runner, batches, lr = runners[v]
+            phases, _ = _phases(runner, batches, lr, wd, args.steps, sync)
+            times[v].append(sum(phases.values()))
+            for k in phases:
+                phases_sum[v][k] += phases[k] / args.rounds
+        if b.is_main:
+            print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{v} {times[v][-1]:.3f} s" for v in variants),
+                  flush=True)  # fmt: skip
+    if cpu:
+        peaks.append(measured_cpu_peak(dtype, 2048))
+    flops = first_trainer.flops_per_image
+    peak = max(peaks) if cpu else first_trainer.peak_flops
+    median = {v: sorted(times[v])[len(times[v]) // 2] for v in variants}  # over the rounds
+    rows = []
+    for v in variants:
+        rate = args.batch_size / median[v]
+        rows.append({"variant": v, "step_s": median[v], "step_s_rounds": times[v], "img_per_s_per_device": rate,
+                     "tflops_per_device": rate * flops / 1e12, "fraction_of_peak": rate * flops / peak,
+                     "first_loss": losses[v], "phases_s": phases_sum[v],
+                     "ratio_to_first": median[v] / median[variants[0]]})  # fmt: skip
+    result = {
+        "date": date.today().isoformat(),
+        "device": torch.cuda.get_device_name(b.device) if b.device.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
+        "world_size": world, "model": args.model, "img_size": args.img_size, "backend": b.describe(),
+        "batch_per_device": args.batch_size, "activation_checkpointing": args.activation_checkpointing,
+        "flops_per_image": flops, "rounds": args.rounds, "steps_per_round": args.steps, "warmup": args.warmup,
+        "peak": (f"measured {str(dtype).split('.')[-1]} 2048^3 matmul peak, before / after: "
+                 + " / ".join(f"{p / 1e9:.0f}" for p in peaks) + " GFLOP/s") if cpu
+        else f"{first_trainer.peak_flops / 1e12:.1f} TFLOP/s ({first_trainer.peak_label})",
+        "peak_flops": max(peaks) if cpu else first_trainer.peak_flops,
+        "variants": rows,
+    }  # fmt: skip
+    if args.profile:
+        v = variants[0]
+        runner, batches, lr = runners[v]
+        result["profile"] = {"variant": v, "table": profile_step(runner, batches, lr, wd, sync, b.device)}
+    return result
+
+
+def profile_step(runner, batches, lr: float, weight_decay: float, sync, device: torch.device, rows: int = 25) -> str:
+    """torch.profiler's table of one step, the operators sorted by their own time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        _phases(runner, batches, lr, weight_decay, 1, sync)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
+def write_compare(result: dict, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"compare-{result['model']}-{result['backend'].split()[0]}-{result['world_size']}x"
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    first = result["variants"][0]["variant"]
+    lines = [
+        f"# Side by side: {result['model']} ({result['img_size']} px), {result['backend']}",
+        "",
+        f"{result['date']}, {result['device']}, {result['world_size']} rank(s), batch {result['batch_per_device']} "
+        f"per device, activation checkpointing {result['activation_checkpointing']}; {result['rounds']} rounds of "
+        f"{result['steps_per_round']} steps per variant, back to back in one process, after {result['warmup']} "
+        "warm-up steps each. Made by `python -m benchmarks.throughput --compare ...`.",
+        "",
+        f"| variant | step s (median) | vs {first} | img/s/device | TFLOP/s | of peak | first loss | forward "
+        "| backward | optimizer | momentum | rounds (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in result["variants"]:
+        p = r["phases_s"]
+        lines.append(
+            f"| {r['variant']} | {r['step_s']:.3f} | {r['ratio_to_first']:.3f} | {r['img_per_s_per_device']:.2f} "
+            f"| {r['tflops_per_device']:.3f} | {100 * r['fraction_of_peak']:.1f}% | {r['first_loss']:.6f} "
+            f"| {p['forward']:.3f} | {p['backward']:.3f} | {p['optimizer']:.3f} | {p['momentum']:.3f} "
+            f"| {', '.join(f'{t:.3f}' for t in r['step_s_rounds'])} |"
+        )
+    lines += ["", f"Peak: {result['peak']}. FLOPs per image: {result['flops_per_image'] / 1e9:.1f} G (16 x MACs "
+              "of both views through the base encoder, the momentum encoder's forward, the heads)."]  # fmt: skip
+    if "profile" in result:
+        lines += ["", f"Profile of one `{result['profile']['variant']}` step (torch.profiler, by self time):", "",
+                  "```", result["profile"]["table"], "```"]  # fmt: skip
+    path = out / f"{name}.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def add_step_args(parser: argparse.ArgumentParser, batch_size: int = 32, steps: int = 10, workers: int = 4) -> None:
     """The options that define the measured training step (shared with benchmarks.memory)."""
     parser.add_argument("--model", default="vit_base", help="any build_vit name (vit_small ... vit_bn_large_p7)")
@@ -136,6 +357,9 @@ def add_step_args(parser: argparse.ArgumentParser, batch_size: int = 32, steps: 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_step_args(parser)
+    parser.add_argument("--compare", help=f"side by side: comma-separated variants of {', '.join(VARIANTS)}")
+    parser.add_argument("--rounds", type=int, default=3, help="--compare: rounds of --steps steps per variant")
+    parser.add_argument("--profile", action="store_true", help="--compare: profile one step of the first variant")
     args = parser.parse_args(argv)
 
     import torch.distributed as dist
@@ -147,6 +371,12 @@ def main(argv: list[str] | None = None) -> dict:
     init_distributed()
     world = dist.get_world_size() if dist.is_initialized() else 1
     try:
+        if args.compare:
+            with tempfile.TemporaryDirectory(prefix="scale-compare-") as tmp:
+                result = compare(args, world, tmp)
+            if (not dist.is_initialized() or dist.get_rank() == 0) and args.out != "-":
+                print(write_compare(result, Path(args.out)).read_text())
+            return result
         with tempfile.TemporaryDirectory(prefix="scale-throughput-") as tmp:
             trainer = Trainer(build_config(args, world, tmp))
             timing = measure(trainer, args.warmup, args.steps)
@@ -189,10 +419,13 @@ def projection(result: dict, args) -> list[dict]:
     """This device's measured time per image projected to N devices at global batch 4096 with
     `benchmarks.scaling`'s communication model (its default interconnect assumptions)."""
     from benchmarks.scaling import Assumptions, ModelCost, project
+    from scale.models.moco import resolve_view_forward
     from scale.train.memory import count_params, resolve_vit
 
     cfg = build_config(args, 1, "/nonexistent")
-    cost = ModelCost(args.model, *count_params(cfg), result["flops_per_image"], resolve_vit(cfg).depth + 1)
+    vit = resolve_vit(cfg)
+    calls = 1 if resolve_view_forward(cfg.model.view_forward, vit.use_bn or vit.conv_stem) else 2
+    cost = ModelCost(args.model, *count_params(cfg), result["flops_per_image"], vit.depth + 1, calls)
     backend = {"single": "ddp", "ddp": "ddp"}.get(args.backend, args.backend)
     return [project(cost, backend, n, Assumptions(), 1.0 / result["img_per_s_per_device"]) for n in (8, 64, 256, 1024)]
 

@@ -14,7 +14,10 @@ by default), and exits non-zero on any failure:
    as skipped where DALI is not installed: its wheel is larger than a transfer to the lent GPU
    machine allows);
 3. the throughput CLI for ViT-B/16, L/16, H/14 and BN-L/7 in bf16 (activation checkpointing for
-   BN-L/7), its results written with date and device.
+   BN-L/7), its results written with date and device;
+4. the side-by-side step (`benchmarks.throughput --compare`) for the same models in bf16: per-view
+   vs joint views, eager vs compiled (BN-L/7: per view, eager vs compiled; joint views do not apply
+   to a backbone with BatchNorm), which decides whether `--model.compile` becomes the GPU default.
 
 Without CUDA every step runs as far as it can and reports what it skipped and why; the exit status
 is then 0 unless something that can run on a CPU failed.
@@ -52,7 +55,10 @@ THROUGHPUT = [
     ("vit_huge", 32, False),
     ("vit_bn_large_p7", 32, True),
 ]
-STEPS = ("environment", "pytest", "throughput")
+STEPS = ("environment", "pytest", "throughput", "compare")
+# Variants timed side by side per model (`benchmarks.throughput --compare`), first one the baseline.
+COMPARE = {"vit_bn_large_p7": "per_view,per_view+compile"}
+COMPARE_DEFAULT = "per_view,joint,joint+compile"
 
 
 class Check:
@@ -203,6 +209,47 @@ def run_throughput(check: Check, out: Path, steps: int) -> list[dict]:
     return results
 
 
+def run_compare(check: Check, out: Path) -> list[dict]:
+    """The side-by-side step of each model (in the throughput step's batch and checkpointing)."""
+    results = []
+    if cuda_device() is None:
+        for model, _, _ in THROUGHPUT:
+            check.add(f"compare {model} bf16", "skipped", 0.0, "needs CUDA (one GPU)")
+        return results
+    for model, batch, ac in THROUGHPUT:
+        variants = COMPARE.get(model, COMPARE_DEFAULT)
+        name = f"compare {model} bf16 x{batch}{' AC' if ac else ''}: {variants}"
+        if check.left() < 90:
+            check.add(name, "skipped", 0.0, "not run: the time budget is spent")
+            continue
+        t = time.monotonic()
+        cmd = [sys.executable, "-m", "benchmarks.throughput", "--model", model, "--batch-size", str(batch),
+               "--precision", "bf16", "--compare", variants, "--rounds", "2", "--steps", "3", "--warmup", "2",
+               "--out", str(out)]  # fmt: skip
+        if ac:
+            cmd.append("--activation-checkpointing")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=max(30.0, check.left() - 15), text=True,
+                                  capture_output=True)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            check.add(name, "failed", time.monotonic() - t, "stopped at the time budget")
+            continue
+        if proc.returncode != 0:
+            check.add(name, "failed", time.monotonic() - t, (proc.stderr.strip().splitlines() or ["?"])[-1][:200])
+            continue
+        result = json.loads((out / f"compare-{model}-single-1x.json").read_text())
+        results.append(result)
+        rows = result["variants"]
+        losses = {r["first_loss"] for r in rows}
+        spread = (max(losses) - min(losses)) / abs(min(losses))
+        status = "passed" if spread < 1e-2 else "failed"  # bf16: the variants' first losses agree to 1%
+        check.add(name, status, time.monotonic() - t,
+                  "; ".join(f"{r['variant']} {r['img_per_s_per_device']:.0f} img/s (x{1 / r['ratio_to_first']:.2f})"
+                            for r in rows) + f"; first losses within {100 * spread:.2f}%")  # fmt: skip
+    return results
+
+
 def write_summary(out: Path, info: dict, check: Check, throughput: list[dict]) -> None:
     counts = {s: sum(r["status"] == s for r in check.rows) for s in ("passed", "failed", "skipped")}
     data = {**info, "seconds": round(time.monotonic() - check.start, 1), "counts": counts, "steps": check.rows,
@@ -240,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     if not check.failed and "pytest" in steps:
         run_pytest(check, out)
     throughput = run_throughput(check, out, args.throughput_steps) if "throughput" in steps else []
+    if "compare" in steps:
+        run_compare(check, out)  # results in out/compare-*.md and the summary's rows
     write_summary(out, info, check, throughput)
     print(f"[gpu-check] {len(check.failed)} failed; summary in {out / 'summary.md'}", flush=True)
     return 1 if check.failed else 0

@@ -158,6 +158,9 @@ class ParallelConfig:
     tf32: bool = True
     """fp32 on CUDA: matmuls and convolutions on TF32 tensor cores (10-bit mantissa inputs, fp32
     accumulation; about 7x the fp32 rate); false keeps full fp32. No effect on bf16/fp16 or CPU."""
+    tune_cpu_malloc: bool = True
+    """On a CPU: keep glibc malloc from unmapping freed blocks of up to 1 GiB (activations of more than
+    32 MiB would be faulted in and zeroed again at every use; scale.parallel.cpu). Same results."""
     dist_backend: str = "auto"
     """'auto' (nccl with CUDA, else gloo), 'nccl' or 'gloo'."""
     timeout_minutes: float = 30

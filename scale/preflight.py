@@ -63,6 +63,25 @@ def _check_model(cfg: Config) -> None:
         resolve_view_forward(cfg.model.view_forward, vit.use_bn or vit.conv_stem)
     except ValueError as e:
         raise ConfigError(f"--model.*: {e}") from None
+    if cfg.model.compile:
+        _check_compile()
+
+
+def _check_compile() -> None:
+    """torch.compile's inductor needs a C++ compiler for CPU code and Triton for CUDA kernels: say so
+    now, not at the first step after minutes of start-up."""
+    import importlib.util
+    import shutil
+
+    import torch
+
+    if torch.cuda.is_available():
+        if importlib.util.find_spec("triton") is None:
+            raise ConfigError("--model.compile=true needs Triton on a GPU (pip install triton, which torch's CUDA "
+                              "wheels normally bring); or --model.compile=false")  # fmt: skip
+    elif not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "c++", "g++", "clang++") if c):
+        raise ConfigError("--model.compile=true on a CPU needs a C++ compiler for inductor's kernels (e.g. "
+                          "apt install g++, or set CXX); or --model.compile=false")  # fmt: skip
 
 
 def _check_optimizer(cfg: Config) -> None:

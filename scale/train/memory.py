@@ -72,7 +72,8 @@ def resolve_vit(cfg):
 
 def activation_bytes(vit_cfg, batch_per_device: int, precision: str, activation_checkpointing: bool) -> float:
     """34 x tokens x width bytes per block per image in 16 bits (Korthikanti et al. 2022, fused
-    attention), 2 x tokens x width with checkpointing plus one block being recomputed; two views."""
+    attention), 2 x tokens x width with checkpointing plus one block being recomputed; two views
+    (with joint views the block recomputed holds both, as counted here; per view, one at a time)."""
     scale = 1.0 if precision in ("bf16", "fp16") else 2.0
     per_block = 34 * vit_cfg.num_tokens * vit_cfg.embed_dim * scale
     if activation_checkpointing:

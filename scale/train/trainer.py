@@ -31,6 +31,7 @@ from scale.optim import build_optimizer, lr_at, momentum_at, param_groups, weigh
 from scale.parallel.base import ShardingPlan, configure_tf32
 from scale.parallel.checkpointing import apply_activation_checkpointing
 from scale.parallel.compile import compile_regions
+from scale.parallel.cpu import tune_cpu_malloc
 from scale.parallel.dist import AllGatherKeys
 from scale.parallel.launch import build_backend, init_distributed
 from scale.parallel.sync_batchnorm import convert_sync_batchnorm
@@ -50,7 +51,7 @@ RESUMABLE_CHANGES = {
     "run.knn_every_epochs", "schedule.max_steps", "data.num_workers", "parallel.activation_checkpointing",
     "run.preempt_signal", "run.preempt_check_every", "run.requeue", "run.max_requeues", "run.ckpt_failure",
     "run.max_ckpt_failures", "data.max_lost_fraction", "parallel.timeout_minutes", "model.view_forward",
-    "model.compile",
+    "model.compile", "parallel.tune_cpu_malloc",
 }  # fmt: skip
 
 
@@ -129,6 +130,8 @@ class Trainer:
             cfg.parallel.backend, cfg.parallel.precision, cfg.parallel.deepspeed_config
         )
         configure_tf32(cfg.parallel.tf32, b.device)
+        if b.device.type == "cpu" and cfg.parallel.tune_cpu_malloc:
+            tune_cpu_malloc()  # before the model and the activations are allocated
         per_device = split_batch(cfg, b.world_size)
         if not cfg.parallel.skip_memory_check:
             check_memory(cfg, b, per_device)  # before building anything large

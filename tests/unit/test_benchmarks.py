@@ -50,6 +50,23 @@ def test_throughput_cli_reports_flops_that_agree_with_the_model(tmp_path):
     assert b["img_per_s_per_core"] == pytest.approx(1_281_167 * 100 / (2.1 * 3600 * 256))
 
 
+def test_side_by_side_variants_start_from_the_same_weights_and_batch(tmp_path):
+    from benchmarks.throughput import main
+
+    result = main([*TINY_ARGS, "--compare", "reference,per_view,joint", "--rounds", "2", "--out", str(tmp_path)])
+    rows = {r["variant"]: r for r in result["variants"]}
+    assert list(rows) == ["reference", "per_view", "joint"]
+    # Algorithm 1 written plainly, scale's per-view and joint steps: the same first loss.
+    assert rows["per_view"]["first_loss"] == pytest.approx(rows["reference"]["first_loss"], rel=1e-6)
+    assert rows["joint"]["first_loss"] == pytest.approx(rows["reference"]["first_loss"], rel=1e-6)
+    assert rows["reference"]["ratio_to_first"] == 1.0 and len(rows["joint"]["step_s_rounds"]) == 2
+    assert rows["joint"]["step_s"] == sorted(rows["joint"]["step_s_rounds"])[1]  # the median of 2: upper
+    text = (tmp_path / "compare-vit_small-single-1x.md").read_text()
+    assert text.startswith("# Side by side") and "| joint |" in text and "before / after" in text
+    with pytest.raises(ValueError, match="unknown variant"):
+        main([*TINY_ARGS, "--compare", "per_view,fast", "--out", "-"])
+
+
 def test_scaling_projection_follows_its_stated_formulas(tmp_path):
     from benchmarks.scaling import Assumptions, comm_bytes, main, model_cost, project
 
@@ -125,4 +142,5 @@ def test_gpu_check_runs_end_to_end_without_a_gpu_and_says_what_it_skipped(tmp_pa
     gpu_tests = [r for name, r in steps.items() if "::" in name]
     assert len(gpu_tests) >= 15 and all(r["status"] == "skipped" and "CUDA" in r["detail"] for r in gpu_tests)
     assert all(steps[f"throughput {m} bf16"]["status"] == "skipped" for m in ("vit_base", "vit_huge"))
+    assert all(steps[f"compare {m} bf16"]["status"] == "skipped" for m in ("vit_base", "vit_bn_large_p7"))
     assert "GPU check" in (tmp_path / "summary.md").read_text()

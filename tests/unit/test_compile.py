@@ -41,3 +41,16 @@ def test_compiled_blocks_and_heads_train_as_eager(tmp_path):
     # depth: the base encoder's blocks (with grad), the momentum encoder's (no grad), and the three
     # heads. A graph per block would be 2 x depth + 3.
     assert counters["stats"]["unique_graphs"] == 5
+
+
+def test_compile_without_a_cpp_compiler_is_refused_before_anything_is_built(tmp_path, monkeypatch):
+    import shutil
+
+    from scale.config import ConfigError
+    from scale.preflight import preflight
+
+    cfg = tiny_config(tmp_path, "nocxx", **{"model.compile": True})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError, match="needs a C[+][+] compiler"):
+        preflight(cfg, world_size=1, data=False)

@@ -75,6 +75,8 @@ def generate_cases(tmp: Path) -> list[tuple[list[str], str]]:
         cases.append(([f"--model.name={name}"], "model"))
     for argv in (["--model.embed_dim=100"], ["--model.img_size=30"], ["--model.embed_dim=36", "--model.num_heads=6"]):
         cases.append((argv, "model"))
+    cases += [(["--model.name=vit_bn_l7", "--model.view_forward=joint"], "view_forward=joint"),
+              (["--model.view_forward=both"], "view_forward")]  # fmt: skip
     for opt, impl in [("adamw", "apex"), ("adamw", "scale"), ("lamb", "torch"), ("lars", "deepspeed"),
                       ("lars", "torch-fused")]:  # fmt: skip
         cases.append(([f"--optim.name={opt}", f"--optim.implementation={impl}"], "optim.implementation"))

@@ -14,6 +14,7 @@ from scale.data.loader import (
     resolve_source,
 )
 from scale.data.shards import make_shards, write_index
+from scale.views import adjacent
 from tests.helpers import random_images, write_image_folder
 
 AUG = AugmentConfig(crop_size=16)
@@ -196,6 +197,19 @@ def test_synthetic_loader_shapes_and_epoch_length():
     assert len(batches) == len(loader) == 5
     v1, v2, labels = batches[0]
     assert v1.shape == v2.shape == (4, 3, 16, 16) and torch.all(labels == -1)
+    assert adjacent(v1, v2)  # one buffer: one transfer, and the joint forward's input as it is
+
+
+def test_both_views_come_from_one_buffer_normalised_once(unique_shards):
+    from scale.views import join_views
+
+    loader = build_loader(str(unique_shards / "shards"), batch_size=8, augment=AUG, num_workers=2, world_size=1,
+                          rank=0)  # fmt: skip
+    x1, x2, _ = next(iter(loader))
+    assert adjacent(x1, x2) and x1.dtype == torch.float32
+    joint = join_views(x1, x2)
+    assert joint.data_ptr() == x1.data_ptr() and joint.shape == (16, *x1.shape[1:])  # a view, no copy
+    assert not torch.equal(x1, x2)  # two different augmentations
 
 
 def test_dali_cpu_loader_equal_batches_and_coverage(unique_shards):

@@ -67,3 +67,28 @@ def test_cpu_mfu_uses_the_peak_of_the_precision_in_use(monkeypatch):
 def test_the_peak_probe_measures_an_emulated_dtype_quickly():
     rate = precision.measured_cpu_peak(torch.float32, n=256)
     assert 1e8 < rate < 1e13  # FLOP/s of a real matmul
+
+
+def test_tuned_cpu_malloc_serves_large_activations_from_the_heap_not_fresh_mmaps():
+    import ctypes
+    import platform
+
+    from scale.parallel.cpu import tune_cpu_malloc
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    libc = ctypes.CDLL("libc.so.6")
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("glibc without mallinfo2")
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                     "keepcost")]  # fmt: skip
+
+    libc.mallinfo2.restype = MallInfo2
+    assert tune_cpu_malloc() and tune_cpu_malloc()  # idempotent
+    before = libc.mallinfo2().hblkhd  # bytes held in mmapped blocks
+    x = torch.empty(16 * 197 * 3072, dtype=torch.float32)  # 39 MiB: above glibc's largest default threshold
+    assert libc.mallinfo2().hblkhd == before  # from the heap: kept for reuse after it is freed
+    del x

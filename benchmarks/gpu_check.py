@@ -175,6 +175,23 @@ def junit_cases(xml: Path) -> list[dict]:
     return cases
 
 
+def _run_cli(check: Check, name: str, args: list[str], ac: bool) -> bool:
+    """Run `python -m benchmarks.throughput ARGS` within the budget; False (reported) when it failed."""
+    t = time.monotonic()
+    cmd = [sys.executable, "-m", "benchmarks.throughput", *args, *(["--activation-checkpointing"] if ac else [])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=max(30.0, check.left() - 15), text=True,
+                              capture_output=True)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        check.add(name, "failed", time.monotonic() - t, "stopped at the time budget")
+        return False
+    if proc.returncode != 0:
+        check.add(name, "failed", time.monotonic() - t, (proc.stderr.strip().splitlines() or ["?"])[-1][:200])
+        return False
+    return True
+
+
 def run_throughput(check: Check, out: Path, steps: int) -> list[dict]:
     results = []
     if cuda_device() is None:
@@ -187,19 +204,9 @@ def run_throughput(check: Check, out: Path, steps: int) -> list[dict]:
             check.add(name, "skipped", 0.0, "not run: the time budget is spent")
             continue
         t = time.monotonic()
-        cmd = [sys.executable, "-m", "benchmarks.throughput", "--model", model, "--batch-size", str(batch),
-               "--precision", "bf16", "--warmup", "3", "--steps", str(steps), "--out", str(out)]  # fmt: skip
-        if ac:
-            cmd.append("--activation-checkpointing")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=max(30.0, check.left() - 15), text=True,
-                                  capture_output=True)  # fmt: skip
-        except subprocess.TimeoutExpired:
-            check.add(name, "failed", time.monotonic() - t, "stopped at the time budget")
-            continue
-        if proc.returncode != 0:
-            check.add(name, "failed", time.monotonic() - t, proc.stderr.strip().splitlines()[-1][:200])
+        args = ["--model", model, "--batch-size", str(batch), "--precision", "bf16", "--warmup", "3",
+                "--steps", str(steps), "--out", str(out)]  # fmt: skip
+        if not _run_cli(check, name, args, ac):
             continue
         result = json.loads((out / f"throughput-{model}-single-1x.json").read_text())
         results.append(result)
@@ -223,20 +230,9 @@ def run_compare(check: Check, out: Path) -> list[dict]:
             check.add(name, "skipped", 0.0, "not run: the time budget is spent")
             continue
         t = time.monotonic()
-        cmd = [sys.executable, "-m", "benchmarks.throughput", "--model", model, "--batch-size", str(batch),
-               "--precision", "bf16", "--compare", variants, "--rounds", "2", "--steps", "3", "--warmup", "2",
-               "--out", str(out)]  # fmt: skip
-        if ac:
-            cmd.append("--activation-checkpointing")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=max(30.0, check.left() - 15), text=True,
-                                  capture_output=True)  # fmt: skip
-        except subprocess.TimeoutExpired:
-            check.add(name, "failed", time.monotonic() - t, "stopped at the time budget")
-            continue
-        if proc.returncode != 0:
-            check.add(name, "failed", time.monotonic() - t, (proc.stderr.strip().splitlines() or ["?"])[-1][:200])
+        args = ["--model", model, "--batch-size", str(batch), "--precision", "bf16", "--compare", variants,
+                "--rounds", "2", "--steps", "3", "--warmup", "2", "--out", str(out)]  # fmt: skip
+        if not _run_cli(check, name, args, ac):
             continue
         result = json.loads((out / f"compare-{model}-single-1x.json").read_text())
         results.append(result)

@@ -96,29 +96,11 @@ def measure(trainer, warmup: int, steps: int) -> dict:
     sync = torch.cuda.synchronize if b.device.type == "cuda" else (lambda: None)
     if b.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(b.device)
-    phases = dict.fromkeys(("data", "forward", "backward", "optimizer", "momentum"), 0.0)
     batches = iter(trainer.loader)
-    d = trainer.derived
-    for i in range(warmup + steps):
-        t = [time.perf_counter()]
-        x1, x2, _ = next(batches)
-        t.append(time.perf_counter())
-        loss = b.forward(x1, x2)
-        sync()
-        t.append(time.perf_counter())
-        b.backward(loss)
-        sync()
-        t.append(time.perf_counter())
-        b.step(d.lr, trainer.cfg.optim.weight_decay)
-        sync()
-        t.append(time.perf_counter())
-        b.momentum_update(0.99)
-        sync()
-        t.append(time.perf_counter())
-        if i >= warmup:
-            for k, start, end in zip(phases, t[:-1], t[1:], strict=True):
-                phases[k] += end - start
-    per_step = {k: v / steps for k, v in phases.items()}
+    lr, wd = trainer.derived.lr, trainer.cfg.optim.weight_decay
+    if warmup:
+        _phases(b, batches, lr, wd, warmup, sync)
+    per_step, _ = _phases(b, batches, lr, wd, steps, sync)
     return {"step_s": sum(per_step.values()), "phases_s": per_step}
 
 

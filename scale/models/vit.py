@@ -233,12 +233,12 @@ class Attention(nn.Module):
         return self.proj(x)
 
 
-def attention_backend(cfg: ViTConfig, device: torch.device, dtype: torch.dtype, batch: int = 1) -> str:
+def attention_backend(cfg: ViTConfig, device: torch.device, dtype: torch.dtype) -> str:
     """The kernel `scaled_dot_product_attention` picks for this ViT's attention on `device` in
     `dtype` ('FLASH_ATTENTION', 'EFFICIENT_ATTENTION', 'CUDNN_ATTENTION' or 'MATH'), asked of torch's
-    own dispatcher with tensors of the real shape (B, h, N, d); 'unknown' if this torch cannot say."""
+    own dispatcher with tensors of the real shape (1, h, N, d); 'unknown' if this torch cannot say."""
     head_dim = cfg.embed_dim // cfg.num_heads
-    q = torch.zeros(batch, cfg.num_heads, cfg.num_tokens, head_dim, device=device, dtype=dtype)
+    q = torch.zeros(1, cfg.num_heads, cfg.num_tokens, head_dim, device=device, dtype=dtype)
     try:
         from torch.nn.attention import SDPBackend
 

@@ -14,12 +14,9 @@ then sharding. The collective hooks of FSDP2 run outside the compiled graphs
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 
 def compile_regions(modules: Iterable[nn.Module], **options) -> int:

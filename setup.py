@@ -38,7 +38,7 @@ setup(
             "scale-flops=benchmarks.flops:cli",
             "scale-throughput=benchmarks.throughput:cli",
             "scale-memory=benchmarks.memory:cli",
-            "scale-make-shards=scale.data.shards:cli",
+            "scale-make-shards=scale.make_shards:cli",
             "scale-pretrain=scale.pretrain:cli",
             "scale-linear-probe=scale.linear_probe:cli",
             "scale-knn-eval=scale.knn_eval:cli",

@@ -19,15 +19,21 @@ import time
 from datetime import date
 from pathlib import Path
 
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.datasets import load_sample_image
+
+from scale.data.augment import AugmentConfig
+from scale.data.loader import build_loader
+from scale.data.shards import make_shards
+from scale.entry import run_cli
+
 RESULTS = Path(__file__).parent / "results"
 
 
 def make_benchmark_images(root: Path, num_images: int, seed: int = 0) -> Path:
     """`num_images` JPEGs of about 500 x 375 (ImageNet's median) cut from the sample photographs."""
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_sample_image
-
     photos = [load_sample_image(name) for name in ("china.jpg", "flower.jpg")]  # (427, 640, 3)
     rng = np.random.default_rng(seed)
     for i in range(num_images):
@@ -66,12 +72,6 @@ def run(
 
 
 def _run(tmp: Path, images, num_images, batch_size, crop_size, workers, max_batches) -> list[dict]:
-    import torch
-
-    from scale.data.augment import AugmentConfig
-    from scale.data.loader import build_loader
-    from scale.data.shards import make_shards
-
     folder = images or make_benchmark_images(tmp / "images", num_images)
     make_shards(folder, tmp / "shards", "bench", max_samples=max(num_images // 4, 1), progress=False, verify=False)
     aug = AugmentConfig(crop_size=crop_size)
@@ -127,7 +127,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batches", type=int, default=12, help="timed batches per row")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory ('-' for none)")
     args = parser.parse_args(argv)
-    import torch
 
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     if torch.cuda.is_available():
@@ -152,8 +151,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def cli() -> None:
     """Command-line entry: one-line errors, `--debug` for the traceback."""
-    from scale.entry import run_cli
-
     run_cli(main)
 
 

@@ -11,6 +11,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
+from scale.entry import run_cli
+from scale.models import build_vit
 from scale.models.flops import PAPER_TABLE3_GMACS, counted_macs, moco_training_flops, vit_macs
 from scale.models.vit import count_params, resolve_vit_config
 
@@ -26,10 +30,6 @@ RESULTS = Path(__file__).parent / "results" / "flops.md"
 
 
 def build_table(img_size: int = 224) -> list[dict]:
-    import torch
-
-    from scale.models import build_vit
-
     rows = []
     for label, name in ROWS:
         cfg = resolve_vit_config(name, img_size=img_size)
@@ -90,8 +90,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def cli() -> None:
     """Command-line entry: one-line errors, `--debug` for the traceback."""
-    from scale.entry import run_cli
-
     run_cli(main)
 
 

@@ -80,7 +80,7 @@ class Check:
 
 
 def cuda_device() -> str | None:
-    import torch
+    import torch  # here and below: this script runs on bare GPU images, before its wheels are installed
 
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 

@@ -8,7 +8,7 @@
     python -m benchmarks.memory --models vit_base --backends zero2 --nproc 2 --ac off --steps 3
 
 For every (model, backend, activation checkpointing) it first predicts the peak memory of all ranks
-from the theoretical model state (`scale.train.memory.state_bytes`), the activations and a measured
+from the theoretical model state (`scale.parallel.memory.state_bytes`), the activations and a measured
 per-process runtime overhead, and refuses, with the numbers, what would not fit in this machine's
 available memory (a GPU's memory when there is one). Otherwise it launches the ranks (torchrun),
 builds the trainer of `scale.train` (the same backend, model and optimizer as training) and runs
@@ -34,7 +34,6 @@ JSON and a markdown table go to benchmarks/results/memory-*.{json,md}.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import signal
@@ -42,15 +41,24 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import date
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from benchmarks.throughput import ROOT, add_step_args, build_config
-from scale.parallel.deepspeed import zero_section
+from benchmarks.memprobe import LivePeak, live_bytes, peak_bytes, reset_peak, rss_bytes
+from benchmarks.paper import ROOT
+from benchmarks.throughput import add_step_args, build_config
+from scale.config import apply_overrides
+from scale.entry import run_cli
+from scale.parallel.ds_config import load_ds_json, zero_section, zero_stage
+from scale.parallel.launch import init_distributed
+from scale.parallel.memory import state_bytes, zero_persistent_buffer_bytes
+from scale.train.memory import activation_bytes, count_params
+from scale.train.parallelize import backbone_config
+from scale.train.trainer import Trainer
 
 GIB = 2**30
 # Resident memory of one rank before its trainer is built (python, torch, deepspeed, gloo),
@@ -63,119 +71,18 @@ SLACK = 0.25
 GUARD_FLOOR = 1.0 * GIB
 
 
-# ---------------------------------------------------------------------------------- measuring
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (n, ctypes.c_size_t)
-        for n in [
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",
-            "keepcost",
-        ]
-    ]
-
-
-_mallinfo2 = None
-
-
-def live_bytes(device: torch.device) -> int:
-    """Bytes in use by the allocator that holds this device's tensors."""
-    global _mallinfo2
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return torch.cuda.memory_allocated(device)
-    if _mallinfo2 is None:
-        try:
-            _mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
-        except (OSError, AttributeError) as e:
-            raise RuntimeError("the CPU memory benchmark needs glibc >= 2.33 (mallinfo2)") from e
-        _mallinfo2.restype = _MallInfo2
-    m = _mallinfo2()
-    return m.uordblks + m.hblkhd
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so RSS is what is live
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-
-
-class LivePeak:
-    """The highest `live_bytes` seen while the context is open: exact on a GPU (the allocator's
-    own peak), sampled every `interval` seconds by a thread on a CPU (torch releases the GIL in its
-    kernels; a buffer living shorter than the interval can be missed)."""
-
-    def __init__(self, device: torch.device, interval: float = 0.002):
-        self.device, self.interval, self.peak = device, interval, 0
-        self._stop = threading.Event()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, live_bytes(self.device))
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self.peak = live_bytes(self.device)
-            self._thread = threading.Thread(target=self._run, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, live_bytes(self.device))
-
-
-def peak_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_reserved(device)  # what the caching allocator held
-    return _status_kib("VmHWM") * 1024
-
-
-def rss_bytes() -> int:
-    return _status_kib("VmRSS") * 1024
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 # ---------------------------------------------------------------------------------- theory
 
 
 def backend_kind(backend: str) -> tuple[str, int]:
     """('ddp'|'fsdp'|'deepspeed'|'single', ZeRO stage); zero* names are ds_configs/<name>.json."""
     if backend.startswith("zero"):
-        from scale.parallel.deepspeed import zero_stage
-
         return "deepspeed", zero_stage(ROOT / "ds_configs" / f"{backend}.json")
     return backend, 0
 
 
 def config(args, world: int, out_dir: str):
     """The training config of the measured step (benchmarks.throughput's), with accumulation."""
-    from scale.config import apply_overrides
-
     cfg = build_config(args, world, out_dir)
     if args.accum > 1:
         cfg = apply_overrides(cfg, [f"--batch.global_batch_size={args.batch_size * world * args.accum}",
@@ -185,24 +92,20 @@ def config(args, world: int, out_dir: str):
 
 def predict(args, backend: str, ac: bool, precision: str, world: int) -> dict:
     """Theoretical bytes per rank and the predicted peak of the whole machine."""
-    from scale.train.memory import activation_bytes, count_params, resolve_vit, state_bytes
-
     a = argparse.Namespace(**{**vars(args), "backend": backend, "activation_checkpointing": ac})
     cfg = config(a, world, "/nonexistent")
     trainable, momentum = count_params(cfg)
     kind, stage = backend_kind(backend)
     buffers, transient = 0.0, 0.0
     if kind == "deepspeed":
-        from scale.parallel.deepspeed import persistent_buffer_bytes
-
-        buffers = persistent_buffer_bytes(cfg.parallel.deepspeed_config, precision, args.accum)
+        buffers = zero_persistent_buffer_bytes(load_ds_json(cfg.parallel.deepspeed_config), precision, args.accum)
         transient = transient_bucket_bytes(cfg.parallel.deepspeed_config, trainable, precision)
         transient += gathered_parameter_bytes(cfg.parallel.deepspeed_config, trainable + momentum, precision)
-    state = state_bytes(kind, trainable, momentum, world, precision, stage, buffers=buffers, accum_steps=args.accum)
+    state = state_bytes(kind, trainable, momentum, world, precision, args.accum, stage=stage, buffers=buffers)
     if cfg.optim.implementation != "torch-fused" and not torch.cuda.is_available():
         # foreach AdamW: about two temporaries of the fp32 parameters it updates (this rank's part)
         transient += 2 * 4 * trainable / (1 if kind in ("ddp", "single") else world)
-    act = activation_bytes(resolve_vit(cfg), args.batch_size, precision, ac)
+    act = activation_bytes(backbone_config(cfg), args.batch_size, precision, ac)
     # The model is built whole (fp32) on every rank before it is sharded.
     build = 4 * (trainable + momentum)
     per_rank = RUNTIME_OVERHEAD + max(build, (1 + SLACK) * (sum(state.values()) + act + transient))
@@ -213,7 +116,7 @@ def predict(args, backend: str, ac: bool, precision: str, world: int) -> dict:
 def transient_bucket_bytes(ds_config: str, trainable: int, precision: str) -> float:
     """ZeRO-1/2's gradient buckets during a backward (two with overlap_comm). On a CPU only the
     pages the gradients touch become resident, so at most the gradients' size is counted there."""
-    zero = zero_section(ds_config)
+    zero = zero_section(load_ds_json(ds_config))
     if int(zero.get("stage", 0)) >= 3 or not zero.get("contiguous_gradients", True):
         return 0.0
     n = 2 if zero.get("overlap_comm", False) else 1
@@ -228,7 +131,7 @@ def gathered_parameter_bytes(ds_config: str, params: int, precision: str) -> flo
     up to stage3_max_live_parameters elements: with the large defaults both encoders stay gathered
     between their two views (measured on ViT-B/L: the base encoder from the first forward to the
     backward, the momentum encoder across its two forwards)."""
-    zero = zero_section(ds_config)
+    zero = zero_section(load_ds_json(ds_config))
     if int(zero.get("stage", 0)) < 3:
         return 0.0
     width = 2 if precision in ("bf16", "fp16") else 4
@@ -240,11 +143,6 @@ def gathered_parameter_bytes(ds_config: str, params: int, precision: str) -> flo
 
 def worker(args) -> None:
     """One rank of one configuration (under torchrun)."""
-    import torch.distributed as dist
-
-    from scale.parallel.launch import init_distributed
-    from scale.train.trainer import Trainer
-
     init_distributed()
     world = dist.get_world_size() if dist.is_initialized() else 1
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -428,7 +326,7 @@ def write(rows: list[dict], out: Path, name: str) -> None:
         f"{meta['date']}, {device}. Made by `{meta['command']}`.",
         "",
         "Theory: bytes per rank of parameters + gradients + optimizer state (incl. fp32 masters) + momentum "
-        "encoder + persistent buckets (`scale.train.memory.state_bytes`, docs/scaling.md). Measured on rank 0 "
+        "encoder + persistent buckets (`scale.parallel.memory.state_bytes`, docs/scaling.md). Measured on rank 0 "
         "(the ranks agree): live bytes after the backward above those before the trainer was built (state), "
         "after the forward minus before it (activations), the highest live bytes during the step above that "
         "baseline (peak live: model state + activations + transient buffers; sampled every 2 ms on a CPU), "
@@ -510,8 +408,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def cli() -> None:
     """Console-script entry (`scale-memory`)."""
-    from scale.entry import run_cli
-
     run_cli(main)
 
 

@@ -19,13 +19,19 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
+
+from scale.config import apply_overrides
+from scale.entry import run_cli, setup_logging
+from scale.recipes import get_recipe
+from scale.train.knn import knn_counts
+from scale.train.trainer import Trainer
+
 
 class _LabelledBatches:
     """Random 224 px batches with labels, the EpochLoader interface the trainer needs."""
 
     def __init__(self, batch: int, img: int, n: int = 1000):
-        import torch
-
         g = torch.Generator().manual_seed(0)
         self.batches = [(torch.randn(batch, 3, img, img, generator=g), torch.randn(batch, 3, img, img, generator=g),
                          torch.randint(1000, (batch,), generator=g)) for _ in range(2)]  # fmt: skip
@@ -48,10 +54,6 @@ class _LabelledBatches:
 
 
 def _trainer(model: str, batch: int, monitors: bool, bank: int, out: str):
-    from scale.config import apply_overrides
-    from scale.recipes import get_recipe
-    from scale.train.trainer import Trainer
-
     cfg = get_recipe("vit_b_300ep")
     apply_overrides(cfg, [
         f"--model.name={model}", f"--batch.global_batch_size={batch}", "--parallel.precision=fp32",
@@ -73,10 +75,6 @@ def _trainer(model: str, batch: int, monitors: bool, bank: int, out: str):
 
 
 def main(argv: list[str] | None = None) -> None:
-    import torch
-
-    from scale.entry import setup_logging
-
     parser = argparse.ArgumentParser(prog="python -m benchmarks.monitor_cost", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="vit_base")
     parser.add_argument("--batch", type=int, default=8)
@@ -100,14 +98,14 @@ def main(argv: list[str] | None = None) -> None:
     mean_on, mean_off = statistics.median(times["on"][1:]), statistics.median(times["off"][1:])
     # The parts alone (what the paired steps' noise can hide): the kNN of one batch against the full
     # bank plus its push, and the per-layer norms (one foreach norm over tensors of the gradients' sizes).
-    from scale.train.monitors import sharded_knn_counts
 
     knn, feats = on.monitors.knn, torch.randn(args.batch, on.vit_cfg.embed_dim)
     params = [p.detach() for group in on.backend.grad_groups for p in group]
     parts = {"knn": [], "norms": []}
     for _ in range(5):
         start = time.perf_counter()
-        sharded_knn_counts(feats, batch[2], knn.bank.features, knn.bank.labels, knn.k, knn.temperature).tolist()
+        queries = torch.nn.functional.normalize(feats, dim=1)
+        knn_counts(queries, batch[2], knn.bank.features, knn.bank.labels, (knn.k,), knn.temperature).tolist()
         knn.bank.push(torch.cat([feats, feats]), torch.cat([batch[2], batch[2]]))
         parts["knn"].append(time.perf_counter() - start)
         start = time.perf_counter()
@@ -146,8 +144,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def cli() -> None:
     """Command-line entry: one-line errors, `--debug` for the traceback."""
-    from scale.entry import run_cli
-
     run_cli(main)
 
 

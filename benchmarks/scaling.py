@@ -43,7 +43,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.throughput import IMAGENET_TRAIN, PAPER_TABLE3_TPU, RESULTS
+from benchmarks.paper import IMAGENET_TRAIN, PAPER_TABLE3_TPU, RESULTS
+from scale.entry import run_cli
+from scale.models import build_moco
+from scale.models.flops import moco_training_flops
 
 BACKENDS = ("ddp", "zero1", "zero2", "zero3", "fsdp", "fsdp-noreshard")
 GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -80,9 +83,6 @@ class ModelCost:
 
 
 def model_cost(name: str) -> ModelCost:
-    from scale.models import build_moco
-    from scale.models.flops import moco_training_flops
-
     with torch.device("meta"):
         m = build_moco(name)
     trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
@@ -208,8 +208,6 @@ def report(rows: list[dict], a: Assumptions, measured: dict | None) -> str:
 
 def cli() -> None:
     """Command-line entry: one-line errors, `--debug` for the traceback."""
-    from scale.entry import run_cli
-
     run_cli(main)
 
 

@@ -19,14 +19,16 @@ import logging
 import platform
 from pathlib import Path
 
+from scale.config import apply_overrides
+from scale.entry import run_cli, setup_logging
+from scale.plot import Run, plot_runs, summary
+from scale.recipes import get_recipe
+from scale.train.trainer import Trainer
+
 log = logging.getLogger(__name__)
 
 
 def run_one(out: Path, learned: bool, lr_scale: float, steps: int, knn_every: int, seed: int) -> Path:
-    from scale.config import apply_overrides
-    from scale.recipes import get_recipe
-    from scale.train.trainer import Trainer
-
     cfg = get_recipe("cpu_demo")
     name = f"{'learned' if learned else 'random'}-patch-lr{lr_scale:g}x"
     apply_overrides(cfg, [
@@ -42,9 +44,6 @@ def run_one(out: Path, learned: bool, lr_scale: float, steps: int, knn_every: in
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from scale.entry import setup_logging
-    from scale.plot import Run, plot_runs, summary
-
     parser = argparse.ArgumentParser(prog="python -m benchmarks.stability", description=__doc__.split("\n\n")[0])
     parser.add_argument("--lr-scale", type=float, default=4.0, help="times the demo's base lr (1.5e-3)")
     parser.add_argument("--steps", type=int, default=120)
@@ -91,8 +90,6 @@ def main(argv: list[str] | None = None) -> Path:
 
 def cli() -> None:
     """Command-line entry: one-line errors, `--debug` for the traceback."""
-    from scale.entry import run_cli
-
     run_cli(main)
 
 

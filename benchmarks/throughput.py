@@ -40,24 +40,20 @@ from datetime import date
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile
 
-from scale.models.flops import PAPER_TABLE3_GMACS
-
-RESULTS = Path(__file__).parent / "results"
-ROOT = Path(__file__).resolve().parents[1]
-IMAGENET_TRAIN = 1_281_167
-# Paper Table 3: TPU-v3 devices (cores) and hours per 100 ImageNet epochs.
-PAPER_TABLE3_TPU = {"vit_small": (256, 1.2), "vit_base": (256, 2.1), "vit_large": (256, 6.1), "vit_huge": (512, 9.8)}
-
-
-def paper_view(model: str) -> dict | None:
-    """Table 3 as images/s and TFLOP/s per TPU core (16 x MACs per image)."""
-    if model not in PAPER_TABLE3_TPU:
-        return None
-    cores, hours = PAPER_TABLE3_TPU[model]
-    img_per_s = IMAGENET_TRAIN * 100 / (hours * 3600 * cores)
-    return {"tpu_cores": cores, "hours_per_100_epochs": hours, "img_per_s_per_core": img_per_s,
-            "tflops_per_core": img_per_s * 16 * PAPER_TABLE3_GMACS[model] * 1e9 / 1e12}  # fmt: skip
+from benchmarks.paper import RESULTS, ROOT, paper_view
+from benchmarks.scaling import Assumptions, ModelCost, project
+from scale.config import apply_overrides
+from scale.entry import run_cli
+from scale.hardware.peaks import measured_cpu_peak, peak_memory_gib
+from scale.models.moco import resolve_view_forward
+from scale.parallel.launch import init_distributed
+from scale.recipes import get_recipe
+from scale.train.memory import count_params
+from scale.train.parallelize import backbone_config, build_model
+from scale.train.trainer import Trainer
 
 
 def overridden(args) -> bool:
@@ -65,9 +61,6 @@ def overridden(args) -> bool:
 
 
 def build_config(args, world_size: int, out_dir: str):
-    from scale.config import apply_overrides
-    from scale.recipes import get_recipe
-
     over = [
         f"--model.name={args.model}", f"--model.img_size={args.img_size}", f"--data.source={args.data}",
         f"--batch.global_batch_size={args.batch_size * world_size}", f"--parallel.precision={args.precision}",
@@ -122,8 +115,6 @@ class ReferenceStep:
     the authors' loop over parameters. A yardstick for what scale's step adds or saves."""
 
     def __init__(self, cfg, device: torch.device, lr: float):
-        from scale.train.trainer import build_model
-
         torch.manual_seed(cfg.run.seed)  # the trainer's seed: the same initial weights
         model = build_model(cfg).to(device)
         self.f_q, self.g_q, self.f_k = model.base_encoder, model.predictor, model.momentum_encoder
@@ -186,10 +177,6 @@ def _phases(runner, batches, lr: float, weight_decay: float, steps: int, sync) -
 
 def compare(args, world: int, tmp: str) -> dict:
     """Build every variant of `args.compare`, then time them back to back for `args.rounds` rounds."""
-    from scale.config import apply_overrides
-    from scale.parallel.precision import measured_cpu_peak
-    from scale.train.trainer import Trainer
-
     variants = [v.strip() for v in args.compare.split(",") if v.strip()]
     for v in variants:
         if v != "reference":
@@ -266,8 +253,6 @@ def compare(args, world: int, tmp: str) -> dict:
 
 def profile_step(runner, batches, lr: float, weight_decay: float, sync, device: torch.device, rows: int = 25) -> str:
     """torch.profiler's table of one step, the operators sorted by their own time."""
-    from torch.profiler import ProfilerActivity, profile
-
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         _phases(runner, batches, lr, weight_decay, 1, sync)
@@ -344,12 +329,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--profile", action="store_true", help="--compare: profile one step of the first variant")
     args = parser.parse_args(argv)
 
-    import torch.distributed as dist
-
-    from scale.parallel.launch import init_distributed
-    from scale.train.metrics import peak_memory_gib
-    from scale.train.trainer import Trainer
-
     init_distributed()
     world = dist.get_world_size() if dist.is_initialized() else 1
     try:
@@ -400,12 +379,8 @@ def main(argv: list[str] | None = None) -> dict:
 def projection(result: dict, args) -> list[dict]:
     """This device's measured time per image projected to N devices at global batch 4096 with
     `benchmarks.scaling`'s communication model (its default interconnect assumptions)."""
-    from benchmarks.scaling import Assumptions, ModelCost, project
-    from scale.models.moco import resolve_view_forward
-    from scale.train.memory import count_params, resolve_vit
-
     cfg = build_config(args, 1, "/nonexistent")
-    vit = resolve_vit(cfg)
+    vit = backbone_config(cfg)
     calls = 1 if resolve_view_forward(cfg.model.view_forward, vit.use_bn or vit.conv_stem) else 2
     cost = ModelCost(args.model, *count_params(cfg), result["flops_per_image"], vit.depth + 1, calls)
     backend = {"single": "ddp", "ddp": "ddp"}.get(args.backend, args.backend)
@@ -449,8 +424,6 @@ def write(result: dict, out: Path) -> None:
 
 def cli() -> None:
     """Console-script entry (`scale-throughput`): exit status 0 on success."""
-    from scale.entry import run_cli
-
     run_cli(main)
 
 

@@ -27,12 +27,18 @@ import logging
 from pathlib import Path
 
 import torch
+from timm.models.vision_transformer import VisionTransformer as TimmViT
 
-from scale.eval.checkpoints import architecture, resolve_run_checkpoint, run_model_state
-from scale.models.checkpoints import (
-    CheckpointError,
+from scale.config import config_from_dict
+from scale.entry import run_cli
+from scale.errors import CheckpointError
+from scale.eval.backbone import architecture, resolve_run_checkpoint, run_model_state
+from scale.models import build_moco
+from scale.models.formats import (
     backbone_state_dict,
     load_backbone,
+    load_moco_checkpoint,
+    official_state,
     read_checkpoint,
     save_atomic,
     timm_kwargs,
@@ -74,9 +80,7 @@ def convert(
         raise FileNotFoundError(f"{src} does not exist; give a run directory, a checkpoint directory or a file")
     ckpt, name, config, epoch = _source_state(src, model)
     if config is not None:
-        from scale.config import Config
-
-        vit_overrides = {**Config.from_dict(config).model.vit_overrides(), **vit_overrides}
+        vit_overrides = {**config_from_dict(config).model.vit_overrides(), **vit_overrides}
     backbone = build_vit(name, **vit_overrides)
     if fmt == "moco":
         out = _moco(ckpt, name, config, epoch, vit_overrides)
@@ -100,8 +104,6 @@ def _timm(backbone, sd: dict, num_classes: int) -> dict:
         out["head.weight"] = torch.zeros(num_classes, dim)
         out["head.bias"] = torch.zeros(num_classes)
     try:
-        from timm.models.vision_transformer import VisionTransformer as TimmViT
-
         TimmViT(**{**timm_kwargs(backbone.cfg), "num_classes": num_classes}).load_state_dict(out, strict=True)
     except ValueError as e:  # ViT-BN / conv stem: no timm equivalent
         log.warning("%s; written with timm names, load it with scale.models.build_vit", e)
@@ -112,8 +114,6 @@ def _verify_deit(backbone, sd: dict) -> None:
     """As DeiT's main.py --finetune loads it: non-strictly into a model with a classifier, which
     must then miss exactly the classifier."""
     try:
-        from timm.models.vision_transformer import VisionTransformer as TimmViT
-
         model = TimmViT(**{**timm_kwargs(backbone.cfg), "num_classes": 1000})
     except ValueError as e:
         log.warning("%s; written in DeiT's layout", e)
@@ -124,9 +124,6 @@ def _verify_deit(backbone, sd: dict) -> None:
 
 
 def _moco(ckpt: dict, name: str, config: dict | None, epoch: int, vit_overrides: dict) -> dict:
-    from scale.models import build_moco
-    from scale.models.checkpoints import load_moco_checkpoint, official_state
-
     if config is not None:
         m = config["model"]
         moco = build_moco(name, dim=m["dim"], mlp_dim=m["mlp_dim"], temperature=m["temperature"], **vit_overrides)
@@ -156,8 +153,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def cli() -> None:
     """Command-line entry: one-line errors, `--debug` for the traceback."""
-    from scale.entry import run_cli
-
     run_cli(main)
 
 

@@ -7,11 +7,12 @@ import contextlib
 import logging
 import sys
 
+from scale.errors import USER_ERRORS, ConfigError, LaunchError
+from scale.parallel.placement import detect_launch
+
 
 def launch_rank() -> int:
     """This process's rank as the launcher says (srun's tasks have no RANK before start-up)."""
-    from scale.parallel.placement import LaunchError, detect_launch
-
     try:
         return detect_launch().rank
     except LaunchError:
@@ -38,20 +39,6 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
 
 
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """What a user's mistake or the machine raises (a wrong field, a missing or corrupt file, bad
-    data, a launch that cannot work, a full disk, a stalled rank): reported in one line."""
-    from scale.config import ConfigError
-    from scale.data.shards import DataError
-    from scale.models.checkpoints import CheckpointError
-    from scale.parallel.base import BackendError
-    from scale.parallel.placement import LaunchError
-    from scale.train.faults import CheckpointWriteError, StalledRankError, TrainingError
-
-    return (ConfigError, DataError, CheckpointError, BackendError, LaunchError, CheckpointWriteError,
-            StalledRankError, TrainingError, OSError, ValueError)  # fmt: skip
-
-
 def strip_debug(argv: list[str] | None) -> tuple[list[str], bool]:
     """`argv` (default sys.argv[1:]) without `--debug`, and whether it was there."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -60,16 +47,14 @@ def strip_debug(argv: list[str] | None) -> tuple[list[str], bool]:
 
 @contextlib.contextmanager
 def user_errors(debug: bool = False, prefix: str = "error"):
-    """Turn a user error (`user_error_types`) into one line on stderr and exit status 1; with
+    """Turn a user error (`scale.errors.USER_ERRORS`) into one line on stderr and exit status 1; with
     `debug` (the `--debug` flag of every command) the traceback is shown instead. The process group
     is destroyed on the way out in any case."""
-    import torch.distributed as dist
-
-    from scale.config import ConfigError
+    import torch.distributed as dist  # here, not at the top: the commands install their signal handlers first
 
     try:
         yield
-    except user_error_types() as e:
+    except USER_ERRORS as e:
         if debug:
             raise
         kind = "config error" if isinstance(e, ConfigError) else prefix

@@ -22,9 +22,13 @@ if __package__ in (None, ""):  # run by path
     sys.path = [p for p in sys.path if os.path.abspath(p or ".") != here]
     sys.path.insert(0, os.path.dirname(here))
 
+from scale.entry import evaluation_entry, run_cli, setup_logging  # noqa: E402  (torch-free)
+
 
 def parse(argv=None) -> argparse.Namespace:
-    from scale.eval.checkpoints import add_checkpoint_args
+    # Here and in `main`, the evaluation stack (torch) is imported after the arguments are read: --help
+    # and wrong arguments answer at once.
+    from scale.eval.backbone import add_checkpoint_args
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_args(p, "labelled data whose features form the bank", "labelled queries")
@@ -39,8 +43,6 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    from scale.entry import evaluation_entry, setup_logging
-
     setup_logging()
     args = parse(argv)
     try:
@@ -54,9 +56,9 @@ def main(argv=None) -> dict:
     import torch.nn.functional as F
 
     from scale.data.labelled import check_labels, eval_batches
-    from scale.data.loader import resolve_source
-    from scale.data.shards import DataError
-    from scale.eval.checkpoints import backbone_from_args
+    from scale.data.sources import resolve_source
+    from scale.errors import DataError
+    from scale.eval.backbone import backbone_from_args
     from scale.parallel.launch import init_distributed
     from scale.parallel.placement import plan_placement
     from scale.train.knn import knn_classify
@@ -121,8 +123,6 @@ def main(argv=None) -> dict:
 
 def cli() -> None:
     """Console-script entry (`scale-knn-eval`): one-line errors, `--debug` for the traceback."""
-    from scale.entry import run_cli
-
     run_cli(main)
 
 

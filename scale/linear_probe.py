@@ -24,11 +24,15 @@ if __package__ in (None, ""):  # run by path
     sys.path = [p for p in sys.path if os.path.abspath(p or ".") != here]
     sys.path.insert(0, os.path.dirname(here))
 
+from scale.entry import evaluation_entry, run_cli, setup_logging  # noqa: E402  (torch-free)
+
 log = logging.getLogger("scale")
 
 
 def parse(argv=None) -> argparse.Namespace:
-    from scale.eval.checkpoints import add_checkpoint_args
+    # Here and in `main`, the evaluation stack (torch) is imported after the arguments are read: --help
+    # and wrong arguments answer at once.
+    from scale.eval.backbone import add_checkpoint_args
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_args(
@@ -60,8 +64,6 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    from scale.entry import evaluation_entry, setup_logging
-
     setup_logging()
     args = parse(argv)
     try:
@@ -71,7 +73,7 @@ def main(argv=None) -> dict:
     import torch
     import torch.distributed as dist
 
-    from scale.eval.checkpoints import backbone_from_args
+    from scale.eval.backbone import backbone_from_args
     from scale.eval.linear_probe import LinearProbe, ProbeSettings
     from scale.parallel.launch import init_distributed
     from scale.parallel.placement import plan_placement
@@ -104,8 +106,6 @@ def main(argv=None) -> dict:
 
 def cli() -> None:
     """Console-script entry (`scale-linear-probe`): one-line errors, `--debug` for the traceback."""
-    from scale.entry import run_cli
-
     run_cli(main)
 
 

@@ -21,6 +21,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 
@@ -73,7 +75,7 @@ class Run:
 
 def _pyplot():
     try:
-        import matplotlib
+        import matplotlib  # here: the Agg backend must be chosen before pyplot is imported
     except ImportError:
         raise PlotError("matplotlib is not installed: pip install matplotlib") from None
     matplotlib.use("Agg")
@@ -145,8 +147,6 @@ def _shown_layers(layers: list[str]) -> list[int]:
 
 def plot_gradients(run: Run, path: Path) -> Path:
     plt = _pyplot()
-    import numpy as np
-
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7.5), sharex=True, gridspec_kw={"height_ratios": [1, 1.1]})
     if not run.grads or not run.layers:
         top.text(0.5, 0.5, "no gradient norms in this run (monitor.grad_every=0?)", ha="center", va="center",

@@ -18,12 +18,24 @@ What it checks:
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import os
+import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
-from scale.config import Config, ConfigError, check_fields
+import torch
+
+from scale.config import Config, ConfigError, check_fields, split_batch
+from scale.data.sources import resolve_source
+from scale.errors import BackendError, DataError
+from scale.hardware.precision import resolve_precision
+from scale.models import resolve_vit_config
+from scale.models.moco import resolve_view_forward
+from scale.parallel.ds_config import resolve_ds_config
+from scale.parallel.ds_internals import require_deepspeed
+from scale.parallel.placement import detect_launch
+from scale.parallel.registry import launch_problem
+from scale.parallel.settings import BackendSettings
 
 # Optimizer implementations each optimizer accepts (scale.optim.build_optimizer).
 OPTIMIZER_IMPLEMENTATIONS = {
@@ -39,25 +51,20 @@ def preflight(cfg: Config, world_size: int | None = None, data: bool = True) -> 
     `world_size`: the launched world size (default: what the launcher's environment says).
     `data`: also resolve the data sources (reads the shard indexes' headers, builds the demo set).
     """
-    from scale.parallel.launch import launched_world_size
-
     check_fields(cfg)
-    world = launched_world_size() if world_size is None else world_size
+    world = detect_launch().world_size if world_size is None else world_size
     _check_model(cfg)
     _check_optimizer(cfg)
-    _check_parallel(cfg, world)
-    per_device = _check_batch(cfg, world)
+    precision = _check_parallel(cfg, world)
+    per_device = split_batch(cfg, world)
     if cfg.parallel.backend == "deepspeed":
-        _check_deepspeed(cfg, world, per_device)
+        _check_deepspeed(cfg, per_device, precision)
     _check_run(cfg)
     if data:
         _check_data(cfg)
 
 
 def _check_model(cfg: Config) -> None:
-    from scale.models import resolve_vit_config
-    from scale.models.moco import resolve_view_forward
-
     try:
         vit = resolve_vit_config(cfg.model.name, **cfg.model.vit_overrides())
         resolve_view_forward(cfg.model.view_forward, vit.use_bn or vit.conv_stem)
@@ -70,11 +77,6 @@ def _check_model(cfg: Config) -> None:
 def _check_compile() -> None:
     """torch.compile's inductor needs a C++ compiler for CPU code and Triton for CUDA kernels: say so
     now, not at the first step after minutes of start-up."""
-    import importlib.util
-    import shutil
-
-    import torch
-
     if torch.cuda.is_available():
         if importlib.util.find_spec("triton") is None:
             raise ConfigError("--model.compile=true needs Triton on a GPU (pip install triton, which torch's CUDA "
@@ -93,85 +95,34 @@ def _check_optimizer(cfg: Config) -> None:
         )
 
 
-def _check_parallel(cfg: Config, world: int) -> None:
-    import torch
-
-    from scale.parallel.base import BackendError, resolve_precision
-
+def _check_parallel(cfg: Config, world: int) -> str:
+    """The backend for the launched world size (`scale.parallel.registry`) and the precision on this
+    machine; returns the resolved precision."""
     p = cfg.parallel
-    cuda = torch.cuda.is_available()
     try:
-        resolve_precision(p.precision, torch.device("cuda" if cuda else "cpu"))
+        precision = resolve_precision(p.precision)
     except BackendError as e:
         raise ConfigError(f"--parallel.precision: {e}") from None
-    if p.dist_backend == "nccl" and not cuda:
+    if p.dist_backend == "nccl" and not torch.cuda.is_available():
         raise ConfigError("--parallel.dist_backend=nccl needs CUDA GPUs; use auto or gloo on a CPU")
-    if p.backend == "single" and world > 1:
-        raise ConfigError(f"--parallel.backend=single cannot run on {world} ranks; use ddp, fsdp or auto")
-    if p.backend in ("ddp", "fsdp") and world == 1:
-        raise ConfigError(
-            f"--parallel.backend={p.backend} needs several ranks: launch with torchrun --nproc_per_node N "
-            "(or use single / auto for one process)"
-        )
-    if p.backend == "deepspeed" and not p.deepspeed_config:
-        raise ConfigError("--parallel.backend=deepspeed needs a config: --deepspeed ds_configs/zero2.json")
-    if p.deepspeed_config and p.backend != "deepspeed":
-        raise ConfigError(
-            f"--parallel.deepspeed_config is set but --parallel.backend={p.backend}; use --deepspeed "
-            f"{p.deepspeed_config} (it sets both) or drop the config"
-        )
+    problem = launch_problem(p.backend, world, p.deepspeed_config)
+    if problem:
+        raise ConfigError(problem)
+    return precision
 
 
-def _check_batch(cfg: Config, world: int) -> int:
-    b = cfg.batch
-    per_device = b.batch_size_per_device or b.global_batch_size // (world * b.grad_accum_steps)
-    if per_device < 1 or per_device * world * b.grad_accum_steps != b.global_batch_size:
-        raise ConfigError(
-            f"--batch.global_batch_size={b.global_batch_size} does not split into {world} rank(s) x "
-            f"{b.batch_size_per_device or per_device} per device x {b.grad_accum_steps} accumulation steps; "
-            "change --batch.global_batch_size, --batch.batch_size_per_device or --batch.grad_accum_steps"
-        )
-    return per_device
-
-
-def read_json_config(path: str | os.PathLike, what: str) -> dict:
-    """A JSON object from `path`, or a ConfigError naming the file, line and column."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{what} {str(p)!r} does not exist; see ds_configs/ for examples")
-    try:
-        value = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        where = f"line {e.lineno}, column {e.colno}"
-        raise ConfigError(f"{what} {str(p)!r} is not valid JSON: {e.msg} at {where}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{what} {str(p)!r} cannot be read: {e}") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"{what} {str(p)!r} must hold a JSON object, not {type(value).__name__}")
-    return value
-
-
-def _check_deepspeed(cfg: Config, world: int, per_device: int) -> None:
-    from scale.parallel.base import BackendError
-    from scale.parallel.deepspeed import require_deepspeed, resolve_ds_config
-
-    path = cfg.parallel.deepspeed_config
-    ds = read_json_config(path, "DeepSpeed config")
-    stage = ds.get("zero_optimization", {}).get("stage") if isinstance(ds.get("zero_optimization"), dict) else None
-    if stage not in (1, 2, 3):
-        raise ConfigError(f"{path}: zero_optimization.stage must be 1, 2 or 3 (got {stage!r})")
-    derived = SimpleNamespace(
+def _check_deepspeed(cfg: Config, per_device: int, precision: str) -> None:
+    """The DeepSpeed JSON parses and agrees with the scale config (`resolve_ds_config`, as the backend
+    reads it), and DeepSpeed is installed."""
+    settings = BackendSettings(
         global_batch_size=cfg.batch.global_batch_size,
         batch_size_per_device=per_device,
         grad_accum_steps=cfg.batch.grad_accum_steps,
+        clip_grad=cfg.optim.clip_grad,
+        optimizer=cfg.optim.name,
     )
-    import torch
-
-    from scale.parallel.base import resolve_precision
-
-    precision = resolve_precision(cfg.parallel.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        resolve_ds_config(path, cfg, derived, precision)
+        resolve_ds_config(cfg.parallel.deepspeed_config, settings, precision)
         require_deepspeed()
     except BackendError as e:
         raise ConfigError(str(e)) from None
@@ -200,13 +151,10 @@ def _check_run(cfg: Config) -> None:
 
 
 def _check_data(cfg: Config) -> None:
-    from scale.data.loader import resolve_source
-    from scale.data.shards import DataError
-
     d = cfg.data
     if d.backend == "dali":
         try:
-            import nvidia.dali  # noqa: F401
+            import nvidia.dali  # noqa: F401  (optional: only DALI runs need it)
         except ImportError:
             raise ConfigError(
                 "--data.backend=dali needs NVIDIA DALI: pip install nvidia-dali-cuda120 "

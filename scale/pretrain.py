@@ -26,8 +26,9 @@ if __package__ in (None, ""):  # run by path (`python scale/pretrain.py`, the De
 
 from scale.config import ConfigError, apply_overrides, describe  # noqa: E402
 from scale.entry import launch_rank as _rank  # noqa: E402
-from scale.entry import setup_logging  # noqa: E402
+from scale.entry import setup_logging, user_errors  # noqa: E402
 from scale.recipes import RECIPES, get_recipe  # noqa: E402
+from scale.train.preemption import Preempted, watch_signal  # noqa: E402  (torch-free, as everything above)
 
 log = logging.getLogger("scale")
 
@@ -103,16 +104,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.print_config:
         print(cfg.to_json())
         return {}
-    from scale.entry import user_errors
-    from scale.train.preemption import watch_signal
-
     with user_errors(args.debug):
         # Before torch is imported: a preemption signal during the start-up is recorded, not fatal.
         try:
             watch_signal(cfg.run.preempt_signal, cfg.run.preempt_check_every)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        from scale.preflight import preflight
+        from scale.preflight import preflight  # imports torch: only now that the preemption handler is set
 
         preflight(cfg)
         if args.check:
@@ -123,8 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def train(cfg) -> dict:
     """Train `cfg` (checked by `preflight`) to the end or to a preemption."""
-    from scale.train.preemption import Preempted
-    from scale.train.trainer import Trainer
+    from scale.train.trainer import Trainer  # the training stack, after the preemption handler (`main`)
 
     try:
         trainer = Trainer(cfg)
@@ -135,7 +132,7 @@ def train(cfg) -> dict:
             result.update(knn_top1=pretrained, knn_top1_random_init=random_init)
             if trainer.backend.is_main:
                 print(
-                    f"kNN top-1 on {cfg.data.eval_source} (k={cfg.run.knn_k}): pretrained {pretrained:.1f}% "
+                    f"kNN top-1 on {cfg.data.eval_source} (k={cfg.monitor.knn_k}): pretrained {pretrained:.1f}% "
                     f"vs the same backbone at random init {random_init:.1f}%"
                 )
         return result

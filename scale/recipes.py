@@ -91,10 +91,9 @@ def cpu_demo() -> Config:
     cfg.schedule.warmup_epochs = 2
     cfg.parallel.precision = "fp32"
     cfg.run.log_every = 5
-    cfg.run.knn_k = 20
     cfg.run.ckpt_every = 0
     cfg.monitor.knn_every = 5  # 220 steps: a point every 5
-    cfg.monitor.knn_k = 20  # a bank of 256 features (one step), 10 classes
+    cfg.monitor.knn_k = 20  # both kNN monitors; the dense one's bank is 256 features (one step), 10 classes
     return cfg
 
 

@@ -119,17 +119,3 @@ class Normalize:
         mean, std = self.constants(x.device)
         x = x.to(torch.float32).div_(255.0)
         return x.sub_(mean).div_(std)
-
-
-def eval_transform(crop_size: int = 224, resize: int | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.Compose:
-    """Resize (crop_size / 0.875, i.e. 256 for 224) + centre crop + normalise: the linear-probe and
-    kNN evaluation transform."""
-    resize = resize or round(crop_size / 0.875)
-    return T.Compose(
-        [
-            T.Resize(resize, antialias=True),
-            T.CenterCrop(crop_size),
-            T.ToDtype(torch.float32, scale=True),
-            T.Normalize(mean=mean, std=std),
-        ]
-    )

@@ -1,4 +1,5 @@
-"""MoCo v3's two views on NVIDIA DALI: GPU decode and augmentation, or DALI's CPU-only mode.
+"""MoCo v3's two views on NVIDIA DALI: GPU decode and augmentation, or DALI's CPU-only mode. DALI is
+an optional dependency: imported inside the functions that need it.
 
 With a `device_id`, images are decoded by nvJPEG ('mixed') and augmented on that GPU; without
 one, the same graph runs in DALI's CPU-only mode (`device_id=None`), which is how its logic is
@@ -33,7 +34,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from scale.data.augment import AugmentConfig
-from scale.data.loader import Batch, EpochLoader, batches_per_rank, check_resume_layout, epoch_order
+from scale.data.epoch_loader import Batch, EpochLoader, check_resume_layout
+from scale.data.epoch_plan import batches_per_rank, epoch_order
 from scale.data.shards import IMAGE_EXTS, LABEL_BIN_EXT, index_path
 
 log = logging.getLogger(__name__)

@@ -14,6 +14,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
+from scale.data.shards import make_shards
+
 log = logging.getLogger(__name__)
 
 DEMO_NAME = "demo-digits-v1"
@@ -30,8 +35,7 @@ def demo_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def _write_image_folders(root: Path) -> None:
-    import numpy as np
-    from PIL import Image
+    # scikit-learn's digits only when the demo set is written (once per machine): start-up time.
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -48,8 +52,6 @@ def _write_image_folders(root: Path) -> None:
 
 def ensure_demo_shards(cache_dir: str | os.PathLike | None = None) -> Path:
     """The demo shard directory, written on first use (safe when several processes race)."""
-    from scale.data.shards import make_shards
-
     target = demo_dir(cache_dir)
     if all((target / f"{split}-manifest.json").is_file() for split in SPLITS):
         return target

@@ -16,11 +16,14 @@ from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2 as T
 
 from scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, Normalize
-from scale.data.loader import EpochLoader, FolderSource, ShardSource, TwoViewStream, _worker_init
-from scale.data.shards import DataError
+from scale.data.epoch_loader import EpochLoader
+from scale.data.sources import FolderSource, ShardSource
+from scale.data.stream import TwoViewStream, worker_init
+from scale.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +92,7 @@ class LabelledLoader(EpochLoader):
         workers = self.stream.num_workers
         loader = DataLoader(self.stream, batch_size=None, num_workers=workers,
                             pin_memory=self.device is not None and self.device.type == "cuda",
-                            worker_init_fn=_worker_init if workers else None)  # fmt: skip
+                            worker_init_fn=worker_init if workers else None)  # fmt: skip
         for images, labels, meta in loader:
             if meta["skipped"]:
                 self.num_skipped += len(meta["skipped"])
@@ -146,8 +149,6 @@ class _ShareStream(IterableDataset):
                 yield self.source.read_one(unit, 0)
 
     def __iter__(self):
-        from torchvision.io import ImageReadMode, decode_image
-
         info = get_worker_info()
         k, K = (info.id, info.num_workers) if info else (0, 1)
         runs = split_runs(self.runs, k, K)  # each worker a contiguous part: shards are read sequentially
@@ -185,7 +186,7 @@ def eval_batches(
     runs = rank_share(source.counts, rank, world_size)
     stream = _ShareStream(source, runs, OneView(crop_size, train=train_augment), batch_size)
     loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
-                        worker_init_fn=_worker_init if num_workers else None)  # fmt: skip
+                        worker_init_fn=worker_init if num_workers else None)  # fmt: skip
     normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD)
     for images, labels, bad in loader:
         if bad:

@@ -1,7 +1,6 @@
-"""ImageFolder tree -> webdataset tar shards, with DALI index files and a manifest.
-
-    scale-make-shards /data/imagenet/train /data/imagenet-shards --prefix train
-    scale-make-shards /data/imagenet/val   /data/imagenet-shards --prefix val --no-shuffle
+"""The shard format: ImageFolder tree -> webdataset tar shards, with DALI index files and a
+manifest (`make_shards`, run by the `scale-make-shards` command: `scale.make_shards`), and reading
+them back by index (`read_index`, `iter_shard`).
 
 Layout written to OUT:
     {prefix}-000000.tar, ...   samples `{key}.{jpg|png|...}` (the original bytes, not re-encoded),
@@ -19,7 +18,6 @@ once on the way in; unreadable or truncated files are reported and left out.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -36,6 +34,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import webdataset as wds
+from torchvision.io import ImageReadMode, decode_image
+from tqdm import tqdm
+
+from scale.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +47,6 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 INDEX_VERSION = "v1.2"
 LABEL_TEXT_EXT = "cls"
 LABEL_BIN_EXT = "cls.i32"
-
-
-class DataError(ValueError):
-    """Bad data input: a missing path, an empty directory, a pattern that matches nothing."""
 
 
 @dataclass(frozen=True)
@@ -78,8 +77,6 @@ def find_images(root: str | os.PathLike) -> tuple[list[tuple[Path, int]], list[s
 
 def check_image(data: bytes) -> str | None:
     """None if `data` decodes as an image, else why not."""
-    from torchvision.io import ImageReadMode, decode_image
-
     try:
         decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except Exception as e:  # torchvision raises RuntimeError on corrupt or truncated data
@@ -204,9 +201,6 @@ def make_shards(
         shuffle, seed: shuffle the file order before writing (recommended for training sets).
         num_workers: processes that read and decode-check images (default: all cores).
     """
-    import webdataset as wds
-    from tqdm import tqdm
-
     samples, classes = find_images(root)
     final = Path(out_dir)
     final.mkdir(parents=True, exist_ok=True)
@@ -287,8 +281,6 @@ def make_shards(
 def verify_shards(out_dir: str | os.PathLike, prefix: str = "train") -> None:
     """Read every shard back with webdataset and check counts, labels and image bytes against the
     manifest and indexes. Raises DataError on any mismatch."""
-    import webdataset as wds
-
     out = Path(out_dir)
     manifest = json.loads((out / f"{prefix}-manifest.json").read_text())
     digest = hashlib.sha1()
@@ -335,50 +327,3 @@ def iter_shard(
                 f.seek(off)
                 comps[ext] = f.read(size)
             yield sample.key, comps
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("root", type=Path, nargs="?", help="ImageFolder tree (root/CLASS/IMAGE)")
-    parser.add_argument("out", type=Path, help="output directory for the shards")
-    parser.add_argument("--prefix", default="train", help="shard name prefix (train, val)")
-    parser.add_argument("--max-samples", type=int, default=1_000_000, help="samples per shard at most")
-    parser.add_argument("--max-bytes", type=float, default=1e9, help="bytes per shard at most (default 1 GB)")
-    parser.add_argument("--no-shuffle", action="store_true", help="keep the sorted file order")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=None, help="reader/decoder processes (default: all cores)")
-    parser.add_argument("--no-verify", action="store_true", help="skip the read-back verification")
-    parser.add_argument("--index-only", action="store_true", help="only (re)write .idx files for OUT/*.tar")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.index_only:
-        tars = sorted(args.out.glob("*.tar"))
-        if not tars:
-            raise SystemExit(f"no .tar files in {args.out}")
-        for tar in tars:
-            print(f"{tar}: {write_index(tar)} samples")
-        return
-    if args.root is None:
-        parser.error("ROOT is required unless --index-only")
-    make_shards(
-        args.root,
-        args.out,
-        prefix=args.prefix,
-        max_samples=args.max_samples,
-        max_bytes=args.max_bytes,
-        shuffle=not args.no_shuffle,
-        seed=args.seed,
-        num_workers=args.workers,
-        verify=not args.no_verify,
-    )
-
-
-def cli() -> None:
-    """Command-line entry: one-line errors, `--debug` for the traceback."""
-    from scale.entry import run_cli
-
-    run_cli(main)
-
-
-if __name__ == "__main__":
-    cli()

@@ -32,11 +32,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from scale.data.labelled import LabelledLoader, check_labels, eval_batches
-from scale.data.loader import resolve_source
-from scale.data.shards import DataError
-from scale.eval.checkpoints import LoadedBackbone
+from scale.data.sources import resolve_source
+from scale.errors import DataError
+from scale.eval.backbone import LoadedBackbone
+from scale.parallel.sync_batchnorm import convert_sync_batchnorm
+from scale.train.metrics import MetricsLogger, Progress
 
 log = logging.getLogger(__name__)
 
@@ -169,10 +172,6 @@ class LinearProbe:
         self.heads.to(self.device)
         self.model: nn.Module = self.heads
         if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            from scale.parallel.sync_batchnorm import convert_sync_batchnorm
-
             convert_sync_batchnorm(self.heads)
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.heads, device_ids=ids)
@@ -272,8 +271,6 @@ class LinearProbe:
     # ------------------------------------------------------------------ the run
 
     def run(self) -> dict[str, Any]:
-        from scale.train.metrics import MetricsLogger, Progress
-
         s = self.s
         main = self.rank == 0
         if main:

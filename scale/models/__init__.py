@@ -1,6 +1,6 @@
-"""Models: ViT backbones, MoCo v3, FLOPs and checkpoint interop. No torch.distributed here."""
+"""Models: ViT backbones, MoCo v3, FLOPs and weights in other formats. No torch.distributed here."""
 
-from scale.models.moco import KeyGather, LocalKeys, MoCoV3, build_mlp, build_moco, momentum_schedule
+from scale.models.moco import KeyGather, LocalKeys, MoCoV3, build_mlp, build_moco
 from scale.models.vit import VIT_ALIASES, VIT_PRESETS, VisionTransformer, ViTConfig, build_vit, resolve_vit_config
 
 __all__ = [
@@ -14,6 +14,5 @@ __all__ = [
     "build_mlp",
     "build_moco",
     "build_vit",
-    "momentum_schedule",
     "resolve_vit_config",
 ]

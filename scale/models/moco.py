@@ -15,7 +15,6 @@ per-view forwards: their statistics must be per view.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Protocol
 
 import torch
@@ -107,20 +106,6 @@ def build_mlp(num_layers: int, input_dim: int, mlp_dim: int, output_dim: int) ->
         else:
             layers.append(nn.BatchNorm1d(dim_out, affine=False))
     return ViewwiseMLP(*layers)
-
-
-def momentum_schedule(
-    step: float, total_steps: float, base_momentum: float = 0.99, final_momentum: float = 1.0
-) -> float:
-    """Cosine from `base_momentum` at step 0 to `final_momentum` at `total_steps`.
-
-    m = final - (final - base) * (1 + cos(pi * step / total_steps)) / 2; with final = 1 this is the
-    authors' `1 - 0.5 * (1 + cos(pi * t / T)) * (1 - m0)`, with t in fractional epochs or steps.
-    """
-    if total_steps <= 0:
-        raise ValueError(f"total_steps must be positive, got {total_steps}")
-    progress = min(max(step / total_steps, 0.0), 1.0)
-    return final_momentum - (final_momentum - base_momentum) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class MoCoV3(nn.Module):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend
 
 POS_EMBEDS = ("sincos", "learned", "none")
 POOLS = ("cls", "avg")
@@ -240,8 +241,6 @@ def attention_backend(cfg: ViTConfig, device: torch.device, dtype: torch.dtype) 
     head_dim = cfg.embed_dim // cfg.num_heads
     q = torch.zeros(1, cfg.num_heads, cfg.num_tokens, head_dim, device=device, dtype=dtype)
     try:
-        from torch.nn.attention import SDPBackend
-
         choice = int(torch._fused_sdp_choice(q, q, q))
     except (AttributeError, ImportError, RuntimeError):
         return "unknown"

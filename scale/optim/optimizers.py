@@ -231,7 +231,7 @@ def _on_cuda(groups: list[dict]) -> bool:
 def _has_dtensor(groups: list[dict]) -> bool:
     """True for FSDP2's sharded parameters (DTensors): kernels that read `p.data` see only a shard."""
     try:
-        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor import DTensor  # here: a torch built without distributed has none
     except ImportError:  # torch built without distributed
         return False
     return any(isinstance(p, DTensor) for g in groups for p in g["params"])
@@ -286,7 +286,7 @@ def build_optimizer(
             if _has_dtensor(groups):
                 raise ValueError("DeepSpeed FusedAdam cannot update FSDP2's DTensor parameters; use "
                                  "--optim.implementation=auto (torch's fused AdamW)")  # fmt: skip
-            from deepspeed.ops.adam import FusedAdam
+            from deepspeed.ops.adam import FusedAdam  # optional dependency
 
             return FusedAdam(groups, lr=lr, betas=betas, eps=eps, adam_w_mode=True), "deepspeed FusedAdam (AdamW mode)"
         if implementation not in ("auto", "torch", "torch-fused"):
@@ -311,7 +311,7 @@ def build_optimizer(
                 )
         if implementation == "apex":
             try:
-                from apex.optimizers import FusedLAMB
+                from apex.optimizers import FusedLAMB  # optional dependency
             except ImportError:
                 raise ValueError(
                     "apex is not installed: build it from github.com/NVIDIA/apex with --cuda_ext, "
@@ -324,7 +324,7 @@ def build_optimizer(
             return opt, "apex FusedLAMB (no internal clipping, trust ratio on every group)"
         if implementation == "deepspeed":
             try:
-                from deepspeed.ops.lamb import FusedLamb
+                from deepspeed.ops.lamb import FusedLamb  # optional dependency
             except ImportError:
                 raise ValueError("deepspeed is not installed: pip install deepspeed") from None
             _log_once(

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import math
 
-from scale.models.moco import momentum_schedule
-
 __all__ = ["cosine", "lr_at", "momentum_at", "weight_decay_at"]
 
 
@@ -33,6 +31,10 @@ def weight_decay_at(step: int, weight_decay: float, final_weight_decay: float | 
     return cosine(step / max(1, total_steps), weight_decay, final_weight_decay)
 
 
-def momentum_at(step: int, total_steps: int, base: float = 0.99, final: float = 1.0) -> float:
-    """Momentum-encoder coefficient: cosine from `base` to `final` (scale.models.momentum_schedule)."""
-    return momentum_schedule(step, total_steps, base, final)
+def momentum_at(step: float, total_steps: float, base: float = 0.99, final: float = 1.0) -> float:
+    """Momentum-encoder coefficient: a half-cycle cosine from `base` at step 0 to `final` at
+    `total_steps`; with final = 1 this is the authors' `1 - 0.5 * (1 + cos(pi * t / T)) * (1 - m0)`,
+    with t in fractional epochs or steps."""
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, got {total_steps}")
+    return cosine(step / total_steps, base, final)

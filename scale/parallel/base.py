@@ -1,9 +1,9 @@
 """The backend contract every parallelism plugs into, and the single-process backend.
 
 The trainer only ever calls the public methods below; a backend overrides small hooks (`_wrap`,
-`_no_sync`, `_save_model`, ...). It knows nothing about MoCo beyond two duck-typed calls on the
-model: `model(x1, x2)` returns the loss and `model.momentum_update(momentum)` moves the momentum
-encoder (see `scale.models.moco`).
+`_no_sync`, `_momentum_pairs`, `_local_grad`, ...). It knows nothing about MoCo beyond two
+duck-typed calls on the model: `model(x1, x2)` returns the loss and `model.momentum_pairs()` pairs
+the momentum encoder's parameters with the base encoder's (see `scale.models.moco`).
 
 Per optimizer step the trainer does:
     saved = backend.snapshot_buffers()
@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,56 +29,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from scale.hardware.precision import autocast_dtype, check_cpu_bf16, resolve_precision
 from scale.optim import set_lr_wd, supports_device_skip
-from scale.optim.optimizers import foreach_chunks
+from scale.parallel.ema import ema_
+from scale.parallel.memory import state_bytes
 from scale.parallel.placement import plan_placement
-from scale.parallel.precision import check_cpu_bf16
+from scale.parallel.settings import BackendSettings, ShardingPlan
 from scale.views import views_to
 
 log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-@dataclass
-class ShardingPlan:
-    """What a sharded backend needs to know about a model, given by whoever knows the model.
-
-    units: modules to shard one by one, innermost first (e.g. every transformer block of both
-        encoders, then the encoders); the root is sharded last by the backend.
-    forward_methods: (module, method name) pairs called from outside besides `forward` (e.g. an
-        encoder's `pooled_features` for evaluation), so sharded backends gather parameters for them.
-    """
-
-    units: list[nn.Module] = field(default_factory=list)
-    forward_methods: list[tuple[nn.Module, str]] = field(default_factory=list)
-
-
-@torch.no_grad()
-def ema_(
-    targets: list[torch.Tensor], sources: list[torch.Tensor], momentum: float, applied: torch.Tensor | None = None
-) -> None:
-    """targets <- momentum * targets + (1 - momentum) * sources, in place, the authors' operation
-    order (`scale.models.MoCoV3.momentum_update`), on whatever local tensors a backend holds.
-
-    `applied` (a 0-dim bool tensor) decides on the device: where False the coefficients are 1 and 0,
-    so the targets stay bitwise unchanged (k * 1 + q * 0 = k) without a host sync. The products
-    (1 - m) * q are then temporaries, made chunk by chunk to bound their memory.
-    """
-    if not targets:
-        return
-    if applied is None:
-        torch._foreach_mul_(targets, momentum)
-        torch._foreach_add_(targets, sources, alpha=1.0 - momentum)
-        return
-    applied = applied.to(targets[0].device)
-    dtype = targets[0].dtype  # the coefficients as exact as the unmasked path's scalars
-    m = torch.where(applied, momentum, 1.0).to(dtype)
-    one_minus_m = torch.where(applied, 1.0 - momentum, 0.0).to(dtype)
-    for rows in foreach_chunks(targets):
-        torch._foreach_mul_(targets[rows], m)
-        torch._foreach_add_(targets[rows], torch._foreach_mul(sources[rows], one_minus_m))
 
 
 @dataclass
@@ -103,45 +64,6 @@ def _log_once(key: str, message: str, *args) -> None:
         log.info(message, *args)
 
 
-def configure_tf32(enabled: bool, device: torch.device) -> None:
-    """fp32 matmuls and convolutions on CUDA through TF32 tensor cores (inputs rounded to a 10-bit
-    mantissa, fp32 accumulation: about 7x the plain fp32 rate on A100/H100), or full fp32. Logged;
-    `--parallel.tf32=false` turns it off. Only fp32 runs are affected (bf16/fp16 autocast is not)."""
-    if device.type != "cuda":
-        return
-    torch.set_float32_matmul_precision("high" if enabled else "highest")
-    torch.backends.cudnn.allow_tf32 = enabled
-    log.info("fp32 matmuls on CUDA: %s", "TF32 tensor cores (--parallel.tf32=false for full fp32)" if enabled
-             else "full fp32 (TF32 off)")  # fmt: skip
-
-
-class BackendError(ValueError):
-    """A parallel/precision setting that cannot work here: the message says what to change."""
-
-
-def is_write_failure(e: BaseException) -> bool:
-    """Whether `e` is a failed file write: an OSError (ENOSPC, EIO...), DCP's CheckpointException,
-    or the RuntimeError torch.save's zip writer raises when the disk is full."""
-    if isinstance(e, OSError) or type(e).__name__ == "CheckpointException":
-        return True
-    text = str(e)
-    return isinstance(e, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> bf16 on CUDA GPUs that support it, else fp32 (on every CPU: see
-    `scale.parallel.precision`). fp16 needs CUDA."""
-    if precision not in PRECISIONS:
-        raise BackendError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise BackendError(
-            "fp16 needs a CUDA GPU (loss scaling and fp16 kernels); on CPU use --parallel.precision=bf16 or fp32"
-        )
-    return precision
-
-
 class Backend:
     """One process's model, optimizer, precision and communication."""
 
@@ -162,7 +84,7 @@ class Backend:
         self.precision = resolve_precision(precision, device)
         if self.precision == "bf16" and device.type == "cpu" and self.rank == 0:
             check_cpu_bf16()  # bf16 emulated on CPUs without AVX-512 BF16: hundreds of times slower
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        self.autocast_dtype = autocast_dtype(self.precision)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.has_loss_scaling = self.scaler is not None
         self.model: nn.Module | None = None  # the (possibly wrapped) module that runs the forward
@@ -172,6 +94,10 @@ class Backend:
         """Parameter groups (e.g. one per layer) whose gradient norms `step(measure_groups=True)`
         returns; set by the trainer after `setup` (parameters of `self.module`)."""
         self._group_index: tuple[tuple[int, ...], torch.Tensor] | None = None
+        self.settings, self.plan = BackendSettings(), ShardingPlan()
+        self._momentum_masters: list[torch.Tensor] | None = None
+        """fp32 masters of this rank's momentum-encoder tensors where those are held in 16 bits
+        (DeepSpeed's bf16/fp16 modes), made at the first update (`momentum_update`)."""
 
     # ------------------------------------------------------------------ set-up
 
@@ -192,17 +118,15 @@ class Backend:
         self,
         model: nn.Module,
         optimizer_factory: OptimizerFactory,
-        cfg: Any = None,
-        derived: Any = None,
+        settings: BackendSettings | None = None,
         plan: ShardingPlan | None = None,
     ) -> None:
         """Move `model` to the device, wrap it (hook), build the optimizer over its parameters.
 
-        `cfg` (the run's `scale.config.Config`) and `derived` (`scale.config.Derived`) are kept for
-        backends that need them (micro-batch, accumulation, clipping, stages); `plan` says how to
-        shard the model (replicated backends ignore it).
+        `settings`: the run's values a backend needs (batch split, clipping, the optimizer's name,
+        FSDP2 resharding); `plan`: how to shard the model (replicated backends ignore it).
         """
-        self.cfg, self.derived, self.plan = cfg, derived, plan or ShardingPlan()
+        self.settings, self.plan = settings or BackendSettings(), plan or ShardingPlan()
         self.module = model.to(self.device)
         self.model = self._wrap(self.module)
         self.optimizer = optimizer_factory(self.module)
@@ -335,13 +259,34 @@ class Backend:
         """Hook: the L2 norm of all gradients of this step, equal on every rank."""
         return torch.nn.utils.get_total_norm(grads, foreach=True)
 
+    @torch.no_grad()
     def momentum_update(self, momentum: float, applied: torch.Tensor | bool = True) -> None:
         """Move the momentum encoder (EMA towards the base encoder) if the step was `applied`: a
-        device tensor keeps the decision on the device (a skipped step leaves it bitwise equal)."""
+        device tensor keeps the decision on the device (a skipped step leaves it bitwise equal).
+
+        Runs on this rank's tensors (`_momentum_pairs`: whole parameters, shards or partitions) in
+        fp32: where they are held in 16 bits, on fp32 masters of them, copied back after the update
+        (in bf16, (1 - m) * (q - k) falls below the resolution of k late in training)."""
         if applied is False:
             return
-        ks, qs = self.module.momentum_pairs()
-        ema_(ks, qs, momentum, None if applied is True else applied)
+        mask = None if applied is True else applied
+        ks, qs = self._momentum_pairs()
+        if self._momentum_masters is None and ks and ks[0].dtype == torch.float32:
+            ema_(ks, qs, momentum, mask)
+        elif ks:
+            if self._momentum_masters is None:
+                self._momentum_masters = [k.detach().float().clone() for k in ks]
+            ema_(self._momentum_masters, [q.float() for q in qs], momentum, mask)
+            torch._foreach_copy_(ks, self._momentum_masters)
+        self._after_momentum_update()
+
+    def _momentum_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Hook: this rank's momentum-encoder tensors and the base encoder's matching ones (the
+        model's `momentum_pairs`, as local tensors: sharded backends give their shards)."""
+        return self.module.momentum_pairs()  # the parameters themselves (updated under no_grad)
+
+    def _after_momentum_update(self) -> None:
+        """Hook: order the update before the next forward's reads where a backend needs it."""
 
     def _buffer_groups(self) -> list[list[torch.Tensor]]:
         """The model's buffers (BatchNorm statistics and counters) grouped by dtype, in order."""
@@ -381,13 +326,6 @@ class Backend:
         return explained
 
     # ------------------------------------------------------------------ communication
-
-    def all_reduce_mean(self, value: float | torch.Tensor) -> float:
-        t = torch.as_tensor(value, dtype=torch.float64, device=self.comm_device())
-        if self.world_size > 1:
-            dist.all_reduce(t)
-            t /= self.world_size
-        return float(t)
 
     def all_true(self, flag: torch.Tensor) -> torch.Tensor:
         """`flag` (a 0-dim bool tensor) holds on every rank: a bool tensor on `flag`'s device. On
@@ -483,26 +421,10 @@ class Backend:
         """Parameter count of `module` (sharded backends count the full tensors)."""
         return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
-    @classmethod
-    def theory_bytes(
-        cls, trainable: int, momentum: int, world_size: int, precision: str, accum_steps: int = 1, **_: Any
-    ) -> dict[str, float]:
-        """Theoretical bytes per rank of the model state, by component (docs/scaling.md), for
-        `trainable` parameters and a momentum encoder of `momentum` parameters.
-
-        Replicated: fp32 parameters (autocast casts per op, the masters stay fp32), fp32 gradients,
-        AdamW's two moments, the fp32 momentum encoder; the same on every rank.
-        """
-        P, M = trainable, momentum
-        return {"params": 4 * P, "grads": 4 * P, "optimizer": 8 * P, "momentum": 4 * M}
-
     def state_bytes(self, trainable: int, momentum: int, accum_steps: int = 1) -> dict[str, float]:
-        """`theory_bytes` for this backend's world size, precision and settings."""
-        return self.theory_bytes(trainable, momentum, self.world_size, self.precision, accum_steps)
-
-    def model_state_bytes(self, trainable: int, momentum: int, accum_steps: int = 1) -> float:
-        """Total of `state_bytes`, for the memory check before training."""
-        return sum(self.state_bytes(trainable, momentum, accum_steps).values())
+        """Theoretical bytes per rank of the model state (`scale.parallel.memory`), by component, for
+        this backend's world size, precision and settings."""
+        return state_bytes(self.name, trainable, momentum, self.world_size, self.precision, accum_steps)
 
     def describe(self) -> str:
         return f"{self.name} on {self.device}, {self.world_size} rank(s), {self.precision}"

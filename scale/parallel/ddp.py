@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any
 
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -15,18 +14,6 @@ from scale.parallel.base import Backend
 
 class DDPBackend(Backend):
     name = "ddp"
-
-    @classmethod
-    def theory_bytes(
-        cls, trainable: int, momentum: int, world_size: int, precision: str, accum_steps: int = 1, **_: Any
-    ) -> dict[str, float]:
-        """As one process; the gradients are views into DDP's buckets (`gradient_as_bucket_view`),
-        except while accumulating: the accumulated gradients and the bucket are both alive in the
-        last micro-batch."""
-        out = super().theory_bytes(trainable, momentum, world_size, precision, accum_steps)
-        if accum_steps > 1:
-            out["grads"] = 8 * trainable
-        return out
 
     def _wrap(self, module: nn.Module) -> nn.Module:
         device_ids = [self.device.index] if self.device.type == "cuda" else None

@@ -29,111 +29,24 @@ they are refused here (use DDP or FSDP2 for them).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
+import os
 from pathlib import Path
-from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from scale.parallel.base import Backend, BackendError, StepResult, ema_, is_write_failure
+from scale.errors import BackendError, is_write_failure
+from scale.optim import set_lr_wd
+from scale.parallel import ds_internals as internals
+from scale.parallel.base import Backend, StepResult
+from scale.parallel.ds_config import load_ds_json, resolve_ds_config, zero_stage
+from scale.parallel.memory import zero_bytes, zero_persistent_buffer_bytes
+from scale.parallel.placement import detect_launch
 from scale.views import views_to
 
 log = logging.getLogger(__name__)
-
-# Fields scale sets from its own config (a JSON value that disagrees is an error).
-OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
-
-
-def read_ds_config(path: str | Path) -> dict[str, Any]:
-    """The JSON of a DeepSpeed config, or {} when it cannot be read (reported properly, with what to
-    change, by resolve_ds_config when training starts)."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def zero_section(path: str | Path) -> dict[str, Any]:
-    return read_ds_config(path).get("zero_optimization", {})
-
-
-def zero_stage(path: str | Path) -> int:
-    """The ZeRO stage of the DeepSpeed config at `path` (0 when it cannot be read)."""
-    return int(zero_section(path).get("stage", 0))
-
-
-def persistent_buffer_bytes(path: str | Path, precision: str, accum_steps: int = 1) -> float:
-    """Bytes of the gradient buckets DeepSpeed holds beside the model state (contiguous_gradients):
-    ZeRO-3 allocates one `reduce_bucket_size` bucket in the communication dtype once and keeps it;
-    ZeRO-1 allocates its (fp32, two with overlap_comm) on the first micro-batch of an accumulated
-    step and keeps them until the boundary. ZeRO-2's live only within a backward (transient)."""
-    ds = read_ds_config(path)
-    zero = ds.get("zero_optimization", {})
-    stage, bucket = int(zero.get("stage", 0)), float(zero.get("reduce_bucket_size", 500_000_000))
-    if not zero.get("contiguous_gradients", True):
-        return 0.0
-    if stage >= 3:
-        comm = ds.get("communication_data_type")
-        return bucket * (4 if comm in ("fp32", "float32") or precision not in ("bf16", "fp16") else 2)
-    if stage == 1 and accum_steps > 1:
-        return bucket * 4 * (2 if zero.get("overlap_comm", False) else 1)
-    return 0.0
-
-
-def require_deepspeed():
-    try:
-        import deepspeed
-    except ImportError as e:
-        raise BackendError("DeepSpeed is not installed: pip install deepspeed (or use --parallel.backend=fsdp)") from e
-    return deepspeed
-
-
-def resolve_ds_config(path: str | Path, cfg: Any, derived: Any, precision: str) -> dict[str, Any]:
-    """The DeepSpeed JSON with scale's batch, precision and clipping fields filled in or checked."""
-    path = Path(path)
-    if not path.is_file():
-        raise BackendError(f"DeepSpeed config {str(path)!r} does not exist; see ds_configs/")
-    try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise BackendError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
-    ds.pop("//", None)
-    wanted = {
-        "train_batch_size": derived.global_batch_size,
-        "train_micro_batch_size_per_gpu": derived.batch_size_per_device,
-        "gradient_accumulation_steps": derived.grad_accum_steps,
-        "gradient_clipping": float(cfg.optim.clip_grad),
-    }
-    for key, value in wanted.items():
-        if key in ds and ds[key] != "auto" and ds[key] != value:
-            raise BackendError(
-                f'{path}: {key}={ds[key]} contradicts the scale config ({value}); set it to "auto" or change '
-                "the matching --batch.* / --optim.clip_grad"
-            )
-        ds[key] = value
-    for key in ("bf16", "fp16"):
-        section = ds.get(key, {})
-        enabled = section.get("enabled", "auto")
-        if enabled not in ("auto", precision == key):
-            raise BackendError(
-                f'{path}: {key}.enabled={enabled} contradicts --parallel.precision={precision}; set it to "auto"'
-            )
-        ds[key] = {**section, "enabled": precision == key}
-    for key in ("optimizer", "scheduler"):
-        if key in ds:
-            raise BackendError(
-                f"{path}: remove the {key!r} section: scale builds the optimizer (--optim.*) and sets the lr every step"
-            )
-    if "zero_optimization" not in ds:
-        raise BackendError(f"{path}: no zero_optimization section (stage 1, 2 or 3)")
-    if int(ds["zero_optimization"].get("zero_hpz_partition_size", 1)) > 1:
-        raise BackendError(
-            f"{path}: zero_hpz_partition_size > 1 (hpZ) gathers frozen parameters from a secondary copy that "
-            "DeepSpeed refreshes only for trained ones, so the momentum encoder's EMA would be ignored; remove it"
-        )
-    return ds
 
 
 class DeepSpeedBackend(Backend):
@@ -148,19 +61,13 @@ class DeepSpeedBackend(Backend):
         self.has_loss_scaling = self.precision == "fp16"
         self.scaler = None  # DeepSpeed scales fp16 losses itself
         self.autocast_dtype = None  # the engine casts the module to bf16/fp16
-        self._masters: list[torch.Tensor] | None = None
 
-    def setup(self, model, optimizer_factory, cfg=None, derived=None, plan=None) -> None:
-        deepspeed = require_deepspeed()
+    def setup(self, model, optimizer_factory, settings=None, plan=None) -> None:
+        deepspeed = internals.require_deepspeed()
         self._ensure_process_group()
-        self.cfg, self.derived = cfg, derived
-        ds_config = resolve_ds_config(self.config_path, cfg, derived, self.precision)
-        if cfg is not None and cfg.optim.name != "adamw":
-            raise BackendError(
-                f"--optim.name={cfg.optim.name} under DeepSpeed ZeRO: its per-tensor trust ratios would be computed "
-                "on ZeRO's flattened partitions; use --parallel.backend=fsdp (or ddp) for LAMB and LARS"
-            )
-        self.stage = int(ds_config["zero_optimization"].get("stage", 0))
+        self.settings, self.plan = settings or self.settings, plan or self.plan
+        ds_config = resolve_ds_config(self.config_path, self.settings, self.precision)
+        self.stage = int(ds_config["zero_optimization"]["stage"])
         model = model.to(self.device)
         optimizer = optimizer_factory(model)
         self.model, self.optimizer, _, _ = deepspeed.initialize(
@@ -174,12 +81,6 @@ class DeepSpeedBackend(Backend):
         """DeepSpeed needs a process group even for one rank (`deepspeed --num_gpus 1`, or a plain
         `python -m scale.pretrain --deepspeed ...`), which `init_distributed` does not create for a
         world of one: create a one-rank group in memory (no rendezvous, nothing to wait for)."""
-        import os
-
-        import torch.distributed as dist
-
-        from scale.parallel.placement import detect_launch
-
         if dist.is_initialized():
             return
         for key, value in detect_launch().env_for_torch().items():  # DeepSpeed asserts LOCAL_RANK is set
@@ -204,9 +105,7 @@ class DeepSpeedBackend(Backend):
         partitioned gradient state. Those checks read device values on the host inside
         `engine.step()` (DeepSpeed's own syncs, not avoidable from here); `was_step_applied()` is then
         a host bool and this backend adds no sync of its own."""
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-            g["weight_decay"] = weight_decay * g.get("wd_scale", 1.0)
+        set_lr_wd(self.optimizer, lr, weight_decay)
         groups = self.group_grad_norms() if measure_groups else None  # before step() clears the gradients
         self.model.step()
         self.model.set_gradient_accumulation_boundary(None)
@@ -223,43 +122,28 @@ class DeepSpeedBackend(Backend):
         scale (a host float: no sync)."""
         opt = self.model.optimizer
         if self.device.type == "cuda":  # the reduced gradients are written on ZeRO's own streams
-            for name in ("reduction_stream", "reduce_and_partition_stream"):
-                stream = getattr(opt, name, None)
-                if isinstance(stream, torch.cuda.Stream):
-                    torch.cuda.current_stream(self.device).wait_stream(stream)
+            for stream in internals.reduction_streams(opt):
+                torch.cuda.current_stream(self.device).wait_stream(stream)
         norms = super().group_grad_norms()
-        scale = float(getattr(opt, "loss_scale", 1.0) or 1.0) if self.precision == "fp16" else 1.0
+        scale = internals.loss_scale(opt) if self.precision == "fp16" else 1.0
         return norms / scale if scale != 1.0 else norms
 
     def _local_grad(self, p: torch.nn.Parameter) -> torch.Tensor | None:
-        """This rank's part of `p`'s reduced gradient. ZeRO-3: its fp32 gradient partition (read from
-        the optimizer's map, as `deepspeed.utils.safe_get_local_grad` does, but without the stream
-        synchronize that function makes per parameter: `group_grad_norms` orders the streams).
-        ZeRO-1/2: the fragment of the partition this rank owns (`_hp_mapping`, as DeepSpeed's
-        `get_full_hp_grad` reads it before its all-reduce); None where this rank owns no part."""
+        """This rank's part of `p`'s reduced gradient: its fp32 partition (ZeRO-3), or the fragment of
+        the partition this rank owns (ZeRO-1/2; None where it owns none). `group_grad_norms` orders
+        the streams first."""
         if self.stage == 3:
-            parts = getattr(self.model.optimizer, "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition", None)
-            if parts is not None and not getattr(self.model.optimizer, "offload_optimizer", False):
-                return parts.get(p.ds_id)
-            from deepspeed.utils import safe_get_local_grad
-
-            return safe_get_local_grad(p)
-        mapping = getattr(p, "_hp_mapping", None)
-        if mapping is None:
-            return None
-        fragment = mapping.get_lp_grad_fragment(p._index_in_param_group).flatten()
-        address = mapping.lp_fragment_address
-        if fragment.numel() == p.numel() and address.numel != p.numel():  # a full buffer kept on every rank
-            fragment = fragment.narrow(0, address.start, address.numel)
-        return fragment
+            return internals.zero3_local_grad(self.model.optimizer, p)
+        return internals.zero12_local_grad(p)
 
     def _reduce_group_squares(self, squares: torch.Tensor) -> torch.Tensor:
         return self._sum_over_ranks(squares)
 
     # ------------------------------------------------------------------ momentum encoder
 
-    def _local_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The momentum encoder's local tensors, paired with the base encoder's.
+    def _momentum_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The momentum encoder's local tensors, paired with the base encoder's (in the module's
+        dtype: bf16/fp16 ones are updated through fp32 masters by `Backend.momentum_update`).
 
         ZeRO-3 partitions each parameter: this rank's part is `ds_tensor`, which the forward gathers
         from. A parameter under `stage3_param_persistence_threshold` is in addition kept whole in
@@ -272,29 +156,15 @@ class DeepSpeedBackend(Backend):
             return [k.data for k in ks], [q.data for q in qs]
         local_k, local_q = [], []
         for k, q in zip(ks, qs, strict=True):
-            assert getattr(k, "ds_persist", False) == getattr(q, "ds_persist", False), (
-                "encoders partitioned differently"
-            )
-            local_k.append(k.ds_tensor)
-            local_q.append(q.ds_tensor)
-            if getattr(k, "ds_persist", False):
+            assert internals.is_persistent(k) == internals.is_persistent(q), "encoders partitioned differently"
+            local_k.append(internals.partition(k))
+            local_q.append(internals.partition(q))
+            if internals.is_persistent(k):
                 local_k.append(k.data)
                 local_q.append(q.data)
         return local_k, local_q
 
-    @torch.no_grad()
-    def momentum_update(self, momentum: float, applied: torch.Tensor | bool = True) -> None:
-        if applied is False:
-            return
-        mask = None if applied is True else applied
-        ks, qs = self._local_pairs()
-        if self.dtype == torch.float32:
-            ema_(ks, qs, momentum, mask)
-        else:
-            if self._masters is None:  # fp32 master of this rank's part of the momentum encoder
-                self._masters = [k.detach().float().clone() for k in ks]
-            ema_(self._masters, [q.float() for q in qs], momentum, mask)
-            torch._foreach_copy_(ks, self._masters)
+    def _after_momentum_update(self) -> None:
         if self.stage == 3 and self.device.type == "cuda":
             self._order_before_next_gather()
 
@@ -305,7 +175,7 @@ class DeepSpeedBackend(Backend):
         for its gathers). Without this, the first gathers of the next forward (prefetches included)
         can read partitions the EMA is still writing. `wait_stream` orders the two on the device:
         no host sync. With overlap_comm off the gather stream is the default stream: a no-op."""
-        stream = self._gather_stream()
+        stream = internals.zero3_gather_stream(self.model.optimizer)
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(self.device))
         else:  # not found (another DeepSpeed version): order by waiting for the device, logged once
@@ -314,25 +184,11 @@ class DeepSpeedBackend(Backend):
                 self._warned_gather_stream = True
             torch.cuda.current_stream(self.device).synchronize()
 
-    def _gather_stream(self):
-        """The stream ZeRO-3's PartitionedParameterCoordinator gathers on (DeepSpeed 0.14-0.19:
-        `optimizer.parameter_offload.get_param_coordinator()`, private `__allgather_stream`)."""
-        opt = self.model.optimizer
-        offload = getattr(opt, "parameter_offload", None) or opt
-        get = getattr(offload, "get_param_coordinator", None)
-        if get is None:
-            return None
-        try:
-            coordinator = get()
-        except TypeError:  # older releases take `training`
-            coordinator = get(True)
-        return getattr(coordinator, "_PartitionedParameterCoordinator__allgather_stream", None)
-
     @contextlib.contextmanager
     def evaluation(self, module: nn.Module):
         """Evaluation forwards outside the engine: inputs in the module's dtype, and under ZeRO-3
         the module's parameters gathered for the duration (one encoder at a time)."""
-        import deepspeed
+        deepspeed = internals.require_deepspeed()
 
         def features(x: torch.Tensor) -> torch.Tensor:
             return module.pooled_features(x.to(self.dtype))
@@ -354,13 +210,11 @@ class DeepSpeedBackend(Backend):
             # A file write failed here (ENOSPC...), after DeepSpeed's last collective but before its
             # closing barrier, which the ranks whose writes succeeded are waiting in: join it, so
             # that every rank then agrees on the failure (scale.train.checkpoint).
-            import torch.distributed as dist
-
             if dist.is_initialized():
                 dist.barrier()
             raise
-        if self._masters is not None:
-            torch.save(self._masters, directory / f"momentum-master-rank{self.rank}.pt")
+        if self._momentum_masters is not None:
+            torch.save(self._momentum_masters, directory / f"momentum-master-rank{self.rank}.pt")
 
     def load(self, directory: Path) -> None:
         """Restore from `directory`. A checkpoint written by another number of ranks loads only in
@@ -373,7 +227,7 @@ class DeepSpeedBackend(Backend):
         path, _ = self.model.load_checkpoint(str(directory), tag="engine", load_lr_scheduler_states=False)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed engine checkpoint in {directory}")
-        self._masters = self._load_masters(directory / f"momentum-master-rank{self.rank}.pt")
+        self._momentum_masters = self._load_masters(directory / f"momentum-master-rank{self.rank}.pt")
 
     def _load_universal(self, directory: Path, saved: int) -> None:
         universal = directory / "engine_universal"
@@ -391,12 +245,11 @@ class DeepSpeedBackend(Backend):
                 f"`python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state --input_folder "
                 f"{directory / 'engine'} --output_folder {universal}` and run the same command again"
             )
-        config = self.model._config  # DeepSpeed reads this flag when it loads
-        config.load_universal_checkpoint = True
+        internals.set_universal_load(self.model, True)
         try:
             path, _ = self.model.load_checkpoint(str(directory), tag=universal.name, load_lr_scheduler_states=False)
         finally:
-            config.load_universal_checkpoint = False
+            internals.set_universal_load(self.model, False)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed universal checkpoint in {universal}")
         self._restore_untrained(directory)
@@ -413,8 +266,8 @@ class DeepSpeedBackend(Backend):
         _, unexpected = self.module.load_state_dict(untrained, strict=False)
         if unexpected:
             raise BackendError(f"{directory}: the checkpoint holds entries this model lacks: {unexpected[:5]}")
-        if self._masters is not None:  # bf16/fp16: below ZeRO-3 every rank holds the whole momentum master
-            self._masters = self._load_masters(directory / "momentum-master-rank0.pt")
+        if self._momentum_masters is not None:  # bf16/fp16: below ZeRO-3 every rank holds the whole momentum master
+            self._momentum_masters = self._load_masters(directory / "momentum-master-rank0.pt")
 
     def _load_masters(self, path: Path) -> list[torch.Tensor] | None:
         """This rank's fp32 momentum masters, onto this process's device (the checkpoint may come
@@ -422,7 +275,7 @@ class DeepSpeedBackend(Backend):
         if not path.is_file():
             return None
         masters = torch.load(path, map_location=self.device, weights_only=True)
-        ks, _ = self._local_pairs()
+        ks, _ = self._momentum_pairs()
         if [tuple(m.shape) for m in masters] != [tuple(k.shape) for k in ks]:
             raise BackendError(
                 f"{path} holds momentum-encoder partitions of another layout (world size or ZeRO stage changed); "
@@ -439,62 +292,20 @@ class DeepSpeedBackend(Backend):
 
         if self.stage != 3:
             return export()
-        import deepspeed
-
+        deepspeed = internals.require_deepspeed()
         with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
             return export()
 
     def num_params(self, module: nn.Module, trainable_only: bool = False) -> int:
-        return sum(
-            getattr(p, "ds_numel", p.numel()) for p in module.parameters() if p.requires_grad or not trainable_only
-        )
+        return sum(internals.full_numel(p) for p in module.parameters() if p.requires_grad or not trainable_only)
 
     def local_numel(self, module: nn.Module) -> int:
         """Elements of `module`'s parameters held by this rank (persistent ZeRO-3 ones in full)."""
-        held = 0
-        for p in module.parameters():
-            partitioned = hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False)
-            held += p.ds_tensor.numel() if partitioned else p.numel()
-        return held
-
-    @classmethod
-    def theory_bytes(
-        cls,
-        trainable: int,
-        momentum: int,
-        world_size: int,
-        precision: str,
-        accum_steps: int = 1,
-        stage: int = 0,
-        buffers: float = 0.0,
-        **_: Any,
-    ) -> dict[str, float]:
-        """ZeRO `stage`: module parameters and gradients in the training precision, an fp32 master
-        partition that DeepSpeed keeps even in fp32, AdamW moments; the momentum encoder in the
-        training precision plus scale's fp32 master of it under bf16/fp16. ZeRO-1 keeps whole
-        gradients only while it accumulates micro-batches: DeepSpeed reduces them in buckets at the
-        accumulation boundary and keeps this rank's partition, as ZeRO-2 does always (measured,
-        DeepSpeed 0.19 with overlap_comm and contiguous_gradients). Transient buffers (gathers,
-        per-backward buckets) are not counted; `buffers` are persistent ones
-        (`persistent_buffer_bytes`), reported apart."""
-        P, M, N = trainable, momentum, world_size
-        h = 2 if precision in ("bf16", "fp16") else 4
-        mom = (h + (4 if h == 2 else 0)) * M
-        out = {
-            "params": h * P / (N if stage >= 3 else 1),
-            "grads": h * P / (N if stage >= 2 or accum_steps == 1 else 1),
-            "optimizer": 12 * P / N,  # fp32 master partition + AdamW moments
-            "momentum": mom / (N if stage >= 3 else 1),
-        }
-        if buffers:
-            out["buffers"] = buffers
-        return out
+        return sum(internals.held_numel(p) for p in module.parameters())
 
     def state_bytes(self, trainable: int, momentum: int, accum_steps: int = 1) -> dict[str, float]:
-        buffers = persistent_buffer_bytes(self.config_path, self.precision, accum_steps)
-        return self.theory_bytes(
-            trainable, momentum, self.world_size, self.precision, accum_steps, stage=self.stage, buffers=buffers
-        )
+        buffers = zero_persistent_buffer_bytes(load_ds_json(self.config_path), self.precision, accum_steps)
+        return zero_bytes(trainable, momentum, self.world_size, self.precision, accum_steps, self.stage, buffers)
 
     def describe(self) -> str:
         return f"deepspeed ZeRO-{self.stage} on {self.device}, {self.world_size} rank(s), {self.precision}"

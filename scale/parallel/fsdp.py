@@ -23,9 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-from scale.parallel.base import Backend, ema_
+from scale.parallel.base import Backend
 
 log = logging.getLogger(__name__)
 
@@ -39,19 +48,12 @@ class FSDPBackend(Backend):
 
     def __init__(self, precision: str = "auto", device: torch.device | None = None):
         super().__init__(precision, device)
-        if self.precision == "fp16":
-            from torch.amp import GradScaler
-
-            self.scaler = GradScaler("cuda")
-            self.has_loss_scaling = True
         # Parameters are cast by the mixed-precision policy, not by autocast.
         self.mp_dtype, self.autocast_dtype = self.autocast_dtype, None
 
     def _wrap(self, module: nn.Module) -> nn.Module:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-
         mp = MixedPrecisionPolicy(param_dtype=self.mp_dtype, reduce_dtype=torch.float32 if self.mp_dtype else None)
-        reshard = bool(getattr(getattr(self.cfg, "parallel", None), "reshard_after_forward", True))
+        reshard = self.settings.reshard_after_forward
         for unit in self.plan.units:
             fully_shard(unit, reshard_after_forward=reshard, mp_policy=mp)
         fully_shard(module, reshard_after_forward=reshard, mp_policy=mp)
@@ -70,24 +72,10 @@ class FSDPBackend(Backend):
         finally:
             self.model.set_requires_gradient_sync(True)
 
-    @classmethod
-    def theory_bytes(
-        cls, trainable: int, momentum: int, world_size: int, precision: str, accum_steps: int = 1, **_: Any
-    ) -> dict[str, float]:
-        """fp32 parameters, gradients and AdamW moments sharded over the ranks, the momentum encoder
-        too (under bf16 the unsharded 16-bit copies exist one unit at a time: transient). Without
-        gradient sync on the first micro-batches of an accumulated step, FSDP2 keeps unsharded
-        gradients."""
-        P, M, N = trainable, momentum, world_size
-        grads = 4 * P if accum_steps > 1 else 4 * P / N
-        return {"params": 4 * P / N, "grads": grads, "optimizer": 8 * P / N, "momentum": 4 * M / N}
-
-    def momentum_update(self, momentum: float, applied: torch.Tensor | bool = True) -> None:
-        """The EMA on this rank's shards (both encoders share one layout): no communication."""
-        if applied is False:
-            return
+    def _momentum_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """This rank's shards: both encoders share one layout, so the EMA needs no communication."""
         ks, qs = self.module.momentum_pairs()
-        ema_([_local(k) for k in ks], [_local(q) for q in qs], momentum, None if applied is True else applied)
+        return [_local(k) for k in ks], [_local(q) for q in qs]
 
     def _reduce_group_squares(self, squares: torch.Tensor) -> torch.Tensor:
         """Every gradient is sharded over all ranks (Shard(0)): the squares of the shards add up."""
@@ -102,24 +90,17 @@ class FSDPBackend(Backend):
     # ------------------------------------------------------------------ state
 
     def _state(self) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
         return {
             "model": get_model_state_dict(self.module),
             "optimizer": get_optimizer_state_dict(self.module, self.optimizer),
         }
 
     def save(self, directory: Path) -> None:
-        import torch.distributed.checkpoint as dcp
-
         dcp.save(self._state(), checkpoint_id=str(directory / "dcp"))
         if self.is_main and self.scaler:
             torch.save(self.scaler.state_dict(), directory / "scaler.pt")
 
     def load(self, directory: Path) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
         state = self._state()
         dcp.load(state, checkpoint_id=str(directory / "dcp"))
         set_model_state_dict(self.module, state["model"])
@@ -128,8 +109,6 @@ class FSDPBackend(Backend):
             self.scaler.load_state_dict(torch.load(directory / "scaler.pt", weights_only=False))
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         full = get_model_state_dict(self.module, options=options)  # complete on rank 0 only
         return self.broadcast_object(full)

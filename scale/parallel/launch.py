@@ -1,5 +1,6 @@
 """Process-group start-up from the launcher's environment (torchrun, the DeepSpeed launcher,
-SLURM's srun; `scale.parallel.placement` reads it), and the backend factory."""
+SLURM's srun; `scale.parallel.placement` reads it), and the backend factory (`build_backend`, from
+the table of `scale.parallel.registry`)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from scale.parallel.base import Backend, BackendError, SingleProcess, resolve_precision
+from scale.errors import BackendError
+from scale.hardware.precision import resolve_precision
+from scale.parallel.base import Backend
 from scale.parallel.placement import detect_launch, plan_placement
+from scale.parallel.registry import backend_class, launch_problem, resolve_backend_name
 
 log = logging.getLogger(__name__)
-
-BACKENDS = ("auto", "single", "ddp", "fsdp", "deepspeed")
 
 
 def launched_world_size() -> int:
@@ -80,50 +82,13 @@ def restart_store(timeout: timedelta) -> dist.Store | None:
     return dist.PrefixStore(f"scale/attempt-{os.environ['TORCHELASTIC_RESTART_COUNT']}", agent)
 
 
-def backend_class(kind: str) -> type[Backend]:
-    """The class of backend `kind` ('single', 'ddp', 'fsdp', 'deepspeed'), without building one."""
-    if kind == "single":
-        return SingleProcess
-    if kind == "ddp":
-        from scale.parallel.ddp import DDPBackend
-
-        return DDPBackend
-    if kind == "fsdp":
-        from scale.parallel.fsdp import FSDPBackend
-
-        return FSDPBackend
-    if kind == "deepspeed":
-        from scale.parallel.deepspeed import DeepSpeedBackend
-
-        return DeepSpeedBackend
-    raise BackendError(f"unknown backend kind {kind!r}; one of: single, ddp, fsdp, deepspeed")
-
-
 def build_backend(name: str, precision: str = "auto", deepspeed_config: str = "") -> Backend:
-    """The backend for this process (call `init_distributed` first). The backend receives the run's
-    full `Config` and derived values in `setup` (sharded backends need stages, micro-batches...)."""
-    if name not in BACKENDS:
-        raise BackendError(f"parallel backend {name!r} is not one of: {', '.join(BACKENDS)}")
-    resolve_precision(precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))  # fail early
+    """The backend for this process (call `init_distributed` first); `name` is a
+    `parallel.backend` value ('auto': ddp with several ranks, else single)."""
+    resolve_precision(precision)  # fail early
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if name == "auto":
-        name = "ddp" if world > 1 else "single"
-    if name == "deepspeed":
-        if not deepspeed_config:
-            raise BackendError("backend 'deepspeed' needs a config: --deepspeed ds_configs/zero2.json")
-        from scale.parallel.deepspeed import DeepSpeedBackend
-
-        return DeepSpeedBackend(deepspeed_config, precision)
-    if name == "single":
-        if world > 1:
-            raise BackendError(f"backend 'single' cannot run on {world} ranks; use --parallel.backend=ddp")
-        return SingleProcess(precision)
-    if not dist.is_initialized():
-        raise BackendError(f"backend {name!r} needs several ranks: launch with torchrun --nproc_per_node N")
-    if name == "fsdp":
-        from scale.parallel.fsdp import FSDPBackend
-
-        return FSDPBackend(precision)
-    from scale.parallel.ddp import DDPBackend
-
-    return DDPBackend(precision)
+    problem = launch_problem(name, world, deepspeed_config)
+    if problem:
+        raise BackendError(problem)
+    cls = backend_class(resolve_backend_name(name, world))
+    return cls(deepspeed_config, precision) if deepspeed_config else cls(precision)

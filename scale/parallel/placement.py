@@ -28,9 +28,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-
-class LaunchError(ValueError):
-    """The launch environment is contradictory or ambiguous: the message says what to change."""
+from scale.errors import LaunchError
 
 
 @dataclass(frozen=True)
@@ -193,7 +191,7 @@ def plan_placement(env: Mapping[str, str] | None = None, device_count: int | Non
     env = os.environ if env is None else env
     launch = detect_launch(env)
     if device_count is None:
-        import torch
+        import torch  # here: the rest of this module is read before torch is imported (the entry points)
 
         device_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return launch, choose_device(launch, device_count, env.get("CUDA_VISIBLE_DEVICES"))

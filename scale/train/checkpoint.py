@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
-from scale.parallel.base import is_write_failure
-from scale.train.faults import CheckpointWriteError, fault_point
+from scale.errors import CheckpointWriteError, is_write_failure
+from scale.train.faults import fault_point
 
 MANIFEST = "manifest.json"
 
@@ -157,8 +158,6 @@ def save_checkpoint(backend, run_dir: Path, step: int, client: dict[str, Any], k
     picks and the next start removes. A write that fails on any rank (ENOSPC, an I/O error) raises
     CheckpointWriteError on every rank, after the partial write is removed.
     """
-    from torch.distributed.checkpoint.api import CheckpointException
-
     root = checkpoint_root(run_dir)
     final = root / f"step-{step:08d}"
     tmp = root / f".step-{step:08d}.tmp"
@@ -205,6 +204,32 @@ def save_checkpoint(backend, run_dir: Path, step: int, client: dict[str, Any], k
         log.info("checkpoint written: %s", final)
     backend.barrier()
     return final
+
+
+class FailurePolicy:
+    """What a checkpoint write that fails does (`run.ckpt_failure`): 'retry' logs it and training goes
+    on (the next interval writes again) unless this was the final or preemption checkpoint or
+    `max_failures` failed in a row; 'stop' (or those cases) ends the run with what to do."""
+
+    def __init__(self, run_dir: Path, mode: str, max_failures: int):
+        self.run_dir, self.mode, self.max_failures = run_dir, mode, max_failures
+        self.in_row = 0  # checkpoint writes failed in a row
+
+    def succeeded(self) -> None:
+        self.in_row = 0
+
+    def failed(self, e: CheckpointWriteError, final: bool) -> None:
+        """Log the failure, or raise CheckpointWriteError when the run must stop."""
+        self.in_row += 1
+        ckpts = list_checkpoints(self.run_dir)
+        last = f"the last complete checkpoint is {ckpts[-1].name}" if ckpts else "no checkpoint is complete yet"
+        if self.mode == "stop" or final or self.in_row >= self.max_failures:
+            why = ("run.ckpt_failure=stop" if self.mode == "stop" else "the final checkpoint" if final
+                   else f"{self.in_row} failures in a row")  # fmt: skip
+            raise CheckpointWriteError(f"{e}; stopping ({why}); {last}. Free space or fix the disk, then "
+                                       "run the same command to resume") from None  # fmt: skip
+        log.error("%s; %s; training goes on and writes again at the next interval (failure %d of %d "
+                  "in a row allowed by run.max_ckpt_failures)", e, last, self.in_row, self.max_failures)  # fmt: skip
 
 
 def _remove(path: Path) -> None:

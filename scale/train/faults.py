@@ -1,5 +1,5 @@
-"""The errors of faults a long run meets (a checkpoint write that fails, a rank that stops
-responding), and the named points inside a checkpoint write at which tests inject faults.
+"""The named points inside a checkpoint write (and after each step) at which tests inject faults
+(the errors those faults raise are in `scale.errors`).
 
 `fault_point(name)` is a no-op unless a hook is registered (`on_fault_point`): the fault tests
 register one that kills the process or raises ENOSPC at exactly that point, in a real run
@@ -20,18 +20,6 @@ CHECKPOINT_POINTS = (
 )
 
 _hooks: list[Callable[[str, int], None]] = []
-
-
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (disk full, I/O error); the previous one is intact."""
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (too many non-finite losses in a row, too much data lost)."""
-
-
-class StalledRankError(RuntimeError):
-    """A collective timed out because another rank stopped responding; the message names it."""
 
 
 def on_fault_point(hook: Callable[[str, int], None]) -> None:

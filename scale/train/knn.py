@@ -1,13 +1,16 @@
-"""The kNN monitor (paper Sec. 4.1 and appendix; Wu et al. 2018): class-token features of labelled
-images, cosine similarity, the k nearest neighbours vote with weights exp(sim / T).
+"""Weighted kNN classification (Wu et al. 2018; the paper's kNN monitor, Sec. 4.1 and appendix): the
+k nearest bank entries by cosine similarity vote with weights exp(sim / T). One sharded kernel
+(`knn_counts`) serves the dense monitor during training (`scale.train.monitors`), the held-out
+monitor (`heldout_knn`) and the offline evaluation (`scale.knn_eval`).
 
-`knn_classify` is sharded: every rank keeps the features of its share of the training set (its
-part of the bank) and of its share of the queries. Queries travel, the bank never does: in rounds,
-every rank's next chunk of queries is all-gathered, each rank finds their top-k in its own part of
-the bank, and the candidates (similarities and labels, k per rank and query) are all-gathered and
-merged into the global top-k. No rank ever holds the whole bank; the result equals a brute-force
-kNN over the whole bank (`knn_accuracy`; tested, 1 and 2 ranks). The monitor and the offline
-evaluation (`scale.knn_eval`) both use it.
+Sharded: every rank keeps its own part of the bank (the features of its images) and its own
+queries. Queries travel, the bank never does: in rounds, every rank's next queries are
+all-gathered, each rank ranks them against its part of the bank, and only the k best candidates
+(similarity and label) per query and bank rank go back to the query's rank (all-to-all), which
+merges them into the global top k. No rank ever holds the whole bank; the result equals a
+brute-force kNN over the whole bank (`knn_accuracy`; tested on 1 and 2 ranks). Everything stays on
+the device: the counts are a device tensor, read when the caller wants them (the monitor: with the
+next log row).
 """
 
 from __future__ import annotations
@@ -16,11 +19,132 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2 as T
 
 from scale.data.augment import Normalize
 from scale.data.labelled import runs_between
-from scale.data.loader import ShardSource, resolve_source
+from scale.data.sources import ShardSource, resolve_source
 from scale.parallel.dist import all_gather_single
+
+
+def _world() -> tuple[int, int, bool]:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size(), True
+    return 0, 1, False
+
+
+@torch.no_grad()
+def knn_counts(
+    queries: torch.Tensor, query_labels: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor,
+    ks: tuple[int, ...], temperature: float, rows: int = 256,
+) -> torch.Tensor:  # fmt: skip
+    """(correct for each k of `ks`..., counted) over the queries of every rank, as a float64 device
+    tensor (len(ks) + 1,), with no host read.
+
+    `queries` (n, D) and `bank` (N_local, D): L2-normalised features, on the communication device
+    (CUDA under NCCL). Every rank must pass the same number n of queries (`pad_queries`). Queries
+    with label < 0 are not counted; bank rows with label < 0 are never neighbours. Per round of
+    `rows` queries per rank: one all-gather of the queries, one all-to-all of max(ks) candidates per
+    query and bank rank; at the end one all-reduce of the counts. Memory is bounded by the round.
+    """
+    rank, world, distributed = _world()
+    n, D = queries.shape
+    device = bank.device
+    kmax = max(ks)
+    kk = min(kmax, bank.shape[0])
+    q_all = queries.float().to(device)
+    y_all = query_labels.to(device)
+    bank_labels = bank_labels.to(device)
+    counts = torch.zeros(len(ks) + 1, dtype=torch.float64, device=device)
+    for r0 in range(0, max(n, 1), rows):
+        q = q_all[r0 : r0 + rows]
+        m = q.shape[0]
+        if distributed:
+            gathered = q.new_empty(world * m, D)
+            all_gather_single(gathered, q.contiguous())  # row block r: rank r's queries
+        else:
+            gathered = q
+        sims = (gathered @ bank.T).masked_fill(bank_labels[None, :] < 0, float("-inf"))  # (world * m, N_local)
+        top_s, top_i = sims.topk(kk, dim=1)
+        top_l = torch.where(torch.isfinite(top_s), bank_labels[top_i].to(torch.float32), -1.0)  # exact below 2^24
+        cand = torch.stack([top_s, top_l], dim=-1)  # (world * m, kk, 2)
+        if kk < kmax:  # a part of the bank smaller than k: padded with non-neighbours, equal shapes everywhere
+            cand = torch.cat([cand, cand.new_tensor([float("-inf"), -1.0]).expand(cand.shape[0], kmax - kk, 2)], 1)
+        if distributed:
+            got = torch.empty_like(cand)
+            dist.all_to_all_single(got, cand.contiguous())  # block b: bank rank b's candidates for my queries
+            cand = got.view(world, m, kmax, 2).permute(1, 0, 2, 3).reshape(m, world * kmax, 2)
+        best_s, best_i = cand[:, :, 0].topk(kmax, dim=1)  # sorted: the first k are the top k
+        best_l = cand[:, :, 1].gather(1, best_i)
+        y = y_all[r0 : r0 + rows]
+        for j, k in enumerate(ks):
+            s, lab = best_s[:, :k], best_l[:, :k]
+            weights = torch.where(lab >= 0, (s / temperature).exp(), 0.0)  # (m, k)
+            # The votes for each neighbour's class without knowing the number of classes: the weight
+            # of the neighbours sharing neighbour j's class; the prediction is the class of the best j.
+            same = lab[:, :, None] == lab[:, None, :]  # (m, k, k)
+            votes = (same * weights[:, None, :]).sum(-1).masked_fill(lab < 0, -1.0)
+            predicted = lab.gather(1, votes.argmax(1, keepdim=True)).squeeze(1)
+            counts[j] += ((predicted == y.float()) & (y >= 0)).sum()
+        counts[-1] += (y >= 0).sum()
+    if distributed:
+        dist.all_reduce(counts)
+    return counts
+
+
+def pad_queries(queries: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`queries` and `labels` padded (label -1: not counted) to the largest count over the ranks, as
+    `knn_counts` needs (one small all-reduce read on the host)."""
+    _, _, distributed = _world()
+    if not distributed:
+        return queries, labels
+    longest = torch.tensor([queries.shape[0]], device=queries.device)
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+    pad = int(longest.item()) - queries.shape[0]
+    if pad == 0:
+        return queries, labels
+    return (torch.cat([queries, queries.new_zeros(pad, queries.shape[1])]),
+            torch.cat([labels.to(queries.device), labels.new_full((pad,), -1).to(queries.device)]))  # fmt: skip
+
+
+def knn_classify(
+    queries: torch.Tensor,
+    query_labels: torch.Tensor,
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    ks: tuple[int, ...] = (10, 20, 100, 200),
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> dict[int, float]:
+    """Top-1 accuracy (%) for each k of `ks` over the queries of every rank (any number per rank),
+    the same numbers on every rank; `chunk` queries are classified per round over all ranks."""
+    _, world, _ = _world()
+    queries, query_labels = pad_queries(queries.to(bank.device), query_labels.to(bank.device))
+    counts = knn_counts(queries, query_labels, bank, bank_labels, ks, temperature, rows=max(1, chunk // world))
+    values = counts.tolist()
+    return {k: 100.0 * c / max(values[-1], 1.0) for k, c in zip(ks, values[:-1], strict=True)}
+
+
+def knn_accuracy(
+    train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, test_labels: torch.Tensor,
+    k: int = 200, temperature: float = 0.07, chunk: int = 1024,
+) -> float:  # fmt: skip
+    """Top-1 accuracy (%) of weighted kNN voting over a whole bank on one process: the plain
+    reference the sharded kernel is tested against. Features L2-normalised."""
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    k = min(k, train_feats.shape[0])
+    correct = 0
+    for i in range(0, test_feats.shape[0], chunk):
+        sims = test_feats[i : i + chunk] @ train_feats.T  # (n, N_train)
+        top_sims, top_idx = sims.topk(k, dim=1)
+        votes = torch.zeros(sims.shape[0], num_classes)
+        votes.scatter_add_(1, train_labels[top_idx], (top_sims / temperature).exp())
+        correct += int((votes.argmax(1) == test_labels[i : i + chunk]).sum())
+    return 100.0 * correct / test_feats.shape[0]
+
+
+# ----------------------------------------------------------------------------- the held-out monitor
 
 
 def _share(counts: list[int], rank: int, world_size: int) -> tuple[list[tuple[int, int, int]], int]:
@@ -42,9 +166,6 @@ def extract_features(
 
     Images are resized (shorter side to crop / 0.875) and centre-cropped, as for evaluation.
     """
-    from torchvision.io import ImageReadMode, decode_image
-    from torchvision.transforms import v2 as T
-
     src = resolve_source(source)
     runs, per_rank = _share(src.counts, rank, world_size)
     resize = T.Compose([T.Resize(round(crop_size / 0.875), antialias=True), T.CenterCrop(crop_size)])
@@ -79,110 +200,23 @@ def extract_features(
     return torch.cat(feats)[:real], torch.tensor(labels, dtype=torch.int64)
 
 
-def knn_accuracy(
-    train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, test_labels: torch.Tensor,
-    k: int = 200, temperature: float = 0.07, chunk: int = 1024,
-) -> float:  # fmt: skip
-    """Top-1 accuracy (%) of weighted kNN voting; features L2-normalised."""
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    k = min(k, train_feats.shape[0])
-    correct = 0
-    for i in range(0, test_feats.shape[0], chunk):
-        sims = test_feats[i : i + chunk] @ train_feats.T  # (n, N_train)
-        top_sims, top_idx = sims.topk(k, dim=1)
-        votes = torch.zeros(sims.shape[0], num_classes)
-        votes.scatter_add_(1, train_labels[top_idx], (top_sims / temperature).exp())
-        correct += int((votes.argmax(1) == test_labels[i : i + chunk]).sum())
-    return 100.0 * correct / test_feats.shape[0]
+def heldout_knn(backend, bank_source: str, query_source: str, crop_size: int, k: int, temperature: float,
+                backbone: nn.Module | None = None) -> float:  # fmt: skip
+    """kNN top-1 (%) of `backbone` (default: the trained base encoder, as `backend` runs it) with the
+    features of `bank_source` as the bank and `query_source` as the queries.
 
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _all_gather(t: torch.Tensor, world: int) -> torch.Tensor:
-    """(n, ...) on every rank -> (world * n, ...), in rank order (the same n everywhere)."""
-    if world == 1:
-        return t
-    out = t.new_empty((world * t.shape[0], *t.shape[1:]))
-    all_gather_single(out, t.contiguous())
-    return out
-
-
-def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
-    if _world()[1] > 1:
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t
-
-
-@torch.no_grad()
-def local_topk(queries: torch.Tensor, bank: torch.Tensor, k: int, rows: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest cosine similarities of each query in `bank` (and their indices), sorted;
-    padded with -inf / -1 when the bank holds fewer than k. Tiled over queries to bound memory."""
-    sims, idx = [], []
-    kk = min(k, bank.shape[0])
-    for i in range(0, queries.shape[0], rows):
-        s = queries[i : i + rows] @ bank.T  # (rows, N_local)
-        top = s.topk(kk, dim=1) if kk else (s[:, :0], s[:, :0].long())
-        sims.append(top[0])
-        idx.append(top[1])
-    sims, idx = torch.cat(sims), torch.cat(idx)
-    if kk < k:
-        pad = k - kk
-        sims = torch.cat([sims, sims.new_full((sims.shape[0], pad), float("-inf"))], dim=1)
-        idx = torch.cat([idx, idx.new_full((idx.shape[0], pad), -1)], dim=1)
-    return sims, idx
-
-
-@torch.no_grad()
-def knn_classify(
-    queries: torch.Tensor,
-    query_labels: torch.Tensor,
-    bank: torch.Tensor,
-    bank_labels: torch.Tensor,
-    ks: tuple[int, ...] = (10, 20, 100, 200),
-    temperature: float = 0.07,
-    chunk: int = 1024,
-) -> dict[int, float]:
-    """Top-1 accuracy (%) for each k of `ks`, over the queries of every rank. Call on every rank with
-    this rank's queries and part of the bank (L2-normalised features, on the communication device:
-    CUDA under NCCL). Returns the same numbers on every rank."""
-    rank, world = _world()
-    device = bank.device
-    kmax = max(ks)
-    query_labels, bank_labels = query_labels.to(device), bank_labels.to(device)
-    local_max = torch.tensor([query_labels.max().item() if len(query_labels) else -1,
-                              bank_labels.max().item() if len(bank_labels) else -1], device=device)  # fmt: skip
-    num_classes = int(_all_reduce(local_max, dist.ReduceOp.MAX if world > 1 else None).max()) + 1
-    per_round = max(1, chunk // world)  # queries of each rank per round
-    rounds = torch.tensor([-(-queries.shape[0] // per_round)], device=device)
-    rounds = int(_all_reduce(rounds, dist.ReduceOp.MAX if world > 1 else None))
-    correct = torch.zeros(len(ks), dtype=torch.float64, device=device)
-    count = torch.zeros(1, dtype=torch.float64, device=device)
-    D = bank.shape[1] if bank.ndim == 2 else queries.shape[1]
-    for r in range(rounds):
-        q = queries[r * per_round : (r + 1) * per_round]
-        y = query_labels[r * per_round : (r + 1) * per_round]
-        n = q.shape[0]
-        q_pad = torch.cat([q, q.new_zeros(per_round - n, D)]) if n < per_round else q  # (per_round, D)
-        all_q = _all_gather(q_pad, world)  # (world * per_round, D)
-        sims, idx = local_topk(all_q, bank, kmax)
-        labels = torch.where(idx >= 0, bank_labels[idx.clamp(min=0)], -1)  # (world * per_round, kmax)
-        sims_all = _all_gather(sims, world).view(world, world, per_round, kmax)  # [bank rank, query rank]
-        labels_all = _all_gather(labels, world).view(world, world, per_round, kmax)
-        mine_s = sims_all[:, rank].permute(1, 0, 2).reshape(per_round, world * kmax)[:n]  # (n, world * kmax)
-        mine_l = labels_all[:, rank].permute(1, 0, 2).reshape(per_round, world * kmax)[:n]
-        top_s, top_i = mine_s.topk(kmax, dim=1)  # sorted: the first k are the top k
-        top_l = mine_l.gather(1, top_i)
-        for j, k in enumerate(ks):
-            weights = (top_s[:, :k] / temperature).exp() * (top_l[:, :k] >= 0)
-            votes = torch.zeros(n, num_classes, dtype=weights.dtype, device=device)
-            votes.scatter_add_(1, top_l[:, :k].clamp(min=0), weights)
-            correct[j] += (votes.argmax(1) == y).sum()
-        count += n
-    _all_reduce(correct)
-    _all_reduce(count)
-    total = float(count.item())
-    return {k: 100.0 * float(c) / max(total, 1.0) for k, c in zip(ks, correct.tolist(), strict=True)}
+    Every rank extracts the features of its share (sharded models need every rank's forward) and
+    keeps them: no rank gathers the bank.
+    """
+    kwargs = dict(crop_size=crop_size, device=backend.device, autocast_dtype=backend.autocast_dtype,
+                  rank=backend.rank, world_size=backend.world_size)  # fmt: skip
+    sources = (bank_source, query_source)
+    if backbone is None:  # the trained base encoder, as the backend runs it
+        backbone = backend.eval_model().base_encoder
+        with backend.evaluation(backbone) as features:
+            parts = [extract_features(backbone, s, features_fn=features, **kwargs) for s in sources]
+    else:
+        parts = [extract_features(backbone, s, **kwargs) for s in sources]
+    comm = backend.comm_device()
+    (bank, bank_y), (queries, query_y) = ((f.to(comm), y.to(comm)) for f, y in parts)
+    return knn_classify(queries, query_y, bank, bank_y, ks=(k,), temperature=temperature)[k]

@@ -1,5 +1,6 @@
 """Estimate the memory a run needs per rank before building anything, and refuse runs that cannot
-fit (docs/scaling.md has the arithmetic)."""
+fit: the backend's model state (`scale.parallel.memory`) plus the activations of the model laid out
+by `scale.train.parallelize` (docs/scaling.md has the arithmetic)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from scale.parallel.base import BackendError
-from scale.parallel.launch import backend_class
+from scale.config import Config
+from scale.errors import BackendError
+from scale.models.vit import ViTConfig
+from scale.parallel.base import Backend
+from scale.train.parallelize import backbone_config, build_model
 
 log = logging.getLogger(__name__)
 
@@ -46,31 +50,9 @@ def available_bytes(device: torch.device, world_size: int) -> float:
     return info.get("MemAvailable", info.get("MemTotal", 0)) / max(1, local)
 
 
-def state_bytes(
-    kind: str,
-    trainable: int,
-    momentum: int,
-    world_size: int,
-    precision: str,
-    stage: int = 0,
-    buffers: float = 0.0,
-    accum_steps: int = 1,
-) -> dict[str, float]:
-    """Theoretical bytes per rank of the model state, by component, for backend `kind` ('single',
-    'ddp', 'fsdp', 'deepspeed' with ZeRO `stage`) without building it: each backend states its own
-    arithmetic (`Backend.theory_bytes` and its overrides; docs/scaling.md)."""
-    cls = backend_class(kind)
-    return cls.theory_bytes(trainable, momentum, world_size, precision, accum_steps, stage=stage, buffers=buffers)
-
-
-def resolve_vit(cfg):
-    """The ViT configuration of `cfg.model` without building anything."""
-    from scale.models import resolve_vit_config
-
-    return resolve_vit_config(cfg.model.name, **cfg.model.vit_overrides())
-
-
-def activation_bytes(vit_cfg, batch_per_device: int, precision: str, activation_checkpointing: bool) -> float:
+def activation_bytes(
+    vit_cfg: ViTConfig, batch_per_device: int, precision: str, activation_checkpointing: bool
+) -> float:
     """34 x tokens x width bytes per block per image in 16 bits (Korthikanti et al. 2022, fused
     attention), 2 x tokens x width with checkpointing plus one block being recomputed; two views
     (with joint views the block recomputed holds both, as counted here; per view, one at a time)."""
@@ -83,28 +65,26 @@ def activation_bytes(vit_cfg, batch_per_device: int, precision: str, activation_
     return 2 * batch_per_device * per_image
 
 
-def count_params(cfg) -> tuple[int, int]:
+def count_params(cfg: Config) -> tuple[int, int]:
     """(trainable, momentum-encoder) parameter counts of the MoCo v3 model of `cfg` (on meta)."""
-    from scale.train.trainer import build_model
-
     with torch.device("meta"):
         model = build_model(cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.momentum_encoder.parameters())
 
 
-def estimate(cfg, backend, batch_per_device: int) -> MemoryEstimate:
+def estimate(cfg: Config, backend: Backend, batch_per_device: int) -> MemoryEstimate:
     trainable, momentum = count_params(cfg)
     return MemoryEstimate(
-        model_state=backend.model_state_bytes(trainable, momentum, cfg.batch.grad_accum_steps),
+        model_state=sum(backend.state_bytes(trainable, momentum, cfg.batch.grad_accum_steps).values()),
         activations=activation_bytes(
-            resolve_vit(cfg), batch_per_device, backend.precision, cfg.parallel.activation_checkpointing
+            backbone_config(cfg), batch_per_device, backend.precision, cfg.parallel.activation_checkpointing
         ),
         available=available_bytes(backend.device, backend.world_size),
     )
 
 
-def check_memory(cfg, backend, batch_per_device: int, headroom: float = 0.9) -> MemoryEstimate:
+def check_memory(cfg: Config, backend: Backend, batch_per_device: int, headroom: float = 0.9) -> MemoryEstimate:
     """Log the estimate; refuse (BackendError) when it exceeds `headroom` of what is available."""
     est = estimate(cfg, backend, batch_per_device)
     log.info("memory estimate: %s", est.summary())

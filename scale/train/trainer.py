@@ -11,7 +11,6 @@ every rank because it is taken on the all-reduced gradient norm.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -21,100 +20,36 @@ from typing import Any
 
 import torch
 
-from scale.config import Config, ConfigError, Derived, default_run_name, derive
+from scale.config import Config, Derived, default_run_name, derive, split_batch
 from scale.data.augment import AugmentConfig
-from scale.data.loader import DataError, build_loader
-from scale.models import MoCoV3, build_moco
+from scale.data.loader import build_loader
+from scale.errors import CheckpointWriteError, DataError, StalledRankError, TrainingError
+from scale.hardware.cpu_malloc import tune_cpu_malloc
+from scale.hardware.peaks import device_peak, peak_memory_gib
+from scale.hardware.precision import configure_tf32
 from scale.models.flops import moco_training_flops
-from scale.models.vit import attention_backend
-from scale.optim import build_optimizer, lr_at, momentum_at, param_groups, weight_decay_at
-from scale.parallel.base import ShardingPlan, configure_tf32
-from scale.parallel.checkpointing import apply_activation_checkpointing
-from scale.parallel.compile import compile_regions
-from scale.parallel.cpu import tune_cpu_malloc
-from scale.parallel.dist import AllGatherKeys
+from scale.optim import lr_at, momentum_at, weight_decay_at
 from scale.parallel.launch import build_backend, init_distributed
-from scale.parallel.sync_batchnorm import convert_sync_batchnorm
-from scale.train.checkpoint import clean_leftovers, find_resume, list_checkpoints, load_checkpoint, save_checkpoint
-from scale.train.faults import CheckpointWriteError, StalledRankError, TrainingError, fault_point
+from scale.train.checkpoint import (
+    FailurePolicy,
+    clean_leftovers,
+    find_resume,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from scale.train.faults import fault_point
+from scale.train.knn import heldout_knn
 from scale.train.memory import check_memory
-from scale.train.metrics import MetricsLogger, Progress, device_peak, peak_memory_gib
+from scale.train.metrics import MetricsLogger, Progress
 from scale.train.monitors import RunMonitors
+from scale.train.parallelize import build_model, grad_groups, parallelize
 from scale.train.preemption import Preempted, PreemptionWatch, requeue_slurm_job, restart_count, watch_signal
+from scale.train.run_dir import check_run_dir, rewind, write_config
+from scale.train.step_stats import LogWindow, SkipCounter
 from scale.train.watchdog import Heartbeat, is_collective_failure
 
 log = logging.getLogger(__name__)
-
-# Fields that may differ between a run directory's config and a resumed run's.
-RESUMABLE_CHANGES = {
-    "run.resume", "run.progress", "run.tensorboard", "run.log_every", "run.keep_last", "run.ckpt_every",
-    "run.knn_every_epochs", "schedule.max_steps", "data.num_workers", "parallel.activation_checkpointing",
-    "run.preempt_signal", "run.preempt_check_every", "run.requeue", "run.max_requeues", "run.ckpt_failure",
-    "run.max_ckpt_failures", "data.max_lost_fraction", "parallel.timeout_minutes", "model.view_forward",
-    "model.compile", "parallel.tune_cpu_malloc",
-}  # fmt: skip
-
-
-def build_model(cfg: Config) -> MoCoV3:
-    m = cfg.model
-    return build_moco(m.name, dim=m.dim, mlp_dim=m.mlp_dim, temperature=m.temperature, view_forward=m.view_forward,
-                      **m.vit_overrides())  # fmt: skip
-
-
-def sharding_plan(model: MoCoV3) -> ShardingPlan:
-    """Shard every transformer block of both encoders, then the encoders and the predictor; the
-    momentum encoder gets exactly the base encoder's layout (its EMA then runs on local shards)."""
-    enc, mom = model.base_encoder, model.momentum_encoder
-    return ShardingPlan(
-        units=[*enc.blocks, *mom.blocks, enc, mom, model.predictor],
-        forward_methods=[(enc, "pooled_features"), (mom, "pooled_features")],
-    )
-
-
-def compiled_regions(model: MoCoV3) -> list[torch.nn.Module]:
-    """What `--model.compile` compiles: each transformer block of both encoders (one graph for all:
-    the same code), both projectors and the predictor."""
-    enc, mom = model.base_encoder, model.momentum_encoder
-    return [*enc.blocks, *mom.blocks, enc.head, mom.head, model.predictor]
-
-
-def split_batch(cfg: Config, world_size: int) -> int:
-    """Per-device batch; the full check (with the data size) is `scale.config.derive`."""
-    b = cfg.batch
-    per_device = b.batch_size_per_device or b.global_batch_size // max(1, world_size * b.grad_accum_steps)
-    if per_device < 1 or per_device * world_size * b.grad_accum_steps != b.global_batch_size:
-        derive(cfg, world_size, 1 << 62)  # raises the full message
-    return per_device
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def check_run_dir(run_dir: Path, cfg: Config) -> None:
-    """Refuse a run directory that holds a different config (nothing written before is lost)."""
-    path = run_dir / "config.json"
-    if not path.is_file():
-        return
-    old, new = _flatten(json.loads(path.read_text())), _flatten(json.loads(cfg.to_json()))
-    # A field added to scale after the run started is absent from its config: its default is the
-    # behaviour the run had.
-    defaults = _flatten(json.loads(Config().to_json()))
-    old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
-    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES
-                  and not k.startswith("monitor."))  # fmt: skip
-    if diff:
-        changes = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:8])
-        raise ConfigError(
-            f"run directory {run_dir} holds a different config ({changes}); use another --run.name or "
-            "--run.output_dir, or delete the directory to start over"
-        )
 
 
 class Trainer:
@@ -157,40 +92,20 @@ class Trainer:
         )
         self.derived: Derived = derive(cfg, b.world_size, len(self.loader) * per_device * b.world_size)
 
-        model = build_model(cfg)
-        self.vit_cfg = model.base_encoder.cfg
-        if b.world_size > 1:
-            convert_sync_batchnorm(model)
-            model.key_gather = AllGatherKeys()
-        if cfg.parallel.activation_checkpointing:
-            apply_activation_checkpointing(model.base_encoder.blocks)
-        if cfg.model.compile:  # after checkpointing, before the backend shards or wraps the model
-            regions = compile_regions(compiled_regions(model))
-            if b.is_main:
-                log.info("torch.compile: %d regions (every transformer block of both encoders, the two projectors "
-                         "and the predictor), one graph per kind, compiled at the first step", regions)  # fmt: skip
-        self.optimizer_description = ""
-
-        def optimizer_factory(module):
-            o = cfg.optim
-            groups = param_groups(module, o.exclude_norm_bias_from_wd)
-            opt, self.optimizer_description = build_optimizer(
-                o.name, groups, self.derived.lr, o.weight_decay, o.betas, o.eps, o.momentum, o.trust_coefficient,
-                o.implementation,
-            )  # fmt: skip
-            return opt
-
-        b.setup(model, optimizer_factory, cfg, self.derived, sharding_plan(model))
+        laid = parallelize(cfg, b, self.derived)  # the model, laid out on the devices, and its optimizer
+        self.optimizer_description, self.compute_description = laid.optimizer, laid.compute
+        self.vit_cfg = laid.model.base_encoder.cfg
         num_samples = len(self.loader) * per_device * b.world_size
-        self.monitors = RunMonitors(cfg.monitor, b, b.module, num_samples, self.derived.global_batch_size,
-                                    per_device * self.derived.grad_accum_steps)  # fmt: skip
+        per_rank_images = per_device * self.derived.grad_accum_steps
+        self.monitors = RunMonitors(cfg.monitor, b, b.module.base_encoder, grad_groups(b.module), num_samples,
+                                    self.derived.global_batch_size, per_rank_images)  # fmt: skip
         self.metrics: MetricsLogger | None = None
         self.flops_per_image = moco_training_flops(self.vit_cfg, cfg.model.dim, cfg.model.mlp_dim).total
         self.peak_flops, self.peak_label = device_peak(b.device, b.compute_precision)
         self.step = 0
         self.skips = SkipCounter(b.device)
         self.last_saved_step: int | None = None
-        self.ckpt_failures = 0  # checkpoint writes failed in a row
+        self.ckpt_failures = FailurePolicy(self.run_dir, cfg.run.ckpt_failure, cfg.run.max_ckpt_failures)
         self.heartbeat = Heartbeat(b.rank, b.world_size, cfg.parallel.timeout_minutes * 60)
         b.barrier()  # every rank has checked the run directory before rank 0 writes into it
 
@@ -213,12 +128,7 @@ class Trainer:
             self.flops_per_image / 1e9,
         )
         log.info("backend: %s; optimizer: %s", b.describe(), self.optimizer_description)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(b.precision, torch.float32)
-        log.info("attention: scaled_dot_product_attention with the %s kernel (%s, %d tokens, head width %d); "
-                 "both views through each encoder %s", attention_backend(self.vit_cfg, b.device, dtype), b.precision,
-                 self.vit_cfg.num_tokens, self.vit_cfg.embed_dim // self.vit_cfg.num_heads,
-                 "as one batch (joint views)" if b.module.joint_views
-                 else "one view at a time (BatchNorm before the head needs per-view statistics)")  # fmt: skip
+        log.info("%s", self.compute_description)
         log.info("derived: %s", d.summary())
         if d.grad_accum_steps > 1:
             log.info(
@@ -256,32 +166,18 @@ class Trainer:
         final or preemption checkpoint or `run.max_ckpt_failures` failed in a row; else it raises."""
         self._read_skips(self.skips.pending.tolist())  # the checkpoint records the counts
         self._read_monitors([])  # and the monitors' state
-        r = self.cfg.run
         try:
-            path = save_checkpoint(self.backend, self.run_dir, self.step, self._client_state(), r.keep_last)
+            path = save_checkpoint(self.backend, self.run_dir, self.step, self._client_state(), self.cfg.run.keep_last)
         except CheckpointWriteError as e:
-            self.ckpt_failures += 1
-            ckpts = list_checkpoints(self.run_dir)
-            last = f"the last complete checkpoint is {ckpts[-1].name}" if ckpts else "no checkpoint is complete yet"
-            if r.ckpt_failure == "stop" or final or self.ckpt_failures >= r.max_ckpt_failures:
-                why = ("run.ckpt_failure=stop" if r.ckpt_failure == "stop" else "the final checkpoint" if final
-                       else f"{self.ckpt_failures} failures in a row")  # fmt: skip
-                raise CheckpointWriteError(f"{e}; stopping ({why}); {last}. Free space or fix the disk, then "
-                                           "run the same command to resume") from None  # fmt: skip
-            log.error("%s; %s; training goes on and writes again at the next interval (failure %d of %d "
-                      "in a row allowed by run.max_ckpt_failures)", e, last, self.ckpt_failures,
-                      r.max_ckpt_failures)  # fmt: skip
+            self.ckpt_failures.failed(e, final)  # raises when the run must stop
             return None
-        self.ckpt_failures = 0
+        self.ckpt_failures.succeeded()
         self.last_saved_step = self.step
         return path
 
     def _prepare_run_dir(self) -> None:
         if self.backend.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.run_dir / ".config.json.tmp"
-            tmp.write_text(self.cfg.to_json())
-            tmp.replace(self.run_dir / "config.json")
+            write_config(self.run_dir, self.cfg)
         self.backend.barrier()
 
     def _resume(self) -> None:
@@ -304,9 +200,7 @@ class Trainer:
             self.last_saved_step = self.step
             log.info("resumed from %s at step %d", path, self.step)
         if self.backend.is_main:
-            set_aside_newer(self.run_dir, start)
-            for name in ("metrics.jsonl", "gradients.jsonl", "events.jsonl"):
-                truncate_metrics(self.run_dir / name, start)
+            rewind(self.run_dir, start)
         self.backend.barrier()
 
     # ------------------------------------------------------------------ training
@@ -386,7 +280,7 @@ class Trainer:
     def _loop(self, stop: int, metrics, progress, preempt) -> dict[str, Any]:
         """The steps up to `stop`; returns the last log row."""
         cfg, d = self.cfg, self.derived
-        window = _Window()
+        window = LogWindow()
         row: dict[str, Any] = {}
         while self.step < stop:
             batches = iter(self.loader)
@@ -406,7 +300,7 @@ class Trainer:
                         metrics.log(self.step, row)
                         progress.line(self.step, f"loss {row['loss']:.4f} {row['img_per_s']:.0f} img/s")
                         progress.update(self.step, {"loss": f"{row['loss']:.4f}", "img/s": f"{row['img_per_s']:.0f}"})
-                        window = _Window()
+                        window = LogWindow()
                     else:
                         progress.update(self.step, {})
                     if cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0:
@@ -422,7 +316,8 @@ class Trainer:
                 epoch = self.step // d.steps_per_epoch  # epochs completed
                 if not cfg.run.ckpt_every and self.step < stop:
                     self.save()
-                if cfg.run.knn_every_epochs and epoch % cfg.run.knn_every_epochs == 0 and self.step < stop:
+                every = cfg.monitor.heldout_every_epochs
+                if every and epoch % every == 0 and self.step < stop:
                     row["knn_top1"] = self.knn_monitor()
                     metrics.log(self.step, {"knn_top1": row["knn_top1"]})
                 window.restart()
@@ -451,7 +346,7 @@ class Trainer:
             (log.warning if requeued else log.error)("preempted at step %d: %s", self.step, why)
         raise Preempted(self.step, requeued, f"stopped at step {self.step} on {preempt.name}: {why}")
 
-    def _log_row(self, step_metrics: dict[str, Any], window: _Window) -> dict[str, Any]:
+    def _log_row(self, step_metrics: dict[str, Any], window: LogWindow) -> dict[str, Any]:
         """The metrics row: the one host sync of a step, and only of a logged one (the window's loss
         all-reduced on the device, then loss, gradient norm and skip counts read in one copy)."""
         b, d = self.backend, self.derived
@@ -520,116 +415,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
 
-    def knn_monitor(self, backbone=None) -> float:
-        """kNN top-1 (%) of `backbone` (default: the base encoder's) on the configured held-out data.
-
-        Every rank extracts the features of its share (sharded models need every rank's forward)
-        and keeps them: the kNN is sharded (`scale.train.knn`), no rank gathers the bank. NaN when
-        no kNN data is configured.
-        """
-        from scale.train.knn import extract_features, knn_classify
-
-        cfg, b = self.cfg, self.backend
-        if not (cfg.data.eval_source and cfg.data.knn_train_source):
+    def knn_monitor(self, backbone: torch.nn.Module | None = None) -> float:
+        """The held-out kNN top-1 (%) of `backbone` (default: the base encoder's, as the backend runs
+        it): `data.eval_source` classified against `data.knn_train_source` (`scale.train.knn`). NaN
+        when they are not configured."""
+        d, m = self.cfg.data, self.cfg.monitor
+        if not (d.eval_source and d.knn_train_source):
             return float("nan")
-        kwargs = dict(crop_size=cfg.model.img_size, device=b.device, autocast_dtype=b.autocast_dtype,
-                      rank=b.rank, world_size=b.world_size)  # fmt: skip
-        sources = (cfg.data.knn_train_source, cfg.data.eval_source)
-        if backbone is None:  # the trained base encoder, as the backend runs it
-            backbone = b.eval_model().base_encoder
-            with b.evaluation(backbone) as features:
-                parts = [extract_features(backbone, s, features_fn=features, **kwargs) for s in sources]
-        else:
-            parts = [extract_features(backbone, s, **kwargs) for s in sources]
-        comm = b.comm_device()
-        (train_f, train_y), (test_f, test_y) = ((f.to(comm), y.to(comm)) for f, y in parts)
-        k = cfg.run.knn_k
-        return knn_classify(test_f, test_y, train_f, train_y, ks=(k,), temperature=cfg.run.knn_temperature)[k]
+        return heldout_knn(self.backend, d.knn_train_source, d.eval_source, self.cfg.model.img_size, m.knn_k,
+                           m.knn_temperature, backbone)  # fmt: skip
 
     def knn_random_init(self) -> float:
-        """The kNN monitor on the same backbone at its initial (random) weights."""
+        """The held-out kNN monitor on the same backbone at its initial (random) weights."""
         torch.manual_seed(self.cfg.run.seed)
         fresh = build_model(self.cfg).base_encoder.to(self.backend.device)
         return self.knn_monitor(fresh)
-
-
-class SkipCounter:
-    """Skipped steps, counted on the device and read on the host only with a log row or checkpoint.
-
-    `pending` holds, since the last read: non-finite steps, fp16 overflows, the current run of
-    non-finite steps in a row (carried over reads), the longest run, the last non-finite step + 1.
-    """
-
-    def __init__(self, device: torch.device):
-        self.pending = torch.zeros(5, dtype=torch.int64, device=device)
-        self.nonfinite_total = self.overflow_total = self.in_row = 0
-
-    def add(self, step: int, applied: torch.Tensor | bool, overflow: torch.Tensor | None) -> None:
-        p = self.pending
-        if isinstance(applied, bool):  # a fill kernel, not a copy from host memory
-            applied = torch.full((), applied, dtype=torch.bool, device=p.device)
-        skipped = ~applied.to(p.device)
-        if overflow is None:
-            overflow = torch.zeros((), dtype=torch.bool, device=p.device)
-        overflow = overflow.to(p.device)
-        nonfinite = (skipped & ~overflow).long()
-        run = (p[2] + 1) * nonfinite  # 0 again after a good step
-        self.pending = torch.stack(
-            [p[0] + nonfinite, p[1] + (skipped & overflow).long(), run, torch.maximum(p[3], run),
-             torch.where(nonfinite.bool(), step + 1, p[4])]
-        )  # fmt: skip
-
-    def restore(self, nonfinite_total: int, overflow_total: int, in_row: int) -> None:
-        """The counts of a checkpoint (a run of non-finite steps in a row continues over a resume)."""
-        self.nonfinite_total, self.overflow_total, self.in_row = nonfinite_total, overflow_total, in_row
-        self.pending = torch.tensor([0, 0, in_row, in_row, 0], dtype=torch.int64).to(self.pending.device)
-
-    def consume(self, values: list[float]) -> tuple[int, int, int, int]:
-        """Take `pending` as read on the host (`values`); returns (new non-finite, new overflows,
-        longest run in a row, last non-finite step) and restarts the counts on the device."""
-        new_nonfinite, new_overflow, run, worst, last = (int(v) for v in values)
-        self.nonfinite_total += new_nonfinite
-        self.overflow_total += new_overflow
-        self.in_row = run
-        self.pending = torch.tensor([0, 0, run, run, 0], dtype=torch.int64).to(self.pending.device, non_blocking=True)
-        return new_nonfinite, new_overflow, worst, last - 1
-
-
-class _Window:
-    """Accumulates the steps between two log lines (throughput, data time, mean loss)."""
-
-    def __init__(self):
-        self.restart()
-        self.steps, self.data, self.losses = 0, 0.0, []
-
-    def restart(self) -> None:
-        """Start timing afresh (after a checkpoint or evaluation), keeping the losses."""
-        self.start, self.steps, self.data = time.perf_counter(), 0, 0.0
-
-    def add(self, loss: torch.Tensor) -> None:
-        self.steps += 1
-        self.losses.append(loss)
-
-    def mean_loss(self) -> torch.Tensor:
-        """The mean loss of the window, on the device (NaN with no steps)."""
-        return torch.stack(self.losses).mean() if self.losses else torch.tensor(float("nan"), dtype=torch.float64)
-
-
-def set_aside_newer(run_dir: Path, step: int) -> None:
-    """Rename checkpoints newer than `step` (a rollback or a fresh start in an old run directory) to
-    `abandoned-step-*`: kept, but neither resumed from nor counted by `keep_last`."""
-    for path in list_checkpoints(run_dir):
-        if int(path.name.split("-")[1]) > step:
-            target = path.with_name(f"abandoned-{path.name}")
-            log.warning("checkpoint %s is newer than the start step %d: renamed to %s", path.name, step, target.name)
-            path.rename(target)
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric rows after `step` (they are about to be recomputed by the resumed run)."""
-    if not path.is_file():
-        return
-    rows = path.read_text().splitlines()
-    kept = [r for r in rows if r.strip() and json.loads(r).get("step", 0) <= step]
-    if len(kept) != len(rows):
-        path.write_text("".join(r + "\n" for r in kept))

@@ -4,8 +4,8 @@ process), equal to the trained base encoder."""
 import pytest
 import torch
 
-from scale.eval.checkpoints import load_frozen_backbone
-from scale.models.checkpoints import CheckpointError
+from scale.errors import CheckpointError
+from scale.eval.backbone import load_frozen_backbone
 from scale.train.trainer import Trainer
 from tests.distributed.test_ddp_trainer import backend_overrides
 from tests.helpers import FixedBatchLoader, run_ranks, tiny_config
@@ -43,7 +43,7 @@ def test_backbone_of_every_backends_run_checkpoint_equals_the_trained_base_encod
 
 def test_a_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
     from scale.models import build_moco
-    from scale.models.checkpoints import official_state
+    from scale.models.formats import official_state
 
     model = build_moco("vit_small", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, dim=16, mlp_dim=64)
     torch.save(official_state(model, arch="vit_small"), tmp_path / "moco.pth.tar")
@@ -58,7 +58,7 @@ def test_a_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
 
 def test_a_timm_state_dict_loads_with_model_named(tmp_path):
     from scale.models import build_vit
-    from scale.models.checkpoints import export_timm_state_dict
+    from scale.models.formats import export_timm_state_dict
 
     vit = build_vit("vit_small", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4)
     torch.save(export_timm_state_dict(vit), tmp_path / "timm.pth")

@@ -53,7 +53,7 @@ def test_joint_views_equal_per_view_forwards(tmp_path, backend, checkpointing):
 def _gathered_bytes(rank, world, out_dir, queue_dir):
     import torch.distributed as dist
 
-    from scale.train.trainer import build_model
+    from scale.train.parallelize import build_model
 
     results = {}
     for reshard in (True, False):

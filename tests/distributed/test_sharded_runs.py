@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scale.parallel.base import BackendError
+from scale.errors import BackendError
 from scale.train.trainer import Trainer
 from tests.distributed.test_ddp_trainer import backend_overrides
 from tests.helpers import FixedBatchLoader, read_metrics, run_ranks, tiny_config
@@ -53,9 +53,13 @@ def _bf16(rank, world, out_dir, backend):
     b = trainer.backend
     if backend.startswith("zero"):
         # bf16 module parameters; the momentum encoder's EMA keeps an fp32 master that they round.
-        assert b.dtype == torch.bfloat16 and b._masters and all(m.dtype == torch.float32 for m in b._masters)
-        ks, _ = b._local_pairs()
-        for k, master in zip(ks, b._masters, strict=True):
+        assert (
+            b.dtype == torch.bfloat16
+            and b._momentum_masters
+            and all(m.dtype == torch.float32 for m in b._momentum_masters)
+        )
+        ks, _ = b._momentum_pairs()
+        for k, master in zip(ks, b._momentum_masters, strict=True):
             assert torch.equal(k, master.to(torch.bfloat16))
     else:  # FSDP2: fp32 sharded masters, bf16 compute
         assert all(p.dtype == torch.float32 for p in b.module.parameters())
@@ -76,25 +80,23 @@ def test_fp16_on_cpu_is_refused_with_a_clear_message(tmp_path, backend):
 
 
 def test_deepspeed_config_contradictions_are_errors(tmp_path):
-    from types import SimpleNamespace
+    from scale.parallel.ds_config import resolve_ds_config
+    from scale.parallel.settings import BackendSettings
 
-    from scale.parallel.deepspeed import resolve_ds_config
-
-    cfg = SimpleNamespace(optim=SimpleNamespace(clip_grad=0.0))
-    derived = SimpleNamespace(global_batch_size=4096, batch_size_per_device=64, grad_accum_steps=1)
-    ds = resolve_ds_config(ROOT / "ds_configs" / "zero2.json", cfg, derived, "bf16")
+    settings = BackendSettings(global_batch_size=4096, batch_size_per_device=64, grad_accum_steps=1, clip_grad=0.0)
+    ds = resolve_ds_config(ROOT / "ds_configs" / "zero2.json", settings, "bf16")
     assert ds["train_batch_size"] == 4096 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     bad = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
     bad["train_batch_size"] = 1024
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     with pytest.raises(BackendError, match="train_batch_size=1024 contradicts the scale config"):
-        resolve_ds_config(tmp_path / "bad.json", cfg, derived, "bf16")
+        resolve_ds_config(tmp_path / "bad.json", settings, "bf16")
     bad = {**json.loads((ROOT / "ds_configs" / "zero2.json").read_text()), "optimizer": {"type": "Adam"}}
     (tmp_path / "opt.json").write_text(json.dumps(bad))
     with pytest.raises(BackendError, match="scale builds the optimizer"):
-        resolve_ds_config(tmp_path / "opt.json", cfg, derived, "fp32")
+        resolve_ds_config(tmp_path / "opt.json", settings, "fp32")
     with pytest.raises(BackendError, match="does not exist"):
-        resolve_ds_config(tmp_path / "missing.json", cfg, derived, "fp32")
+        resolve_ds_config(tmp_path / "missing.json", settings, "fp32")
 
 
 def _accumulate(rank, world, out_dir, backend):
@@ -155,7 +157,7 @@ def _knn(rank, world, out_dir, backend, cache):
 
     os.environ["SCALE_CACHE"] = cache
     overrides = {**backend_overrides(backend), "parallel.precision": "bf16", "schedule.max_steps": 1,
-                 "data.knn_train_source": "demo:val", "data.eval_source": "demo:val", "run.knn_k": 5}  # fmt: skip
+                 "data.knn_train_source": "demo:val", "data.eval_source": "demo:val", "monitor.knn_k": 5}  # fmt: skip
     trainer = Trainer(tiny_config(out_dir, backend, **overrides), loader=FixedBatchLoader(4, 8, world, rank))
     trainer.fit()
     acc = trainer.knn_monitor()

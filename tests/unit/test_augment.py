@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, TwoViews
-from scale.data.loader import FolderSource
+from scale.data.sources import FolderSource
 from tests.helpers import write_image_folder
 
 N = 400

@@ -106,7 +106,7 @@ def test_scaling_projection_follows_its_stated_formulas(tmp_path):
     ],
 )
 def test_mfu_peak_is_the_one_of_the_precision_used(monkeypatch, name, precision, peak):
-    from scale.train.metrics import device_peak
+    from scale.hardware.peaks import device_peak
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     value, label = device_peak(torch.device("cuda", 0), precision)

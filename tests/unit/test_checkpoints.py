@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from scale.convert_checkpoint import convert
+from scale.errors import CheckpointError
 from scale.models import build_moco, build_vit
-from scale.models.checkpoints import (
-    CheckpointError,
+from scale.models.formats import (
     build_timm_vit,
     export_timm_state_dict,
     load_backbone,
@@ -134,7 +134,7 @@ def test_deepspeed_momentum_masters_load_onto_this_processs_device(tmp_path, mon
 
     import torch.serialization
 
-    from scale.parallel.base import BackendError
+    from scale.errors import BackendError
     from scale.parallel.deepspeed import DeepSpeedBackend
 
     masters = [torch.randn(4, 3), torch.randn(5)]

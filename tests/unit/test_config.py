@@ -1,6 +1,6 @@
 import pytest
 
-from scale.config import Config, ConfigError, apply_overrides, derive, describe
+from scale.config import Config, ConfigError, apply_overrides, config_from_dict, derive, describe
 from scale.recipes import PAPER_ACCURACY, RECIPES, get_recipe
 
 
@@ -28,7 +28,7 @@ def test_config_round_trips_through_json():
     cfg = apply_overrides(get_recipe("vit_h_300ep"), ["--optim.betas=0.9,0.95"])
     import json
 
-    assert Config.from_dict(json.loads(cfg.to_json())) == cfg
+    assert config_from_dict(json.loads(cfg.to_json())) == cfg
 
 
 @pytest.mark.parametrize("name", [n for n in RECIPES if n.endswith("300ep")])
@@ -58,7 +58,7 @@ def test_recipe_models():
 
 def test_batch_split_is_validated():
     cfg = get_recipe("vit_b_300ep")
-    with pytest.raises(ConfigError, match="does not split into 3 ranks"):
+    with pytest.raises(ConfigError, match="does not split into 3 rank"):
         derive(cfg, world_size=3, num_samples=10**6)
     cfg.batch.grad_accum_steps = 4
     d = derive(cfg, world_size=8, num_samples=10**6)
@@ -88,3 +88,39 @@ def test_default_run_name_separates_backends_and_resumes_the_same_command():
     assert name("--parallel.backend=fsdp") == "cpu_demo-fsdp"
     assert name("--run.name=mine", "--parallel.backend=fsdp") == "mine"
     assert default_run_name(get_recipe("vit_h_300ep")) == "vit_h_300ep"
+
+
+def test_renamed_knn_fields_keep_old_flags_and_old_run_directories_working(tmp_path):
+    """One set of kNN settings (`monitor.knn_*`) for both kNN monitors: the old `run.knn_*` flags
+    still set them, a config.json written before the rename reads back, and its run resumes."""
+    import json
+
+    from scale.train.run_dir import check_run_dir
+
+    cfg = apply_overrides(get_recipe("cpu_demo"), ["--run.knn_k=7", "--run.knn_temperature=0.1",
+                                                   "--run.knn_every_epochs=2"])  # fmt: skip
+    assert (cfg.monitor.knn_k, cfg.monitor.knn_temperature, cfg.monitor.heldout_every_epochs) == (7, 0.1, 2)
+    old = json.loads(get_recipe("cpu_demo").to_json())  # a config.json of before the rename
+    old["run"].update(knn_k=20, knn_temperature=0.07, knn_every_epochs=0, name="cpu_demo")
+    del old["monitor"]["heldout_every_epochs"]
+    cfg = get_recipe("cpu_demo")
+    cfg.run.name = "cpu_demo"  # as the trainer resolves it before writing config.json
+    assert config_from_dict(old) == cfg
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    check_run_dir(tmp_path, cfg)  # the same run: resumable
+    cfg.optim.base_lr = 1.0
+    with pytest.raises(ConfigError, match="holds a different config .*optim.base_lr"):
+        check_run_dir(tmp_path, cfg)
+
+
+def test_every_rule_sits_beside_its_field():
+    """The rules are declared with the fields (`setting`): RULES is read from the dataclasses."""
+    import dataclasses
+
+    from scale.config import RULES
+    from scale.config.rules import field_rule
+    from scale.config.schema import sections
+
+    beside = {f"{name}.{f.name}" for name, s in sections(Config()).items() for f in dataclasses.fields(s)
+              if field_rule(f) is not None}  # fmt: skip
+    assert beside == set(RULES) and len(RULES) > 50

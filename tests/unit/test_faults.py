@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from scale.errors import CheckpointWriteError
 from scale.train import faults
 from scale.train.checkpoint import find_resume, verify_checkpoint
-from scale.train.faults import CHECKPOINT_POINTS, CheckpointWriteError
+from scale.train.faults import CHECKPOINT_POINTS
 from scale.train.trainer import Trainer
 from tests.helpers import FixedBatchLoader, read_metrics, tiny_config
 
@@ -207,7 +208,7 @@ def test_corrupt_images_a_truncated_and_a_vanished_shard_are_skipped_and_counted
 
 
 def test_past_the_lost_fraction_the_run_stops_with_a_clear_message(tmp_path, damaged_shards):
-    from scale.data.shards import DataError
+    from scale.errors import DataError
 
     pattern, doomed, lost = damaged_shards
     trainer = _data_run(tmp_path, pattern, **{"data.max_lost_fraction": 0.05})

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from scale.data.shards import DataError
-from scale.eval.checkpoints import LoadedBackbone
+from scale.errors import DataError
+from scale.eval.backbone import LoadedBackbone
 from scale.eval.linear_probe import LinearProbe, ProbeHeads, ProbeSettings
 from scale.models import build_vit
 from tests.helpers import random_images, write_image_folder

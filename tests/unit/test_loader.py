@@ -6,14 +6,12 @@ import pytest
 import torch
 
 from scale.data.augment import AugmentConfig
-from scale.data.loader import (
-    DataError,
-    SyntheticLoader,
-    build_loader,
-    plan_epoch,
-    resolve_source,
-)
+from scale.data.epoch_plan import plan_epoch
+from scale.data.loader import build_loader
 from scale.data.shards import make_shards, write_index
+from scale.data.sources import resolve_source
+from scale.data.synthetic import SyntheticLoader
+from scale.errors import DataError
 from scale.views import adjacent
 from tests.helpers import random_images, write_image_folder
 

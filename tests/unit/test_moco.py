@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import scale.models
-from scale.models import MoCoV3, build_moco, momentum_schedule
+from scale.models import MoCoV3, build_moco
+from scale.optim import momentum_at
 from tests.helpers import TINY_HEADS, TINY_VIT
 
 
@@ -117,14 +118,14 @@ def test_loss_bounds_and_scale():
     torch.testing.assert_close(uniform, torch.tensor(2 * 0.2 * math.log(8)))
 
 
-def test_momentum_schedule_closed_form():
-    assert momentum_schedule(0, 100) == pytest.approx(0.99)
-    assert momentum_schedule(50, 100) == pytest.approx(0.995)
-    assert momentum_schedule(100, 100) == pytest.approx(1.0)
+def test_momentum_at_closed_form():
+    assert momentum_at(0, 100) == pytest.approx(0.99)
+    assert momentum_at(50, 100) == pytest.approx(0.995)
+    assert momentum_at(100, 100) == pytest.approx(1.0)
     t, T = 37, 300
-    assert momentum_schedule(t, T) == pytest.approx(1 - 0.5 * (1 + math.cos(math.pi * t / T)) * (1 - 0.99))
+    assert momentum_at(t, T) == pytest.approx(1 - 0.5 * (1 + math.cos(math.pi * t / T)) * (1 - 0.99))
     with pytest.raises(ValueError):
-        momentum_schedule(0, 0)
+        momentum_at(0, 0)
 
 
 def test_models_package_has_no_distributed_import_or_cuda_calls():
@@ -155,7 +156,7 @@ def _grads(model):
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_joint_views_equal_per_view_forwards_in_one_process(checkpointing):
-    from scale.parallel.checkpointing import apply_activation_checkpointing
+    from scale.parallel.recompute import apply_activation_checkpointing
 
     losses, grads, buffers = {}, {}, {}
     both = torch.randn(2, 8, 3, 32, 32)  # the loaders' layout: one buffer, view 1 then view 2

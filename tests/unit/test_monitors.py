@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
-from scale.train.knn import knn_accuracy
-from scale.train.monitors import DipDetector, FeatureBank, SpikeDetector, bank_steps, sharded_knn_counts
+from scale.train.dense_knn import FeatureBank, bank_steps
+from scale.train.events import DipDetector, SpikeDetector
+from scale.train.knn import knn_accuracy, knn_counts
 from scale.train.trainer import Trainer
 from tests.helpers import FixedBatchLoader, tiny_config
 
@@ -41,14 +42,15 @@ def test_dense_knn_equals_brute_force_weighted_knn_on_the_same_bank():
     queries = torch.randn(64, 16, generator=g)
     labels = torch.randint(5, (64,), generator=g)
     for k in (1, 20, 200):
-        counts = sharded_knn_counts(queries, labels, bank, bank_labels, k=k, temperature=0.07, rows=24)
+        q = torch.nn.functional.normalize(queries, dim=1)
+        counts = knn_counts(q, labels, bank, bank_labels, ks=(k,), temperature=0.07, rows=24)
         keep = bank_labels >= 0
         expected = knn_accuracy(bank[keep], bank_labels[keep], torch.nn.functional.normalize(queries, dim=1),
                                 labels, k=k, temperature=0.07)  # fmt: skip
         assert counts[1] == 64
         assert 100 * counts[0].item() / 64 == pytest.approx(expected)
     labels[:10] = -1  # unlabelled queries are not counted
-    assert sharded_knn_counts(queries, labels, bank, bank_labels, k=20, temperature=0.07)[1] == 54
+    assert knn_counts(queries, labels, bank, bank_labels, ks=(20,), temperature=0.07)[1] == 54
 
 
 def test_spike_detector_finds_spikes_and_their_delay_to_the_last_layer():

@@ -5,7 +5,8 @@ cluster; torchrun and the deepspeed launcher from their sources)."""
 
 import pytest
 
-from scale.parallel.placement import LaunchError, choose_device, detect_launch, plan_placement, tasks_on_node
+from scale.errors import LaunchError
+from scale.parallel.placement import choose_device, detect_launch, plan_placement, tasks_on_node
 
 # The batch script's own environment: set in sbatch although srun started nothing.
 SBATCH = {"SLURM_JOB_ID": "12", "SLURM_NTASKS": "16", "SLURM_NPROCS": "16", "SLURM_PROCID": "0",

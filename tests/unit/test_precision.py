@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from scale.parallel import precision
+from scale.hardware import peaks, precision
 from scale.parallel.base import SingleProcess
 
 
@@ -56,12 +56,10 @@ def test_auto_is_fp32_on_every_cpu_and_native_fast_bf16_is_not_warned(cpu, caplo
 
 
 def test_cpu_mfu_uses_the_peak_of_the_precision_in_use(monkeypatch):
-    from scale.train import metrics
-
-    monkeypatch.setattr(metrics, "measured_cpu_peak", lambda dtype=torch.float32, *a, **k: {
+    monkeypatch.setattr(peaks, "measured_cpu_peak", lambda dtype=torch.float32, *a, **k: {
         torch.float32: 129e9, torch.bfloat16: 0.3e9}[dtype])  # fmt: skip
-    assert metrics.device_peak(torch.device("cpu"), "fp32") == (129e9, "measured CPU float32 matmul peak")
-    assert metrics.device_peak(torch.device("cpu"), "bf16") == (0.3e9, "measured CPU bfloat16 matmul peak")
+    assert peaks.device_peak(torch.device("cpu"), "fp32") == (129e9, "measured CPU float32 matmul peak")
+    assert peaks.device_peak(torch.device("cpu"), "bf16") == (0.3e9, "measured CPU bfloat16 matmul peak")
 
 
 def test_the_peak_probe_measures_an_emulated_dtype_quickly():
@@ -73,7 +71,7 @@ def test_tuned_cpu_malloc_serves_large_activations_from_the_heap_not_fresh_mmaps
     import ctypes
     import platform
 
-    from scale.parallel.cpu import tune_cpu_malloc
+    from scale.hardware.cpu_malloc import tune_cpu_malloc
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc only")

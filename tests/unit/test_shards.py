@@ -4,8 +4,9 @@ import logging
 import numpy as np
 import pytest
 
-from scale.data.loader import ShardSource
-from scale.data.shards import DataError, find_images, make_shards, read_index, verify_shards, write_index
+from scale.data.shards import find_images, make_shards, read_index, verify_shards, write_index
+from scale.data.sources import ShardSource
+from scale.errors import DataError
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from scale.config import ConfigError
+from scale.errors import BackendError, TrainingError
 from scale.optim import lr_at, momentum_at
-from scale.parallel.base import BackendError
-from scale.train.trainer import Trainer, TrainingError, _Window
+from scale.train.step_stats import LogWindow
+from scale.train.trainer import Trainer
 from tests.helpers import FixedBatchLoader, read_metrics, tiny_config
 
 
@@ -133,8 +134,8 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(tmp_path):
-    from scale.parallel.checkpointing import apply_activation_checkpointing
-    from scale.train.trainer import build_model
+    from scale.parallel.recompute import apply_activation_checkpointing
+    from scale.train.parallelize import build_model
 
     cfg = tiny_config(tmp_path)
     torch.manual_seed(0)
@@ -184,8 +185,8 @@ def test_run_settings_are_validated(tmp_path):
 def test_activation_checkpointing_cuts_the_activations_kept_for_backward(tmp_path):
     """Memory effect, measured as the bytes of tensors autograd keeps for the backward pass
     (deterministic, unlike process memory): with checkpointing a block keeps only its input."""
-    from scale.parallel.checkpointing import apply_activation_checkpointing
-    from scale.train.trainer import build_model
+    from scale.parallel.recompute import apply_activation_checkpointing
+    from scale.train.parallelize import build_model
 
     cfg = tiny_config(tmp_path, **{"model.depth": 6, "model.embed_dim": 64, "model.patch_size": 4})
 
@@ -270,7 +271,7 @@ def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatc
     assert reads.count == 0, reads.where
     after = trainer.backend.module.state_dict()
     assert any(not torch.equal(state[k], after[k]) for k in state)  # the first step moved the weights
-    window = _Window()
+    window = LogWindow()
     window.add(metrics["loss"])
     reads.active = True
     row = trainer._log_row(metrics, window)

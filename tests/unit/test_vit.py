@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from scale.models import VIT_ALIASES, VIT_PRESETS, build_vit, resolve_vit_config
-from scale.models.checkpoints import build_timm_vit, export_timm_state_dict, load_backbone
+from scale.models.formats import build_timm_vit, export_timm_state_dict, load_backbone
 from scale.models.vit import TokenBatchNorm, count_params, sincos_pos_embed
 from tests.helpers import TINY_VIT
 

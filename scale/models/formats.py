@@ -1,4 +1,5 @@
-"""Checkpoint interop: the authors' MoCo v3 releases, timm ViT state dicts, and our own.
+"""Model weights in other formats: the authors' MoCo v3 releases, timm ViT state dicts, and our own
+(read, checked key by key, exported).
 
 Formats understood:
 - official MoCo v3 (`main_moco.py`): `{'epoch', 'arch', 'state_dict', 'optimizer'}` where
@@ -15,12 +16,15 @@ import logging
 import os
 import tempfile
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from timm.models.vision_transformer import VisionTransformer as TimmViT
 from torch import nn
 
+from scale.errors import CheckpointError
 from scale.models.moco import MoCoV3
 from scale.models.vit import VisionTransformer, ViTConfig
 
@@ -28,10 +32,6 @@ log = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
 _MOCO_PARTS = ("base_encoder.", "momentum_encoder.", "predictor.")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model it is loaded into."""
 
 
 def read_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, Any]:
@@ -177,8 +177,6 @@ def timm_kwargs(cfg: ViTConfig) -> dict[str, Any]:
     """
     if cfg.use_bn or cfg.conv_stem:
         raise ValueError("ViT-BN and conv-stem backbones have no timm VisionTransformer equivalent")
-    from functools import partial
-
     return dict(
         img_size=cfg.img_size,
         patch_size=cfg.patch_size,
@@ -200,8 +198,4 @@ def timm_kwargs(cfg: ViTConfig) -> dict[str, Any]:
 
 def build_timm_vit(cfg: ViTConfig) -> nn.Module:
     """The timm `VisionTransformer` equivalent to `cfg`; load `export_timm_state_dict` into it."""
-    try:
-        from timm.models.vision_transformer import VisionTransformer as TimmViT
-    except ImportError as e:  # pragma: no cover - timm is a dependency
-        raise ImportError("timm is needed for this: pip install timm") from e
     return TimmViT(**timm_kwargs(cfg))

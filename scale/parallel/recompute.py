@@ -1,5 +1,6 @@
-"""Activation checkpointing applied from outside the model: each given module recomputes its
-forward during the backward pass instead of storing activations. Parameter names are unchanged
+"""Activation recompute ("activation checkpointing", `--parallel.activation_checkpointing`) applied
+from outside the model: each given module recomputes its forward during the backward pass instead of
+storing activations. Parameter names are unchanged
 (the forward is wrapped on the instance, the module tree is not touched)."""
 
 from __future__ import annotations

@@ -12,14 +12,18 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from scale.models.checkpoints import CheckpointError, backbone_state_dict, load_backbone, read_checkpoint
+from scale.config import config_from_dict
+from scale.errors import CheckpointError
+from scale.models.formats import backbone_state_dict, load_backbone, read_checkpoint
 from scale.models.vit import VIT_ALIASES, VIT_PRESETS, VisionTransformer, build_vit
+from scale.train.parallelize import build_model
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +74,7 @@ def run_model_state(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], str]:
 def _dcp_model_state(dcp_dir: Path) -> dict[str, torch.Tensor]:
     """FSDP2's sharded files read whole, on one process (no process group needed)."""
     state: dict[str, Any] = {}
-    try:  # in memory, as torch's own dcp_to_torch_save does it
+    try:  # in memory, as torch's own dcp_to_torch_save does it (private names: imported here, with a fallback)
         from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
         from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
@@ -78,8 +82,6 @@ def _dcp_model_state(dcp_dir: Path) -> dict[str, torch.Tensor]:
         _load_state_dict(state, storage_reader=FileSystemReader(str(dcp_dir)), planner=_EmptyStateDictLoadPlanner(),
                          no_dist=True)  # fmt: skip
     except ImportError:  # private names moved: the public converter, through a temporary file
-        import tempfile
-
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -94,7 +96,7 @@ def _dcp_model_state(dcp_dir: Path) -> dict[str, torch.Tensor]:
 def _deepspeed_model_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     """DeepSpeed's partitions (any ZeRO stage, any world size) consolidated to fp32 by its own tool."""
     try:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # optional dependency
     except ImportError:
         raise CheckpointError(f"{ckpt_dir} is a DeepSpeed checkpoint: reading it needs pip install deepspeed") from None
     sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag="engine")
@@ -180,9 +182,7 @@ def _backbone_from_config(config: dict | None, model: str | None, overrides: dic
     """The backbone a run was trained with (its resolved config), or `model` when given."""
     if config is None:
         raise CheckpointError("the run checkpoint has no config in client.pt")
-    from scale.config import Config
-
-    cfg = Config.from_dict(config)
+    cfg = config_from_dict(config)
     m = cfg.model
     if model is not None and model != m.name:
         raise CheckpointError(f"--model {model} but the run trained {m.name}; leave --model out for run checkpoints")
@@ -193,14 +193,9 @@ def random_init_like(loaded: LoadedBackbone) -> LoadedBackbone:
     """The same architecture at the initial weights its run started from (seeded as the trainer
     seeds the model: `run.seed`, the whole MoCo model built, its base encoder taken), frozen: the
     baseline a pretrained backbone is compared with."""
-    from scale.config import Config
-    from scale.models import build_moco
-
     if loaded.config is None:
         raise CheckpointError("--random-init needs a run checkpoint of this project (its config and seed)")
-    cfg = Config.from_dict(loaded.config)
+    cfg = config_from_dict(loaded.config)
     torch.manual_seed(cfg.run.seed)
-    m = cfg.model
-    backbone = build_moco(m.name, dim=m.dim, mlp_dim=m.mlp_dim, temperature=m.temperature, **m.vit_overrides())
-    model = backbone.base_encoder.eval().requires_grad_(False)
+    model = build_model(cfg).base_encoder.eval().requires_grad_(False)
     return LoadedBackbone(model, f"{loaded.source} (random init)", "random init", loaded.name, 0, loaded.config)

@@ -1,4 +1,6 @@
-"""What the CPU does with bf16: detected from torch's CPU feature checks, then measured.
+"""The training precision of a run on its device: `parallel.precision` resolved ('auto' -> bf16 on
+GPUs that support it, fp32 elsewhere), TF32 for fp32 on CUDA, and what the CPU does with bf16:
+detected from torch's CPU feature checks, then measured.
 
 Without AVX-512 BF16 (or AMX) an x86 CPU emulates bf16 matmuls: measured on a machine of this kind,
 a 2048^3 bf16 matmul ran at 0.3 GFLOP/s against 129 in fp32, and a ViT-S step took 100 s instead
@@ -11,11 +13,51 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 
 import torch
 
+from scale.config import PRECISIONS
+from scale.errors import BackendError
+from scale.hardware.peaks import measured_cpu_peak
+
 log = logging.getLogger(__name__)
+
+
+def resolve_precision(precision: str, device: torch.device | None = None) -> str:
+    """'auto' -> bf16 on CUDA GPUs that support it, else fp32 (on every CPU: see below). fp16 needs
+    CUDA. `device`: where the run computes (default: CUDA when this machine has it, else the CPU)."""
+    device = device or default_device()
+    if precision not in PRECISIONS:
+        raise BackendError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise BackendError(
+            "fp16 needs a CUDA GPU (loss scaling and fp16 kernels); on CPU use --parallel.precision=bf16 or fp32"
+        )
+    return precision
+
+
+def default_device() -> torch.device:
+    """The kind of device a run on this machine computes on, before placement picks one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a resolved precision (None for fp32)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def configure_tf32(enabled: bool, device: torch.device) -> None:
+    """fp32 matmuls and convolutions on CUDA through TF32 tensor cores (inputs rounded to a 10-bit
+    mantissa, fp32 accumulation: about 7x the plain fp32 rate on A100/H100), or full fp32. Logged;
+    `--parallel.tf32=false` turns it off. Only fp32 runs are affected (bf16/fp16 autocast is not)."""
+    if device.type != "cuda":
+        return
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = enabled
+    log.info("fp32 matmuls on CUDA: %s", "TF32 tensor cores (--parallel.tf32=false for full fp32)" if enabled
+             else "full fp32 (TF32 off)")  # fmt: skip
 
 
 def cpu_bf16_native() -> bool | None:
@@ -29,27 +71,6 @@ def cpu_bf16_native() -> bool | None:
         return any(bool(c()) for c in checks)
     except RuntimeError:
         return None
-
-
-def measured_cpu_peak(dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 3) -> float:
-    """FLOP/s of an n^3 matmul on this CPU in `dtype` (best of `repeats`). A 256^3 probe first: a
-    dtype this CPU emulates (bf16 without AVX-512 BF16: under 1 GFLOP/s) is measured on the probe
-    alone, which takes a fraction of a second instead of minutes."""
-
-    def rate(size: int, times: int) -> float:
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-        a @ b
-        best = float("inf")
-        for _ in range(times):
-            t = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - t)
-        return 2 * size**3 / best
-
-    probe = rate(256, 1)
-    if probe < 5e9 or n <= 256:
-        return probe
-    return rate(n, repeats)
 
 
 @functools.cache

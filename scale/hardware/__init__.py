@@ -1,0 +1,3 @@
+"""What the machine can do and how a run uses it: the training precision resolved for a device
+(with the CPU's bf16 capability measured), TF32, the device's peak FLOP/s for MFU and its peak
+memory, and the CPU allocator tuned for training. No parallelism, no model."""

@@ -1,0 +1,37 @@
+"""What a backend is given besides the model: typed settings (never the run's whole config) and the
+sharding plan of the model (given by whoever knows the model: `scale.train.parallelize`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """The run's values a backend needs to set itself up (`Backend.setup`)."""
+
+    global_batch_size: int = 1
+    batch_size_per_device: int = 1
+    grad_accum_steps: int = 1
+    clip_grad: float = 0.0
+    """The global gradient norm's clipping threshold (0: none); DeepSpeed clips inside its engine."""
+    optimizer: str = "adamw"
+    """The optimizer's name: DeepSpeed ZeRO refuses the per-tensor trust ratios of LAMB and LARS."""
+    reshard_after_forward: bool = True
+    """FSDP2: free the base encoder's gathered parameters after each unit's forward."""
+
+
+@dataclass
+class ShardingPlan:
+    """How to shard a model, given by whoever knows the model.
+
+    units: modules to shard one by one, innermost first (e.g. every transformer block of both
+        encoders, then the encoders); the root is sharded last by the backend.
+    forward_methods: (module, method name) pairs called from outside besides `forward` (e.g. an
+        encoder's `pooled_features` for evaluation), so sharded backends gather parameters for them.
+    """
+
+    units: list[nn.Module] = field(default_factory=list)
+    forward_methods: list[tuple[nn.Module, str]] = field(default_factory=list)

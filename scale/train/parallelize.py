@@ -1,0 +1,187 @@
+"""How MoCo v3 is laid out on the devices, in one place (in the spirit of torchtitan's per-model
+`parallelize`): the model built from the config, its units for sharding (the momentum encoder
+mirroring the base encoder's layout, so that its EMA runs on local shards), the blocks that
+recompute their activations, the compiled regions, the cross-rank pieces (BatchNorm, the key
+gather) and the backend's typed settings. `parallelize` applies them in torchtitan's order
+(recompute, then compilation, then sharding); the trainer calls it once.
+
+What depends on the backbone family lives in its `BackboneLayout` (`layout_of` picks it): a new
+family (e.g. ResNet-50) adds a layout here and touches no backend.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from scale.config import Config, Derived
+from scale.hardware.precision import autocast_dtype
+from scale.models import MoCoV3, build_moco, resolve_vit_config
+from scale.models.vit import VisionTransformer, ViTConfig, attention_backend
+from scale.optim import build_optimizer, param_groups
+from scale.parallel.base import Backend
+from scale.parallel.compile import compile_regions
+from scale.parallel.dist import AllGatherKeys
+from scale.parallel.recompute import apply_activation_checkpointing
+from scale.parallel.settings import BackendSettings, ShardingPlan
+from scale.parallel.sync_batchnorm import convert_sync_batchnorm
+
+log = logging.getLogger(__name__)
+
+
+def build_model(cfg: Config) -> MoCoV3:
+    """The MoCo v3 model of `cfg` on the default device (the meta device works), on one process."""
+    m = cfg.model
+    return build_moco(m.name, dim=m.dim, mlp_dim=m.mlp_dim, temperature=m.temperature, view_forward=m.view_forward,
+                      **m.vit_overrides())  # fmt: skip
+
+
+def backbone_config(cfg: Config) -> ViTConfig:
+    """The backbone's configuration of `cfg` without building anything."""
+    return resolve_vit_config(cfg.model.name, **cfg.model.vit_overrides())
+
+
+class BackboneLayout:
+    """What laying MoCo out needs to know about one backbone family: its repeated blocks (units of
+    sharding, recompute and compilation) and its layers for the gradient monitor."""
+
+    def blocks(self, encoder: nn.Module) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def layers(self, model: MoCoV3) -> list[tuple[str, nn.Module]]:
+        """(name, module) of the layers whose gradient norms the monitor follows, first layer first."""
+        raise NotImplementedError
+
+    def describe(self, model: MoCoV3, device: torch.device, precision: str) -> str:
+        """How the step computes, for the start-up log."""
+        return ""
+
+
+class ViTLayout(BackboneLayout):
+    """Vision Transformers: every transformer block is a unit."""
+
+    def blocks(self, encoder: VisionTransformer) -> list[nn.Module]:
+        return list(encoder.blocks)
+
+    def layers(self, model: MoCoV3) -> list[tuple[str, nn.Module]]:
+        """The patch projection (when it is learned), each block, the projector and the predictor; the
+        class token, position table and final norm are left out (no layer of the paper's Fig. 4)."""
+        enc = model.base_encoder
+        return [("patch_embed", enc.patch_embed), *((f"block.{i}", b) for i, b in enumerate(enc.blocks)),
+                ("projector", enc.head), ("predictor", model.predictor)]  # fmt: skip
+
+    def describe(self, model: MoCoV3, device: torch.device, precision: str) -> str:
+        vit = model.base_encoder.cfg
+        kernel = attention_backend(vit, device, autocast_dtype(precision) or torch.float32)
+        views = ("as one batch (joint views)" if model.joint_views
+                 else "one view at a time (BatchNorm before the head needs per-view statistics)")  # fmt: skip
+        head_width = vit.embed_dim // vit.num_heads
+        return (f"attention: scaled_dot_product_attention with the {kernel} kernel ({precision}, {vit.num_tokens} "
+                f"tokens, head width {head_width}); both views through each encoder {views}")  # fmt: skip
+
+
+LAYOUTS: list[tuple[type[nn.Module], BackboneLayout]] = [(VisionTransformer, ViTLayout())]
+
+
+def layout_of(model: MoCoV3) -> BackboneLayout:
+    for backbone, layout in LAYOUTS:
+        if isinstance(model.base_encoder, backbone):
+            return layout
+    raise TypeError(f"no layout for a {type(model.base_encoder).__name__} backbone (scale.train.parallelize)")
+
+
+def sharding_plan(model: MoCoV3) -> ShardingPlan:
+    """Shard every block of both encoders, then the encoders and the predictor; the momentum
+    encoder gets exactly the base encoder's layout (its EMA then runs on local shards)."""
+    layout = layout_of(model)
+    enc, mom = model.base_encoder, model.momentum_encoder
+    return ShardingPlan(
+        units=[*layout.blocks(enc), *layout.blocks(mom), enc, mom, model.predictor],
+        forward_methods=[(enc, "pooled_features"), (mom, "pooled_features")],
+    )
+
+
+def compiled_regions(model: MoCoV3) -> list[nn.Module]:
+    """What `--model.compile` compiles: each block of both encoders (one graph for all: the same
+    code), both projectors and the predictor."""
+    layout = layout_of(model)
+    enc, mom = model.base_encoder, model.momentum_encoder
+    return [*layout.blocks(enc), *layout.blocks(mom), enc.head, mom.head, model.predictor]
+
+
+def recomputed_blocks(model: MoCoV3) -> list[nn.Module]:
+    """The blocks that recompute their activations in the backward (the base encoder's: the momentum
+    encoder keeps none)."""
+    return layout_of(model).blocks(model.base_encoder)
+
+
+def grad_groups(model: MoCoV3) -> list[tuple[str, list[nn.Parameter]]]:
+    """(layer name, trainable parameters) of the gradient monitor's layers, first layer first."""
+    out = []
+    for name, module in layout_of(model).layers(model):
+        params = [p for p in module.parameters() if p.requires_grad]
+        if params:
+            out.append((name, params))
+    return out
+
+
+def backend_settings(cfg: Config, derived: Derived) -> BackendSettings:
+    return BackendSettings(
+        global_batch_size=derived.global_batch_size,
+        batch_size_per_device=derived.batch_size_per_device,
+        grad_accum_steps=derived.grad_accum_steps,
+        clip_grad=cfg.optim.clip_grad,
+        optimizer=cfg.optim.name,
+        reshard_after_forward=cfg.parallel.reshard_after_forward,
+    )
+
+
+def optimizer_factory(cfg: Config, lr: float, described: list[str]) -> Callable[[nn.Module], torch.optim.Optimizer]:
+    """The optimizer of `cfg` over a module's parameters, as a backend builds it (on the module it
+    holds, possibly sharded); appends its description to `described`."""
+
+    def build(module: nn.Module) -> torch.optim.Optimizer:
+        o = cfg.optim
+        groups = param_groups(module, o.exclude_norm_bias_from_wd)
+        opt, description = build_optimizer(o.name, groups, lr, o.weight_decay, o.betas, o.eps, o.momentum,
+                                           o.trust_coefficient, o.implementation)  # fmt: skip
+        described.append(description)
+        return opt
+
+    return build
+
+
+@dataclass
+class LaidOut:
+    """What `parallelize` did: the model the backend holds (`backend.module`) and descriptions for
+    the start-up log."""
+
+    model: MoCoV3
+    optimizer: str
+    compute: str
+
+
+def parallelize(cfg: Config, backend: Backend, derived: Derived) -> LaidOut:
+    """Build the MoCo v3 model of `cfg` and lay it out on `backend`'s devices: cross-rank BatchNorm
+    and key gather with several ranks, activation recompute, compiled regions, then the backend's
+    wrapping or sharding (`Backend.setup`) with the optimizer over what it holds."""
+    model = build_model(cfg)
+    if backend.world_size > 1:
+        convert_sync_batchnorm(model)
+        model.key_gather = AllGatherKeys()
+    if cfg.parallel.activation_checkpointing:
+        apply_activation_checkpointing(recomputed_blocks(model))
+    if cfg.model.compile:  # after recompute, before the backend shards or wraps the model
+        regions = compile_regions(compiled_regions(model))
+        if backend.is_main:
+            log.info("torch.compile: %d regions (every block of both encoders, the two projectors and the "
+                     "predictor), one graph per kind, compiled at the first step", regions)  # fmt: skip
+    described: list[str] = []
+    backend.setup(model, optimizer_factory(cfg, derived.lr, described), backend_settings(cfg, derived),
+                  sharding_plan(model))  # fmt: skip
+    compute = layout_of(model).describe(backend.module, backend.device, backend.precision)
+    return LaidOut(backend.module, described[-1] if described else "", compute)

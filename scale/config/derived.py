@@ -20,7 +20,7 @@ def split_batch(cfg: Config, world_size: int) -> int:
             accumulation steps.
     """
     b = cfg.batch
-    per_device = b.batch_size_per_device or b.global_batch_size // (world_size * b.grad_accum_steps)
+    per_device = b.batch_size_per_device or b.global_batch_size // max(1, world_size * b.grad_accum_steps)
     if per_device < 1 or per_device * world_size * b.grad_accum_steps != b.global_batch_size:
         raise ConfigError(
             f"--batch.global_batch_size={b.global_batch_size} does not split into {world_size} rank(s) x "

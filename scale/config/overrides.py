@@ -130,7 +130,14 @@ def current_names(flat: dict[str, Any]) -> dict[str, Any]:
     for old, new in RENAMED.items():
         if old in flat and new not in flat:
             out[new] = flat[old]
+        elif old in flat and flat[old] != flat[new] and (old, new) not in _conflicts_logged:
+            _conflicts_logged.add((old, new))
+            log.warning("a config written before %s was merged into %s holds %s=%r and %s=%r: %s=%r is used for "
+                        "both kNN monitors now", old, new, old, flat[old], new, flat[new], new, flat[new])  # fmt: skip
     return out
+
+
+_conflicts_logged: set[tuple[str, str]] = set()
 
 
 def config_from_dict(d: dict[str, Any]) -> Config:

@@ -87,7 +87,7 @@ def build_backend(name: str, precision: str = "auto", deepspeed_config: str = ""
     `parallel.backend` value ('auto': ddp with several ranks, else single)."""
     resolve_precision(precision)  # fail early
     world = dist.get_world_size() if dist.is_initialized() else 1
-    problem = launch_problem(name, world, deepspeed_config)
+    problem = launch_problem(name, world, deepspeed_config, process_group=dist.is_initialized())
     if problem:
         raise BackendError(problem)
     cls = backend_class(resolve_backend_name(name, world))

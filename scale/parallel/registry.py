@@ -19,7 +19,8 @@ class BackendSpec:
     module: str
     """Where the class lives, imported when a backend of this kind is built."""
     class_name: str
-    min_ranks: int = 1
+    needs_process_group: bool = False
+    """DDP and FSDP2 run over a process group: launched on several ranks (torchrun, srun, ...)."""
     max_ranks: int | None = None
     needs_ds_config: bool = False
     run_suffix: str = ""
@@ -31,8 +32,8 @@ BACKENDS: dict[str, BackendSpec] = {
     spec.name: spec
     for spec in (
         BackendSpec("single", "scale.parallel.base", "SingleProcess", max_ranks=1),
-        BackendSpec("ddp", "scale.parallel.ddp", "DDPBackend", min_ranks=2),
-        BackendSpec("fsdp", "scale.parallel.fsdp", "FSDPBackend", min_ranks=2, run_suffix="-fsdp"),
+        BackendSpec("ddp", "scale.parallel.ddp", "DDPBackend", needs_process_group=True),
+        BackendSpec("fsdp", "scale.parallel.fsdp", "FSDPBackend", needs_process_group=True, run_suffix="-fsdp"),
         BackendSpec("deepspeed", "scale.parallel.deepspeed", "DeepSpeedBackend", needs_ds_config=True),
     )
 }
@@ -45,15 +46,20 @@ def resolve_backend_name(name: str, world_size: int) -> str:
     return ("ddp" if world_size > 1 else "single") if name == "auto" else name
 
 
-def launch_problem(name: str, world_size: int, deepspeed_config: str = "") -> str | None:
+def launch_problem(
+    name: str, world_size: int, deepspeed_config: str = "", process_group: bool | None = None
+) -> str | None:
     """Why backend `name` cannot run on `world_size` launched ranks with this DeepSpeed config
-    (one line naming the fix), or None when it can."""
+    (one line naming the fix), or None when it can. `process_group`: whether one exists (default:
+    with several ranks, as `scale.parallel.launch.init_distributed` creates one)."""
+    if process_group is None:
+        process_group = world_size > 1
     if name not in BACKEND_CHOICES:
         return f"--parallel.backend={name!r} is not one of: {', '.join(BACKEND_CHOICES)}"
     spec = BACKENDS[resolve_backend_name(name, world_size)]
     if spec.max_ranks is not None and world_size > spec.max_ranks:
         return f"--parallel.backend={name} cannot run on {world_size} ranks; use ddp, fsdp or auto"
-    if world_size < spec.min_ranks:
+    if spec.needs_process_group and not process_group:
         return (
             f"--parallel.backend={name} needs several ranks: launch with torchrun --nproc_per_node N "
             "(or use single / auto for one process)"

@@ -37,7 +37,7 @@ def _world() -> tuple[int, int, bool]:
 @torch.no_grad()
 def knn_counts(
     queries: torch.Tensor, query_labels: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor,
-    ks: tuple[int, ...], temperature: float, rows: int = 256,
+    ks: tuple[int, ...], temperature: float, rows: int = 256, tile: int = 256,
 ) -> torch.Tensor:  # fmt: skip
     """(correct for each k of `ks`..., counted) over the queries of every rank, as a float64 device
     tensor (len(ks) + 1,), with no host read.
@@ -46,7 +46,8 @@ def knn_counts(
     (CUDA under NCCL). Every rank must pass the same number n of queries (`pad_queries`). Queries
     with label < 0 are not counted; bank rows with label < 0 are never neighbours. Per round of
     `rows` queries per rank: one all-gather of the queries, one all-to-all of max(ks) candidates per
-    query and bank rank; at the end one all-reduce of the counts. Memory is bounded by the round.
+    query and bank rank; at the end one all-reduce of the counts. Memory is bounded by the round and
+    by `tile` rows of similarities and votes at a time.
     """
     rank, world, distributed = _world()
     n, D = queries.shape
@@ -56,6 +57,7 @@ def knn_counts(
     q_all = queries.float().to(device)
     y_all = query_labels.to(device)
     bank_labels = bank_labels.to(device)
+    never = bank_labels[None, :] < 0
     counts = torch.zeros(len(ks) + 1, dtype=torch.float64, device=device)
     for r0 in range(0, max(n, 1), rows):
         q = q_all[r0 : r0 + rows]
@@ -65,28 +67,33 @@ def knn_counts(
             all_gather_single(gathered, q.contiguous())  # row block r: rank r's queries
         else:
             gathered = q
-        sims = (gathered @ bank.T).masked_fill(bank_labels[None, :] < 0, float("-inf"))  # (world * m, N_local)
-        top_s, top_i = sims.topk(kk, dim=1)
-        top_l = torch.where(torch.isfinite(top_s), bank_labels[top_i].to(torch.float32), -1.0)  # exact below 2^24
-        cand = torch.stack([top_s, top_l], dim=-1)  # (world * m, kk, 2)
+        cand = gathered.new_empty(gathered.shape[0], kk, 2)  # (world * m, kk, [similarity, label])
+        for t0 in range(0, gathered.shape[0], tile):
+            sims = (gathered[t0 : t0 + tile] @ bank.T).masked_fill(never, float("-inf"))  # (tile, N_local)
+            top_s, top_i = sims.topk(kk, dim=1)
+            top_l = torch.where(torch.isfinite(top_s), bank_labels[top_i].to(torch.float32), -1.0)  # exact < 2^24
+            cand[t0 : t0 + tile] = torch.stack([top_s, top_l], dim=-1)
         if kk < kmax:  # a part of the bank smaller than k: padded with non-neighbours, equal shapes everywhere
             cand = torch.cat([cand, cand.new_tensor([float("-inf"), -1.0]).expand(cand.shape[0], kmax - kk, 2)], 1)
         if distributed:
             got = torch.empty_like(cand)
             dist.all_to_all_single(got, cand.contiguous())  # block b: bank rank b's candidates for my queries
             cand = got.view(world, m, kmax, 2).permute(1, 0, 2, 3).reshape(m, world * kmax, 2)
-        best_s, best_i = cand[:, :, 0].topk(kmax, dim=1)  # sorted: the first k are the top k
-        best_l = cand[:, :, 1].gather(1, best_i)
         y = y_all[r0 : r0 + rows]
-        for j, k in enumerate(ks):
-            s, lab = best_s[:, :k], best_l[:, :k]
-            weights = torch.where(lab >= 0, (s / temperature).exp(), 0.0)  # (m, k)
-            # The votes for each neighbour's class without knowing the number of classes: the weight
-            # of the neighbours sharing neighbour j's class; the prediction is the class of the best j.
-            same = lab[:, :, None] == lab[:, None, :]  # (m, k, k)
-            votes = (same * weights[:, None, :]).sum(-1).masked_fill(lab < 0, -1.0)
-            predicted = lab.gather(1, votes.argmax(1, keepdim=True)).squeeze(1)
-            counts[j] += ((predicted == y.float()) & (y >= 0)).sum()
+        for t0 in range(0, m, tile):
+            best_s, best_i = cand[t0 : t0 + tile, :, 0].topk(kmax, dim=1)  # sorted: the first k are the top k
+            best_l = cand[t0 : t0 + tile, :, 1].gather(1, best_i)
+            yy = y[t0 : t0 + tile]
+            for j, k in enumerate(ks):
+                s, lab = best_s[:, :k], best_l[:, :k]
+                weights = torch.where(lab >= 0, (s / temperature).exp(), 0.0)  # (tile, k)
+                # The votes for each neighbour's class without knowing the number of classes: the
+                # weight of the neighbours sharing neighbour j's class; the prediction is the class
+                # of the best j (ties: the nearest such neighbour's class).
+                same = lab[:, :, None] == lab[:, None, :]  # (tile, k, k)
+                votes = (same * weights[:, None, :]).sum(-1).masked_fill(lab < 0, -1.0)
+                predicted = lab.gather(1, votes.argmax(1, keepdim=True)).squeeze(1)
+                counts[j] += ((predicted == yy.float()) & (yy >= 0)).sum()
         counts[-1] += (y >= 0).sum()
     if distributed:
         dist.all_reduce(counts)
@@ -121,7 +128,8 @@ def knn_classify(
     the same numbers on every rank; `chunk` queries are classified per round over all ranks."""
     _, world, _ = _world()
     queries, query_labels = pad_queries(queries.to(bank.device), query_labels.to(bank.device))
-    counts = knn_counts(queries, query_labels, bank, bank_labels, ks, temperature, rows=max(1, chunk // world))
+    counts = knn_counts(queries, query_labels, bank, bank_labels, ks, temperature, rows=max(1, chunk // world),
+                        tile=512)  # fmt: skip
     values = counts.tolist()
     return {k: 100.0 * c / max(values[-1], 1.0) for k, c in zip(ks, values[:-1], strict=True)}
 

@@ -179,9 +179,11 @@ def _nan_step(rank, world, out_dir, backend):
     if backend == "zero3":
         # DeepSpeed 0.19's ZeRO-3 gathers on a stream of its own on GPUs; the momentum update orders
         # its writes before those gathers through this private attribute (None on a CPU).
+        from scale.parallel.ds_internals import zero3_gather_stream
+
         coordinator = trainer.backend.model.optimizer.parameter_offload.get_param_coordinator()
         assert hasattr(coordinator, "_PartitionedParameterCoordinator__allgather_stream")
-        assert trainer.backend._gather_stream() is None
+        assert zero3_gather_stream(trainer.backend.model.optimizer) is None
     before = trainer.backend.full_state_dict()
     trainer.cfg.schedule.max_steps = 3
     trainer.fit()  # the third global batch holds a NaN (on rank 0's half only)

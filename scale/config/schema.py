@@ -15,10 +15,8 @@ from typing import Any
 
 from scale.config.rules import Rule, field_rule, non_negative, one_of, positive, setting
 from scale.errors import ConfigError
+from scale.hardware import PRECISIONS
 from scale.parallel.registry import BACKEND_CHOICES
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-"""`parallel.precision` values; resolved for a device by `scale.hardware.precision.resolve_precision`."""
 
 
 @dataclass

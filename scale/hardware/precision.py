@@ -16,8 +16,8 @@ import logging
 
 import torch
 
-from scale.config import PRECISIONS
 from scale.errors import BackendError
+from scale.hardware import PRECISIONS
 from scale.hardware.peaks import measured_cpu_peak
 
 log = logging.getLogger(__name__)

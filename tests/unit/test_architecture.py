@@ -101,7 +101,9 @@ def test_no_import_cycle_between_files():
     ("layer", "forbidden"),
     [
         ("scale.models", ("torch.distributed", "scale.parallel", "scale.train", "scale.data", "scale.eval")),
-        ("scale.parallel", ("scale.models", "scale.train", "scale.data", "scale.eval")),
+        ("scale.parallel", ("scale.models", "scale.train", "scale.data", "scale.eval", "scale.config")),
+        ("scale.hardware", ("scale.config", "scale.parallel", "scale.models", "scale.train", "scale.data")),
+        ("scale.optim", ("scale.models", "scale.parallel", "scale.train", "scale.data", "scale.config")),
         ("scale.data", ("scale.models", "scale.parallel", "scale.train", "scale.eval", "scale.entry")),
         ("scale.config", ("torch", "scale.models", "scale.train", "scale.data")),
         ("scale.errors", ("torch", "scale.")),
@@ -127,3 +129,14 @@ def test_the_backend_tables_agree():
     assert set(THEORY) == set(BACKENDS)
     for name in BACKENDS:
         assert backend_class(name).name == name
+
+
+def test_the_command_line_is_read_before_torch_is_imported():
+    """`scale.pretrain` installs its preemption handler before torch is imported (a signal during the
+    minutes of start-up is recorded, not fatal): the config, the registry and the errors are torch-free."""
+    import subprocess
+    import sys
+
+    code = "import sys, scale.pretrain, scale.config, scale.plot; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "False"

@@ -50,16 +50,24 @@ class LocalKeys:
 
 class ViewwiseMLP(nn.Sequential):
     """An MLP head whose BatchNorms normalise each view on its own: `forward(x, views=V)` takes the
-    V views stacked along the batch, (V * B, F_in), runs the layers on each (B, F_in) part in turn
-    (the statistics and the running-average updates of per-view calls, in the same order) and
-    returns (V * B, F_out). One call per step, so a sharded backend gathers its weights once."""
+    V views stacked along the batch, (V * B, F_in), runs each layer on each (B, F_in) part (the
+    statistics and the running-average updates of per-view calls: every BatchNorm sees view 1,
+    then view 2) and returns (V * B, F_out). One call per step, so a sharded backend gathers its
+    weights once; a BatchNorm that takes all views at once (`forward_views`: the cross-rank one of
+    `scale.parallel`) reduces their statistics in one collective."""
 
     per_view = True  # `VisionTransformer.forward` passes `views` to a head that says so
 
     def forward(self, x: torch.Tensor, views: int = 1) -> torch.Tensor:
         if views == 1:
             return super().forward(x)
-        return torch.cat([super(ViewwiseMLP, self).forward(part) for part in x.chunk(views)])
+        parts = list(x.chunk(views))  # V x (B, F)
+        for layer in self:
+            if hasattr(layer, "forward_views"):
+                parts = layer.forward_views(parts)
+            else:
+                parts = [layer(part) for part in parts]
+        return torch.cat(parts)
 
 
 def mixes_samples(backbone: nn.Module) -> bool:

@@ -49,6 +49,15 @@ from scale.views import views_to
 log = logging.getLogger(__name__)
 
 
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether `a` and `b` overlap in memory (an in-place update of one changes the other)."""
+    sa, sb = a.untyped_storage(), b.untyped_storage()
+    if sa.data_ptr() != sb.data_ptr() or a.numel() == 0 or b.numel() == 0:
+        return False
+    a0, b0 = a.storage_offset() * a.element_size(), b.storage_offset() * b.element_size()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
@@ -148,8 +157,9 @@ class DeepSpeedBackend(Backend):
         ZeRO-3 partitions each parameter: this rank's part is `ds_tensor`, which the forward gathers
         from. A parameter under `stage3_param_persistence_threshold` is in addition kept whole in
         `.data` on every rank (and re-gathered from the parts after optimizer steps): both are
-        updated, with the same arithmetic, so they stay consistent. Both encoders have the same
-        shapes, so their parameters are partitioned and persisted alike.
+        updated, with the same arithmetic, so they stay consistent, unless they are one tensor
+        (one rank: the partition is the whole parameter, in the same storage), which is updated once.
+        Both encoders have the same shapes, so their parameters are partitioned and persisted alike.
         """
         ks, qs = self.module.momentum_pairs()
         if self.stage != 3:
@@ -157,9 +167,10 @@ class DeepSpeedBackend(Backend):
         local_k, local_q = [], []
         for k, q in zip(ks, qs, strict=True):
             assert internals.is_persistent(k) == internals.is_persistent(q), "encoders partitioned differently"
-            local_k.append(internals.partition(k))
+            part = internals.partition(k)
+            local_k.append(part)
             local_q.append(internals.partition(q))
-            if internals.is_persistent(k):
+            if internals.is_persistent(k) and not _same_memory(part, k.data):
                 local_k.append(k.data)
                 local_q.append(q.data)
         return local_k, local_q

@@ -1,11 +1,10 @@
 """BatchNorm with statistics over the batch of all ranks, applied to a built model from outside.
 
 MoCo v3 normalises its heads (and ViT-BN its MLP sub-blocks) with BatchNorm synchronised across
-all ranks. `torch.nn.SyncBatchNorm` has fused CUDA kernels but refuses CPU tensors, so:
-- on NCCL process groups the converter uses `torch.nn.SyncBatchNorm`;
-- elsewhere (gloo on CPU) it uses `CrossRankBatchNorm`: the same statistics from two
-  differentiable all-reduces (sum and count, then centred sum of squares), so autograd produces
-  the cross-rank gradient terms. A test checks the two agree on GPU.
+all ranks. The converter uses `CrossRankBatchNorm` on every backend: torch's `SyncBatchNorm`
+refuses CPU tensors and, on NCCL, reads a count on the host and all-gathers on every call (16 host
+syncs a step for a ViT, about 160 for ViT-BN-L/7), which stops the CPU from running ahead of the
+GPU as FSDP2's prefetching needs. A test checks the two agree on a GPU.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from scale.parallel.dist import all_reduce_with_grad
+from scale.parallel.recompute import recompute_phase
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +28,34 @@ def _move_channels(x: torch.Tensor, channels_last: bool, to_first: bool) -> torc
     return x.movedim(-1, 1) if to_first else x.movedim(1, -1)  # (B, N, D) <-> (B, D, N)
 
 
+class _ReplayedAllReduce(torch.autograd.Function):
+    """The sum over ranks of a recomputed forward, taken from the forward it repeats (no
+    communication); its backward is the all-reduce of the gradients, as the original's."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, total: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+        ctx.group = group
+        return total.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None, None
+
+
 class CrossRankBatchNorm(_BatchNorm):
-    """BatchNorm over the union of the batches of every rank in `process_group`, on any backend.
+    """BatchNorm over the union of the batches of every rank in `process_group`, on every backend
+    (gloo and NCCL alike), with no host sync: torch's SyncBatchNorm reads a count on the host and
+    all-gathers on every call, which would stop the CPU from running ahead of the GPU.
 
     Input is (B, C, ...) or, with `channels_last`, (B, ..., C). Outside training, or with one rank,
-    it is plain BatchNorm.
+    it is plain BatchNorm. One differentiable all-reduce per call carries the count, the sum and the
+    sum of squares of every view given (`forward_views`: the heads' two views, each with its own
+    statistics as in the paper's Algorithm 1), shifted by the running mean (the same on every rank)
+    to keep the variance's cancellation small. Under activation recompute the recomputed forward
+    reuses the forward's sums (`scale.parallel.recompute`). The output is fp32 under autocast, as
+    torch's autocast gives BatchNorm's, else the input's dtype.
     """
 
     def __init__(
@@ -53,33 +76,60 @@ class CrossRankBatchNorm(_BatchNorm):
         if x.dim() < 2:
             raise ValueError(f"expected at least 2-D input (B, C, ...), got {x.dim()}-D")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _move_channels(x, self.channels_last, to_first=True)
+    def _cross_rank(self) -> bool:
         # As torch.nn.SyncBatchNorm: statistics cross ranks only in training mode.
-        if self.training and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
-            y = self._cross_rank(x)
-        else:
-            y = super().forward(x)
-        return _move_channels(y, self.channels_last, to_first=False)
+        return self.training and dist.is_initialized() and dist.get_world_size(self.process_group) > 1
 
-    def _cross_rank(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(x)
-        C = x.shape[1]
-        dims = [0, *range(2, x.dim())]
-        shape = [1, C] + [1] * (x.dim() - 2)  # broadcast per channel
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in fp32 at least
-        count = torch.full((1,), x.numel() // C, dtype=xf.dtype, device=x.device)
-        totals = all_reduce_with_grad(torch.cat([xf.sum(dims), count]), self.process_group)  # (C + 1,)
-        n = totals[-1]
-        mean = totals[:-1] / n  # (C,)
-        centred = xf - mean.view(shape)
-        var = all_reduce_with_grad(centred.square().sum(dims), self.process_group) / n  # biased, (C,)
-        y = centred * torch.rsqrt(var + self.eps).view(shape)
-        if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        if self.training and self.track_running_stats:
-            self._update_running_stats(mean.detach(), var.detach(), n.detach())
-        return y.to(x.dtype)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_views([x])[0]
+
+    def forward_views(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each of `views` normalised with its own statistics (over every rank), the running
+        statistics updated view after view, as separate calls would: one collective for all."""
+        xs = [_move_channels(x, self.channels_last, to_first=True) for x in views]
+        if not self._cross_rank():
+            return [_move_channels(super(CrossRankBatchNorm, self).forward(x), self.channels_last, to_first=False)
+                    for x in xs]  # fmt: skip
+        for x in xs:
+            self._check_input_dim(x)
+        x0 = xs[0]
+        C = x0.shape[1]
+        dims = [0, *range(2, x0.dim())]
+        shape = [1, C] + [1] * (x0.dim() - 2)  # broadcast per channel
+        dtype = torch.promote_types(x0.dtype, torch.float32)  # statistics in fp32 at least
+        phase = recompute_phase()
+        replay = phase[1].replay(self) if phase is not None and phase[0] == "recompute" else None
+        if replay is not None:  # the recompute of a forward: its shift and its sums over the ranks
+            shift, total = replay
+        else:
+            shift = self.running_mean if self.track_running_stats else torch.zeros(C, device=x0.device)
+            shift = shift.detach().to(dtype, copy=True)  # a copy: the running mean moves during this call
+        shifted = [x.to(dtype) - shift.view(shape) for x in xs]
+        # Sums in fp64: E[s^2] - E[s]^2 then keeps the precision of a centred two-pass variance.
+        wide = [s.double() for s in shifted]
+        count = [torch.full((1,), x.numel() // C, dtype=torch.float64, device=x.device) for x in xs]
+        local = torch.stack([torch.cat([w.sum(dims), w.square().sum(dims), c])
+                             for w, c in zip(wide, count, strict=True)])  # (V, 2C + 1)  # fmt: skip
+        if replay is not None:  # no collective: the forward's sums, and the backward's all-reduce
+            totals = _ReplayedAllReduce.apply(local, total, self.process_group)
+        else:
+            totals = all_reduce_with_grad(local, self.process_group)
+            if phase is not None:  # the forward of a recomputed module: kept for its recompute
+                phase[1].record(self, (shift, totals.detach()))
+        outs = []
+        for v, s in enumerate(shifted):
+            n = totals[v, -1]
+            mean_wide = totals[v, :C] / n
+            mean_shifted = mean_wide.to(dtype)
+            var = (totals[v, C : 2 * C] / n - mean_wide.square()).clamp(min=0.0).to(dtype)  # biased, (C,)
+            y = (s - mean_shifted.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
+            if self.affine:
+                y = y * self.weight.view(shape) + self.bias.view(shape)
+            if self.track_running_stats:
+                self._update_running_stats((mean_shifted + shift).detach(), var.detach(), n.detach().to(dtype))
+            out_dtype = dtype if torch.is_autocast_enabled(y.device.type) else xs[v].dtype
+            outs.append(_move_channels(y.to(out_dtype), self.channels_last, to_first=False))
+        return outs
 
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:
@@ -94,18 +144,6 @@ class CrossRankBatchNorm(_BatchNorm):
         self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype) * factor)
 
 
-class _ChannelsLastSyncBatchNorm(nn.SyncBatchNorm):
-    """torch's SyncBatchNorm for (B, ..., C) inputs (ViT-BN tokens)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.movedim(-1, 1)).movedim(1, -1)
-
-
-def _use_torch_sync(process_group: dist.ProcessGroup | None) -> bool:
-    # A mixed "cpu:gloo,cuda:nccl" group trains on CUDA too.
-    return dist.is_initialized() and "nccl" in str(dist.get_backend(process_group))
-
-
 def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup | None = None) -> nn.Module:
     """Replace every BatchNorm in `module` by a cross-rank one (in place where possible; returns the
     root). Weights, running statistics, `requires_grad` and train/eval mode are kept.
@@ -113,18 +151,13 @@ def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup |
     A BatchNorm whose class sets `channels_last = True` (ViT-BN's `TokenBatchNorm`) keeps its
     (B, N, D) layout.
     """
-    torch_sync = _use_torch_sync(process_group)
 
     def convert(m: nn.Module) -> nn.Module:
         if isinstance(m, _BatchNorm) and not isinstance(m, (CrossRankBatchNorm, nn.SyncBatchNorm)):
             channels_last = bool(getattr(m, "channels_last", False))
-            if torch_sync:
-                cls = _ChannelsLastSyncBatchNorm if channels_last else nn.SyncBatchNorm
-                new = cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, process_group)
-            else:
-                new = CrossRankBatchNorm(
-                    m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, process_group, channels_last
-                )
+            new = CrossRankBatchNorm(
+                m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, process_group, channels_last
+            )
             new = new.to(device=next(iter(m.state_dict().values())).device) if m.state_dict() else new
             with torch.no_grad():
                 if m.affine:
@@ -143,7 +176,5 @@ def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup |
         return m
 
     out = convert(module)
-    log.info(
-        "BatchNorm synchronised across ranks with %s", "torch.nn.SyncBatchNorm" if torch_sync else "CrossRankBatchNorm"
-    )
+    log.info("BatchNorm synchronised across ranks with CrossRankBatchNorm (one collective per call, no host sync)")
     return out

@@ -5,10 +5,17 @@ import torch
 
 from scale.models import build_moco, build_vit
 from scale.models.flops import vit_macs
-from scale.parallel.sync_batchnorm import CrossRankBatchNorm, _ChannelsLastSyncBatchNorm
+from scale.parallel.sync_batchnorm import CrossRankBatchNorm
 from tests.helpers import TINY_HEADS, TINY_VIT, run_ranks
 
 pytestmark = pytest.mark.gpu
+
+
+class _ChannelsLastSyncBatchNorm(torch.nn.SyncBatchNorm):
+    """torch's SyncBatchNorm for (B, ..., C) inputs (ViT-BN tokens), the reference."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.movedim(-1, 1)).movedim(1, -1)
 
 
 def _syncbn_agree(rank: int, world: int, channels_last: bool, dtype: torch.dtype) -> None:

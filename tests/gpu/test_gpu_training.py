@@ -132,33 +132,38 @@ def test_deepspeed_launcher_on_one_gpu_zero_1_2_3_in_bf16_and_fp16(tmp_path):
 
 def test_zero3_momentum_encoder_matches_one_gpu_in_fp32(tmp_path):
     """ZeRO-3 writes the momentum encoder's partitions between steps while DeepSpeed gathers on its
-    own stream: the run must match the single-GPU one (fp32, TF32 off), or the EMA raced the gather."""
+    own stream: the run must match the single-GPU one (fp32, TF32 off), or the EMA raced the gather.
+    At base lr 0.05 an EMA error shows: one applied twice (one rank, persistent parameters sharing
+    their partition's storage) moved the momentum encoder 1.99x as far and the loss 1% by step 5."""
     pytest.importorskip("deepspeed")
+    from tests.distributed.test_gpu_paths import HIGH_LR, momentum_drift
+
     script = tmp_path / "z3.py"
     script.write_text(
         "import sys, torch\n"
         "from scale.train.trainer import Trainer\n"
         "from tests.helpers import FixedBatchLoader, tiny_config\n"
+        "from tests.distributed.test_gpu_paths import HIGH_LR\n"
         "out = sys.argv[-1]\n"
         "over = {'parallel.backend': 'deepspeed', 'parallel.deepspeed_config': 'ds_configs/zero3.json',\n"
-        "        'parallel.precision': 'fp32', 'parallel.tf32': 'false', 'schedule.max_steps': 8}\n"
+        "        'parallel.precision': 'fp32', 'parallel.tf32': 'false', **HIGH_LR}\n"
         "t = Trainer(tiny_config(out, 'z3', **over), loader=FixedBatchLoader(4, 8))\n"
+        "initial = {k: v.clone() for k, v in t.backend.full_state_dict().items()}\n"
         "t.fit()\n"
-        "torch.save(t.backend.full_state_dict(), f'{out}/z3.pt')\n"
+        "torch.save({'initial': initial, 'final': t.backend.full_state_dict()}, f'{out}/z3.pt')\n"
     )
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", "29573",
            str(script), str(tmp_path)]  # fmt: skip
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-    over = {"parallel.precision": "fp32", "parallel.tf32": "false", "schedule.max_steps": 8}
+    over = {"parallel.precision": "fp32", "parallel.tf32": "false", **HIGH_LR}
     single = Trainer(tiny_config(tmp_path, "one", **over), loader=FixedBatchLoader(4, 8))
+    initial = {k: v.clone() for k, v in single.backend.full_state_dict().items()}
     single.fit()
-    z3 = torch.load(tmp_path / "z3.pt", weights_only=True)
-    one = single.backend.full_state_dict()
     assert [r["loss"] for r in read_metrics(tmp_path / "z3")] == pytest.approx(
-        [r["loss"] for r in read_metrics(tmp_path / "one")], rel=1e-4
+        [r["loss"] for r in read_metrics(tmp_path / "one")], rel=2e-5
     )
-    for name, value in one.items():
-        if name.startswith("momentum_encoder."):
-            torch.testing.assert_close(z3[name].float(), value.float(), rtol=1e-4, atol=1e-5, msg=name)
+    _, want = momentum_drift({"initial": initial, "final": single.backend.full_state_dict()})
+    _, have = momentum_drift(torch.load(tmp_path / "z3.pt", weights_only=True))
+    assert have.norm() / want.norm() == pytest.approx(1.0, abs=0.02)

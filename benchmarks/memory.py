@@ -153,12 +153,14 @@ def worker(args) -> None:
         b = trainer.backend
         after_setup = live_bytes(device)
         batches = iter(trainer.loader)
-        for _ in range(1 + args.steps):  # a warm-up step first: optimizer state exists after it
+        for step in range(1 + args.steps):  # a warm-up step first: optimizer state exists after it
             reset_peak(device)
             state = activations = 0
+            micro = []
             with LivePeak(device) as live_peak:
                 for j in range(args.accum):
-                    x1, x2, _ = next(batches)
+                    x1, x2, labels = next(batches)
+                    micro.append((x1, x2, labels))
                     last = j == args.accum - 1
                     with b.gradient_sync(last):
                         before = live_bytes(device)
@@ -169,6 +171,9 @@ def worker(args) -> None:
                         state = max(state, live_bytes(device) - base)
                 b.step(trainer.derived.lr, trainer.cfg.optim.weight_decay)
                 b.momentum_update(0.99)
+                # As the trainer: the monitors take the step (else every forward's features, tapped
+                # for the dense kNN monitor, stay alive and are counted).
+                trainer.monitors.after_step(step + 1, micro, None)
             after_step = live_bytes(device)
             peak = peak_bytes(device)
     row = {

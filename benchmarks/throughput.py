@@ -92,8 +92,8 @@ def measure(trainer, warmup: int, steps: int) -> dict:
     batches = iter(trainer.loader)
     lr, wd = trainer.derived.lr, trainer.cfg.optim.weight_decay
     if warmup:
-        _phases(b, batches, lr, wd, warmup, sync)
-    per_step, _ = _phases(b, batches, lr, wd, steps, sync)
+        _phases(b, batches, lr, wd, warmup, sync, trainer.monitors)
+    per_step, _ = _phases(b, batches, lr, wd, steps, sync, trainer.monitors)
     return {"step_s": sum(per_step.values()), "phases_s": per_step}
 
 
@@ -148,13 +148,15 @@ class ReferenceStep:
             k.mul_(m).add_(q, alpha=1.0 - m)
 
 
-def _phases(runner, batches, lr: float, weight_decay: float, steps: int, sync) -> tuple[dict, float]:
-    """`steps` steps of `runner` (a Backend or a ReferenceStep), phase by phase; and the first loss."""
-    phases = dict.fromkeys(("data", "forward", "backward", "optimizer", "momentum"), 0.0)
+def _phases(runner, batches, lr: float, weight_decay: float, steps: int, sync, monitors=None) -> tuple[dict, float]:
+    """`steps` steps of `runner` (a Backend or a ReferenceStep), phase by phase; and the first loss.
+    `monitors` (the trainer's `RunMonitors`) take each step as in training: without them the dense
+    kNN monitor's features, tapped by every forward, would pile up."""
+    phases = dict.fromkeys(("data", "forward", "backward", "optimizer", "momentum", "monitors"), 0.0)
     first = float("nan")
     for i in range(steps):
         t = [time.perf_counter()]
-        x1, x2, _ = next(batches)
+        x1, x2, labels = next(batches)
         t.append(time.perf_counter())
         loss = runner.forward(x1, x2)
         sync()
@@ -167,6 +169,10 @@ def _phases(runner, batches, lr: float, weight_decay: float, steps: int, sync) -
         t.append(time.perf_counter())
         runner.momentum_update(0.99)
         sync()
+        t.append(time.perf_counter())
+        if monitors is not None:
+            monitors.after_step(i + 1, [(x1, x2, labels)], None)
+            sync()
         t.append(time.perf_counter())
         if i == 0:
             first = float(loss.detach())
@@ -192,11 +198,11 @@ def compare(args, world: int, tmp: str) -> dict:
         cfg = apply_overrides(build_config(args, world, tmp), [*variant_overrides(v), f"--run.name={v}"])
         trainer = Trainer(cfg)
         first_trainer = first_trainer or trainer
-        runners[v] = (trainer.backend, iter(trainer.loader), trainer.derived.lr)
+        runners[v] = (trainer.backend, iter(trainer.loader), trainer.derived.lr, trainer.monitors)
     if "reference" in variants:
         template = first_trainer or Trainer(base_cfg)
         device, lr = template.backend.device, template.derived.lr
-        runners["reference"] = (ReferenceStep(base_cfg, device, lr), iter(template.loader), lr)
+        runners["reference"] = (ReferenceStep(base_cfg, device, lr), iter(template.loader), lr, None)
         first_trainer = first_trainer or template
     b = first_trainer.backend
     sync = torch.cuda.synchronize if b.device.type == "cuda" else (lambda: None)
@@ -205,18 +211,18 @@ def compare(args, world: int, tmp: str) -> dict:
     peaks = [measured_cpu_peak(dtype, 2048)] if cpu else []
     wd = base_cfg.optim.weight_decay
     losses, times = {}, {v: [] for v in variants}
-    phases_sum = {v: dict.fromkeys(("data", "forward", "backward", "optimizer", "momentum"), 0.0) for v in variants}
+    phases_sum = {v: {} for v in variants}
     for v in variants:  # warm-up: compilation, allocator, first-touch of the optimizer state
-        runner, batches, lr = runners[v]
-        _, losses[v] = _phases(runner, batches, lr, wd, args.warmup, sync)
+        runner, batches, lr, monitors = runners[v]
+        _, losses[v] = _phases(runner, batches, lr, wd, args.warmup, sync, monitors)
     for r in range(args.rounds):
         order = variants if r % 2 == 0 else variants[::-1]  # ABBA: drifts of the machine cancel
         for v in order:
-            runner, batches, lr = runners[v]
-            phases, _ = _phases(runner, batches, lr, wd, args.steps, sync)
+            runner, batches, lr, monitors = runners[v]
+            phases, _ = _phases(runner, batches, lr, wd, args.steps, sync, monitors)
             times[v].append(sum(phases.values()))
             for k in phases:
-                phases_sum[v][k] += phases[k] / args.rounds
+                phases_sum[v][k] = phases_sum[v].get(k, 0.0) + phases[k] / args.rounds
         if b.is_main:
             print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{v} {times[v][-1]:.3f} s" for v in variants),
                   flush=True)  # fmt: skip
@@ -246,16 +252,17 @@ def compare(args, world: int, tmp: str) -> dict:
     }  # fmt: skip
     if args.profile:
         v = variants[0]
-        runner, batches, lr = runners[v]
-        result["profile"] = {"variant": v, "table": profile_step(runner, batches, lr, wd, sync, b.device)}
+        runner, batches, lr, monitors = runners[v]
+        result["profile"] = {"variant": v, "table": profile_step(runner, batches, lr, wd, sync, b.device, monitors)}
     return result
 
 
-def profile_step(runner, batches, lr: float, weight_decay: float, sync, device: torch.device, rows: int = 25) -> str:
+def profile_step(runner, batches, lr: float, weight_decay: float, sync, device: torch.device, monitors=None,
+                 rows: int = 25) -> str:  # fmt: skip
     """torch.profiler's table of one step, the operators sorted by their own time."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        _phases(runner, batches, lr, weight_decay, 1, sync)
+        _phases(runner, batches, lr, weight_decay, 1, sync, monitors)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
@@ -274,8 +281,8 @@ def write_compare(result: dict, out: Path) -> Path:
         "warm-up steps each. Made by `python -m benchmarks.throughput --compare ...`.",
         "",
         f"| variant | step s (median) | vs {first} | img/s/device | TFLOP/s | of peak | first loss | forward "
-        "| backward | optimizer | momentum | rounds (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| backward | optimizer | momentum | monitors | rounds (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in result["variants"]:
         p = r["phases_s"]
@@ -283,7 +290,7 @@ def write_compare(result: dict, out: Path) -> Path:
             f"| {r['variant']} | {r['step_s']:.3f} | {r['ratio_to_first']:.3f} | {r['img_per_s_per_device']:.2f} "
             f"| {r['tflops_per_device']:.3f} | {100 * r['fraction_of_peak']:.1f}% | {r['first_loss']:.6f} "
             f"| {p['forward']:.3f} | {p['backward']:.3f} | {p['optimizer']:.3f} | {p['momentum']:.3f} "
-            f"| {', '.join(f'{t:.3f}' for t in r['step_s_rounds'])} |"
+            f"| {p['monitors']:.3f} | {', '.join(f'{t:.3f}' for t in r['step_s_rounds'])} |"
         )
     lines += ["", f"Peak: {result['peak']}. FLOPs per image: {result['flops_per_image'] / 1e9:.1f} G (16 x MACs "
               "of both views through the base encoder, the momentum encoder's forward, the heads)."]  # fmt: skip
@@ -399,11 +406,12 @@ def write(result: dict, out: Path) -> None:
         f"per device, activation checkpointing {result['activation_checkpointing']}.",
         "Made by `python -m benchmarks.throughput`.",
         "",
-        "| img/s/device | TFLOP/s/device | MFU | peak memory | data | forward | backward | optimizer | momentum |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| img/s/device | TFLOP/s/device | MFU | peak memory | data | forward | backward | optimizer | momentum "
+        "| monitors |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| {result['img_per_s_per_device']:.1f} | {result['tflops_per_device']:.3f} | {100 * result['mfu']:.1f}% "
         f"| {result['peak_mem_gib']:.2f} GiB | {p['data']:.3f} s | {p['forward']:.3f} s | {p['backward']:.3f} s "
-        f"| {p['optimizer']:.3f} s | {p['momentum']:.3f} s |",
+        f"| {p['optimizer']:.3f} s | {p['momentum']:.3f} s | {p['monitors']:.3f} s |",
         "",
         f"MFU against {result['peak']}.",
     ]

@@ -40,9 +40,13 @@ if [[ "$entry" == scale.pretrain ]]; then "$py" -m scale.pretrain "$@" --check; 
 export SCALE_ENTRY=$entry
 case "$mode" in
   srun)
-    # One task per GPU: scale reads SLURM_PROCID / SLURM_LOCALID / SLURM_STEP_NUM_TASKS.
+    # One task per GPU: scale reads SLURM_PROCID / SLURM_LOCALID / SLURM_STEP_NUM_TASKS. The job's
+    # --cpus-per-task passed on explicitly: srun of Slurm 22.05-23.02 does not inherit it and gives
+    # each task one CPU, where its loader workers would then share one core.
+    cpus=()
+    if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then cpus=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
     # shellcheck disable=SC2086
-    exec srun --kill-on-bad-exit=1 ${SCALE_SRUN_ARGS:-} "$py" -m "$entry" "$@"
+    exec srun --kill-on-bad-exit=1 ${cpus[@]+"${cpus[@]}"} ${SCALE_SRUN_ARGS:-} "$py" -m "$entry" "$@"
     ;;
   torchrun)
     per_node=${SCALE_GPUS_PER_NODE:-${SLURM_NTASKS_PER_NODE:-1}}

@@ -63,10 +63,8 @@ class ViewwiseMLP(nn.Sequential):
             return super().forward(x)
         parts = list(x.chunk(views))  # V x (B, F)
         for layer in self:
-            if hasattr(layer, "forward_views"):
-                parts = layer.forward_views(parts)
-            else:
-                parts = [layer(part) for part in parts]
+            batch_views = getattr(layer, "forward_views", None)  # all views at once (one collective)
+            parts = batch_views(parts) if batch_views else [layer(part) for part in parts]
         return torch.cat(parts)
 
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from scale.hardware.precision import autocast_dtype, check_cpu_bf16, resolve_precision
 from scale.optim import set_lr_wd, supports_device_skip
+from scale.optim.optimizers import foreach_chunks
 from scale.parallel.ema import ema_
 from scale.parallel.memory import state_bytes
 from scale.parallel.placement import plan_placement
@@ -276,8 +277,10 @@ class Backend:
         elif ks:
             if self._momentum_masters is None:
                 self._momentum_masters = [k.detach().float().clone() for k in ks]
-            ema_(self._momentum_masters, [q.float() for q in qs], momentum, mask)
-            torch._foreach_copy_(ks, self._momentum_masters)
+            masters = self._momentum_masters
+            for rows in foreach_chunks(masters):  # fp32 copies of the base encoder one chunk at a time
+                ema_(masters[rows], [q.float() for q in qs[rows]], momentum, mask)
+                torch._foreach_copy_(ks[rows], masters[rows])
         self._after_momentum_update()
 
     def _momentum_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

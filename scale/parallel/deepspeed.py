@@ -43,7 +43,7 @@ from scale.parallel import ds_internals as internals
 from scale.parallel.base import Backend, StepResult
 from scale.parallel.ds_config import load_ds_json, resolve_ds_config, zero_stage
 from scale.parallel.memory import zero_bytes, zero_persistent_buffer_bytes
-from scale.parallel.placement import detect_launch
+from scale.parallel.placement import plan_placement
 from scale.views import views_to
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,9 @@ class DeepSpeedBackend(Backend):
         world of one: create a one-rank group in memory (no rendezvous, nothing to wait for)."""
         if dist.is_initialized():
             return
-        for key, value in detect_launch().env_for_torch().items():  # DeepSpeed asserts LOCAL_RANK is set
-            os.environ.setdefault(key, value)
+        launch, device = plan_placement()
+        # DeepSpeed asserts LOCAL_RANK is set, and sets the device from it: the one placement chose.
+        os.environ.update(launch.env_for_torch(device))
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         log.info("DeepSpeed on one rank: a one-rank %s process group", backend)
@@ -225,7 +226,9 @@ class DeepSpeedBackend(Backend):
                 dist.barrier()
             raise
         if self._momentum_masters is not None:
-            torch.save(self._momentum_masters, directory / f"momentum-master-rank{self.rank}.pt")
+            path = self._masters_file(directory)
+            if self.stage == 3 or self.is_main:  # below ZeRO-3 every rank holds the same whole masters
+                torch.save(self._momentum_masters, path)
 
     def load(self, directory: Path) -> None:
         """Restore from `directory`. A checkpoint written by another number of ranks loads only in
@@ -238,7 +241,7 @@ class DeepSpeedBackend(Backend):
         path, _ = self.model.load_checkpoint(str(directory), tag="engine", load_lr_scheduler_states=False)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed engine checkpoint in {directory}")
-        self._momentum_masters = self._load_masters(directory / f"momentum-master-rank{self.rank}.pt")
+        self._momentum_masters = self._load_masters(self._masters_file(directory, reading=True))
 
     def _load_universal(self, directory: Path, saved: int) -> None:
         universal = directory / "engine_universal"
@@ -277,8 +280,17 @@ class DeepSpeedBackend(Backend):
         _, unexpected = self.module.load_state_dict(untrained, strict=False)
         if unexpected:
             raise BackendError(f"{directory}: the checkpoint holds entries this model lacks: {unexpected[:5]}")
-        if self._momentum_masters is not None:  # bf16/fp16: below ZeRO-3 every rank holds the whole momentum master
-            self._momentum_masters = self._load_masters(directory / "momentum-master-rank0.pt")
+        if self.dtype != torch.float32:  # bf16/fp16: below ZeRO-3 every rank holds the whole momentum master
+            self._momentum_masters = self._load_masters(self._masters_file(directory, reading=True))
+
+    def _masters_file(self, directory: Path, reading: bool = False) -> Path:
+        """Where the fp32 momentum masters are: one file per rank under ZeRO-3 (each holds its
+        partitions), one file for all below it (every rank holds the same whole masters). Reading a
+        checkpoint written before the masters were written once, rank 0's file stands for all."""
+        if self.stage == 3:
+            return directory / f"momentum-master-rank{self.rank}.pt"
+        shared = directory / "momentum-master.pt"
+        return shared if shared.is_file() or not reading else directory / "momentum-master-rank0.pt"
 
     def _load_masters(self, path: Path) -> list[torch.Tensor] | None:
         """This rank's fp32 momentum masters, onto this process's device (the checkpoint may come

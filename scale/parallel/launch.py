@@ -38,7 +38,7 @@ def init_distributed(dist_backend: str = "auto", timeout_minutes: int = 30) -> N
         log.warning("launch: %s", launch.note)
     if dist.is_initialized() or launch.world_size == 1:
         return
-    os.environ.update(launch.env_for_torch())
+    os.environ.update(launch.env_for_torch(device))
     for var in ("MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
             raise BackendError(

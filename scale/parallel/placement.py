@@ -46,10 +46,17 @@ class Launch:
     note: str = ""
     """Anything the user should know about how this was read (logged once)."""
 
-    def env_for_torch(self) -> dict[str, str]:
-        """RANK / WORLD_SIZE / LOCAL_RANK as torch.distributed's env:// initialisation reads them."""
+    def env_for_torch(self, device: DevicePlan | None = None) -> dict[str, str]:
+        """RANK / WORLD_SIZE / LOCAL_RANK as torch.distributed's env:// initialisation reads them.
+
+        With the CUDA `device` placement chose, LOCAL_RANK is its index among the devices this
+        process sees: with one GPU visible per task (srun --gpus-per-task=1, CUDA_VISIBLE_DEVICES
+        per rank) that is 0 whatever SLURM_LOCALID says, and DeepSpeed's engine, which calls
+        set_device(LOCAL_RANK), would otherwise ask for a device that does not exist here."""
         out = {"RANK": str(self.rank), "WORLD_SIZE": str(self.world_size)}
-        if self.local_rank is not None:
+        if device is not None and device.kind == "cuda":
+            out["LOCAL_RANK"] = str(device.index)
+        elif self.local_rank is not None:
             out["LOCAL_RANK"] = str(self.local_rank)
         if self.local_world_size is not None:
             out["LOCAL_WORLD_SIZE"] = str(self.local_world_size)

@@ -144,3 +144,30 @@ def test_a_training_step_reads_nothing_on_the_host(tmp_path, backend):
     """Cross-rank BatchNorm in both heads and every ViT-BN block, recompute, the dense kNN and
     gradient monitors: two steps on 2 ranks, and not one value read on the host (a log row reads)."""
     run_ranks(_host_reads, 2, str(tmp_path), backend)
+
+
+# ----------------------------------------------------------------------------- DeepSpeed masters
+
+
+def _masters(rank, world, out_dir, backend):
+    over = {**backend_overrides(backend), "parallel.precision": "bf16", "run.ckpt_every": 2}
+    straight = Trainer(tiny_config(out_dir, f"{backend}-straight", **over, **{"schedule.max_steps": 4}),
+                       loader=FixedBatchLoader(4, 8, world=world, rank=rank))  # fmt: skip
+    straight.fit()
+    ckpt = straight.run_dir / "checkpoints" / "step-00000002"
+    files = sorted(p.name for p in ckpt.glob("momentum-master*.pt"))
+    # Below ZeRO-3 every rank holds the same whole fp32 masters: written once, not once per rank.
+    per_rank = ["momentum-master-rank0.pt", "momentum-master-rank1.pt"]
+    assert files == (per_rank if backend == "zero3" else ["momentum-master.pt"]), files
+    resumed = Trainer(tiny_config(out_dir, f"{backend}-resumed", **over, **{"schedule.max_steps": 4,
+                                                                             "run.resume": str(ckpt)}),
+                      loader=FixedBatchLoader(4, 8, world=world, rank=rank))  # fmt: skip
+    resumed.fit()
+    assert [r["loss"] for r in read_metrics(resumed.run_dir)] == [r["loss"] for r in read_metrics(straight.run_dir)][2:]
+    for a, b in zip(resumed.backend._momentum_masters, straight.backend._momentum_masters, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["zero2", "zero3"])
+def test_deepspeed_momentum_masters_are_written_once_and_resume_exactly(tmp_path, backend):
+    run_ranks(_masters, 2, str(tmp_path), backend)

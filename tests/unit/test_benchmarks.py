@@ -144,3 +144,18 @@ def test_gpu_check_runs_end_to_end_without_a_gpu_and_says_what_it_skipped(tmp_pa
     assert all(steps[f"throughput {m} bf16"]["status"] == "skipped" for m in ("vit_base", "vit_huge"))
     assert all(steps[f"compare {m} bf16"]["status"] == "skipped" for m in ("vit_base", "vit_bn_large_p7"))
     assert "GPU check" in (tmp_path / "summary.md").read_text()
+
+
+def test_timed_steps_hand_every_step_to_the_monitors(tmp_path):
+    """The benchmarks' phase loop takes the monitors along as the trainer does: the features the
+    dense kNN monitor taps from every forward are pushed to its bank, not piled up (they inflated
+    `benchmarks.memory`'s figures)."""
+    from benchmarks.throughput import _phases
+    from scale.train.trainer import Trainer
+    from tests.helpers import FixedBatchLoader, tiny_config
+
+    trainer = Trainer(tiny_config(tmp_path, "phases", **{"monitor.knn_every": 1, "monitor.knn_bank_size": 1}),
+                      loader=FixedBatchLoader(4, 8, classes=3))  # fmt: skip
+    knn = trainer.monitors.knn
+    phases, _ = _phases(trainer.backend, iter(trainer.loader), 1e-3, 0.0, 3, lambda: None, trainer.monitors)
+    assert knn.tapped == [] and knn.bank.pushed == 3 and phases["monitors"] > 0

@@ -202,3 +202,31 @@ def test_converter_writes_each_format_as_its_consumer_loads_it(tmp_path):
     assert all(torch.equal(state_dict[k], base[k]) for k in base)
     with pytest.raises(ValueError, match="--format"):
         convert(run, tmp_path / "x", fmt="onnx")
+
+
+def test_a_universal_resume_restores_the_fp32_momentum_masters(tmp_path):
+    """DeepSpeed's universal format holds the trained parameters only: the momentum encoder and its
+    fp32 masters come from the original checkpoint's files. A bf16 run's masters were left at None
+    (then rebuilt from the bf16 parameters, losing their low bits)."""
+    from torch import nn
+
+    from scale.parallel.deepspeed import DeepSpeedBackend
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = nn.Linear(3, 2).bfloat16(), nn.Linear(3, 2).bfloat16().requires_grad_(False)
+
+        def momentum_pairs(self):
+            return list(self.k.parameters()), list(self.q.parameters())
+
+    module = Pair()
+    (tmp_path / "engine").mkdir()
+    torch.save({"module": module.state_dict()}, tmp_path / "engine" / "mp_rank_00_model_states.pt")
+    masters = [p.detach().float() + 1e-4 for p in module.k.parameters()]  # below bf16's resolution
+    torch.save(masters, tmp_path / "momentum-master.pt")
+    backend = object.__new__(DeepSpeedBackend)
+    backend.device, backend.stage, backend.rank, backend.dtype = torch.device("cpu"), 2, 1, torch.bfloat16
+    backend.module, backend._momentum_masters = module, None
+    backend._restore_untrained(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(backend._momentum_masters, masters, strict=True))

@@ -139,3 +139,40 @@ def test_backend_takes_the_visible_device_not_the_local_rank(monkeypatch):
         monkeypatch.setenv(key, value)
     backend = SingleProcess("fp32")
     assert backend.device == torch.device("cuda", 0) and chosen == [torch.device("cuda", 0)]
+
+
+@pytest.mark.parametrize("what, env, visible, launcher, rank, world, index", CASES, ids=[c[0] for c in CASES])
+def test_the_exported_local_rank_is_the_device_this_process_uses(what, env, visible, launcher, rank, world, index):
+    """DeepSpeed's engine calls set_device(LOCAL_RANK): with one GPU visible per task (srun
+    --gpus-per-task=1, CUDA_VISIBLE_DEVICES per rank) SLURM_LOCALID 7 would be an invalid device
+    ordinal. What init_distributed exports is the device placement chose."""
+    launch, device = plan_placement(env, device_count=visible)
+    exported = launch.env_for_torch(device)
+    assert (exported["RANK"], exported["WORLD_SIZE"]) == (str(rank), str(world))
+    if index is not None:
+        assert exported["LOCAL_RANK"] == str(index)
+
+
+def test_srun_mode_passes_the_jobs_cpus_per_task_on_to_srun(tmp_path):
+    """Slurm 22.05-23.02's srun does not inherit sbatch's --cpus-per-task (each task got one CPU, its
+    loader workers sharing one core): slurm/launch.sh passes it on. srun and scontrol are stand-ins
+    here that print what they were given."""
+    import os
+    import stat
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    for tool, body in (("srun", 'echo "srun $*"'), ("scontrol", "echo node1")):
+        path = tmp_path / tool
+        path.write_text(f"#!/bin/sh\n{body}\n")
+        path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env = {**env, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "7",
+           "SLURM_JOB_NODELIST": "node1", "SCALE_ROOT": str(root), "SCALE_ENTRY": "scale.linear_probe"}  # fmt: skip
+    for cpus, expected in (("12", "--cpus-per-task=12"), (None, None)):
+        run_env = {**env, "SLURM_CPUS_PER_TASK": cpus} if cpus else env
+        out = subprocess.run(["bash", str(root / "slurm" / "launch.sh"), "--x"], env=run_env, capture_output=True,
+                             text=True, timeout=60, check=True).stdout  # fmt: skip
+        line = next(x for x in out.splitlines() if x.startswith("srun "))
+        assert (expected in line.split()) if expected else "--cpus-per-task" not in line, line

@@ -316,17 +316,23 @@ class Backend:
                 torch._foreach_copy_(group, [part.view(b.shape) for part, b in zip(parts, group, strict=True)])
 
     def scaler_overflow(self, loss: torch.Tensor) -> torch.Tensor | None:
-        """Under loss scaling, whether a skipped step is explained by the scaler: the loss finite on
-        every rank and the scale still at least 1 (below 1, fp16 gradients cannot overflow: the
-        gradients are non-finite by themselves, and the scaler would shrink forever). A device
-        tensor; None without loss scaling."""
+        """Under loss scaling (fp16), whether a skipped step counts as an fp16 overflow (skipped, the
+        scale lowered), not a failure: while the scale is still at least 1. An fp16 overflow is one
+        in the gradients or in the activations (a value beyond 65504 makes the loss itself
+        non-finite): both skip the step and lower the scale. Below 1, fp16 gradients cannot overflow:
+        the steps are non-finite by themselves and count as such (the run stops after
+        `run.max_nonfinite` in a row). A device tensor; None without loss scaling."""
         if not self.has_loss_scaling:
             return None
-        explained = self.all_true(torch.isfinite(loss))
-        scale = getattr(self.scaler, "_scale", None)  # GradScaler's device tensor (get_scale() syncs)
-        if scale is not None:
-            explained = explained & (scale.reshape(()).to(explained.device) >= 1.0)
-        return explained
+        scale = self._loss_scale()
+        if scale is None:
+            return torch.ones((), dtype=torch.bool, device=loss.device)
+        return torch.as_tensor(scale, device=loss.device).reshape(()) >= 1.0
+
+    def _loss_scale(self) -> torch.Tensor | float | None:
+        """Hook: the current loss scale without a host sync (GradScaler's device tensor: `get_scale()`
+        would read it)."""
+        return getattr(self.scaler, "_scale", None)
 
     # ------------------------------------------------------------------ communication
 

@@ -12,10 +12,14 @@ nvcc), passed to `deepspeed.initialize` as a client optimizer.
 Momentum encoder: under ZeRO-1/2 it is a replicated module; under ZeRO-3 its parameters are
 partitioned exactly like the base encoder's (same shapes, same partitioning), so the EMA runs on the
 local partitions (`param.ds_tensor`) with no gathering (parameters under
-`stage3_param_persistence_threshold` are kept whole on every rank and updated whole). DeepSpeed's bf16 mode keeps module
-parameters in bf16, where (1 - m) * (q - k) falls below bf16 resolution late in training: the EMA
-therefore runs on an fp32 master of the momentum encoder's local part, copied into the bf16
-parameters after every update.
+`stage3_param_persistence_threshold` are kept whole on every rank and updated whole).
+
+Precision (docs/training.md): bf16 runs as on one process, by autocast over the engine's fp32
+parameters (DeepSpeed's own bf16 mode would store every parameter, normalisations included, the
+BatchNorm statistics and the sin-cos table in bf16, without autocast). fp16 uses DeepSpeed's fp16
+mode and loss scaler: the module in fp16, where (1 - m) * (q - k) falls below the resolution late in
+training, so the EMA runs on an fp32 master of the momentum encoder's local part, copied into the
+fp16 parameters after every update.
 
 Non-finite steps: DeepSpeed checks the reduced gradients itself in every mode (fp16 loss scaling,
 bf16 `check_grad_overflow`, fp32 ZeRO overflow checks) and skips a step whose gradients are not
@@ -69,7 +73,9 @@ class DeepSpeedBackend(Backend):
         self.stage = zero_stage(config_path)
         self.has_loss_scaling = self.precision == "fp16"
         self.scaler = None  # DeepSpeed scales fp16 losses itself
-        self.autocast_dtype = None  # the engine casts the module to bf16/fp16
+        if self.precision == "fp16":
+            self.autocast_dtype = None  # DeepSpeed's fp16 mode: the engine casts the module to fp16
+        # bf16: autocast over the engine's fp32 parameters, as on one process (`resolve_ds_config`).
 
     def setup(self, model, optimizer_factory, settings=None, plan=None) -> None:
         deepspeed = internals.require_deepspeed()
@@ -102,7 +108,9 @@ class DeepSpeedBackend(Backend):
     # ------------------------------------------------------------------ the step
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        x1, x2 = views_to((x1, x2), self.device, self.dtype)  # one copy (and cast) for adjacent views
+        if self.dtype == torch.float32:  # fp32 and bf16: the engine's fp32 parameters under autocast
+            return super().forward(x1, x2)
+        x1, x2 = views_to((x1, x2), self.device, self.dtype)  # fp16 module: one copy (and cast) for adjacent views
         return self.model(x1, x2)
 
     def backward(self, loss: torch.Tensor, accum_steps: int = 1, last: bool = True) -> None:
@@ -145,6 +153,10 @@ class DeepSpeedBackend(Backend):
         if self.stage == 3:
             return internals.zero3_local_grad(self.model.optimizer, p)
         return internals.zero12_local_grad(p)
+
+    def _loss_scale(self) -> float | None:
+        """DeepSpeed's fp16 loss scale (a host float: no device read)."""
+        return internals.loss_scale(self.model.optimizer) if self.precision == "fp16" else None
 
     def _reduce_group_squares(self, squares: torch.Tensor) -> torch.Tensor:
         return self._sum_over_ranks(squares)
@@ -280,7 +292,7 @@ class DeepSpeedBackend(Backend):
         _, unexpected = self.module.load_state_dict(untrained, strict=False)
         if unexpected:
             raise BackendError(f"{directory}: the checkpoint holds entries this model lacks: {unexpected[:5]}")
-        if self.dtype != torch.float32:  # bf16/fp16: below ZeRO-3 every rank holds the whole momentum master
+        if self.dtype != torch.float32:  # fp16: below ZeRO-3 every rank holds the whole momentum master
             self._momentum_masters = self._load_masters(self._masters_file(directory, reading=True))
 
     def _masters_file(self, directory: Path, reading: bool = False) -> Path:

@@ -69,14 +69,19 @@ def resolve_ds_config(path: str | Path, settings: BackendSettings, precision: st
                 "the matching --batch.* / --optim.clip_grad"
             )
         ds[key] = value
-    for key in ("bf16", "fp16"):
+    # The precision policy (docs/training.md): bf16 runs as on one process, by autocast over fp32
+    # parameters (DeepSpeed's bf16 mode would store every parameter, the normalisations' included,
+    # BatchNorm statistics and the sin-cos table in bf16 and compute without autocast); fp16 uses
+    # DeepSpeed's own mode and loss scaler (its ZeRO optimizer takes no torch GradScaler).
+    native = {"bf16": False, "fp16": precision == "fp16"}
+    for key, wanted_on in native.items():
         section = ds.get(key, {})
         enabled = section.get("enabled", "auto")
-        if enabled not in ("auto", precision == key):
-            raise BackendError(
-                f'{path}: {key}.enabled={enabled} contradicts --parallel.precision={precision}; set it to "auto"'
-            )
-        ds[key] = {**section, "enabled": precision == key}
+        if enabled not in ("auto", wanted_on):
+            policy = "scale runs bf16 by autocast over fp32 parameters (the precision policy of docs/training.md)"
+            why = policy if key == "bf16" and enabled is True else f"it contradicts --parallel.precision={precision}"
+            raise BackendError(f'{path}: {key}.enabled={enabled}: {why}; set it to "auto"')
+        ds[key] = {**section, "enabled": wanted_on}
     for key in ("optimizer", "scheduler"):
         if key in ds:
             raise BackendError(

@@ -1,10 +1,13 @@
 """PyTorch FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded over all ranks.
 
 Applied from outside the model, following a `ShardingPlan`: every unit (each transformer block of
-both encoders, then each encoder and the predictor), then the root. The momentum encoder is sharded
-with exactly the base encoder's layout, so its EMA runs on the local shards with no communication
-(`momentum_update`). Parameters stay fp32 (the sharded masters, EMA included); with bf16 a
-`MixedPrecisionPolicy` casts them for compute and reduces gradients in fp32.
+both encoders, its normalisation layers as units of their own, then each encoder and the
+predictor), then the root. The momentum encoder is sharded with exactly the base encoder's layout,
+so its EMA runs on the local shards with no communication (`momentum_update`). Parameters stay fp32
+(the sharded masters, EMA included). In bf16 the precision policy of docs/training.md holds as on
+one process: autocast computes, the plan's matmul-only units are gathered in bf16 (what autocast
+would cast them to) with their fp32 inputs passed on unchanged, every other unit in fp32, and
+gradients are reduced in fp32.
 
 `parallel.reshard_after_forward`: true frees gathered parameters after each unit's forward and
 gathers them again for backward (ZeRO-3-like, least memory); false keeps them until backward
@@ -46,21 +49,23 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 class FSDPBackend(Backend):
     name = "fsdp"
 
-    def __init__(self, precision: str = "auto", device: torch.device | None = None):
-        super().__init__(precision, device)
-        # Parameters are cast by the mixed-precision policy, not by autocast.
-        self.mp_dtype, self.autocast_dtype = self.autocast_dtype, None
-
     def _wrap(self, module: nn.Module) -> nn.Module:
-        mp = MixedPrecisionPolicy(param_dtype=self.mp_dtype, reduce_dtype=torch.float32 if self.mp_dtype else None)
+        # The precision policy (docs/training.md): autocast computes as on one process; the units that
+        # only feed matmuls are gathered in the compute dtype (what autocast casts them to anyway: half
+        # the bytes), their fp32 inputs passed on unchanged; every other unit in fp32; fp32 reductions.
+        low = self.autocast_dtype
+        full = MixedPrecisionPolicy(reduce_dtype=torch.float32 if low else None)
+        matmuls = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32, cast_forward_inputs=False)
+        low_units = {id(u) for u in self.plan.low_precision} if low else set()
         reshard = self.settings.reshard_after_forward
         for unit in self.plan.units:
-            fully_shard(unit, reshard_after_forward=reshard, mp_policy=mp)
-        fully_shard(module, reshard_after_forward=reshard, mp_policy=mp)
+            fully_shard(unit, reshard_after_forward=reshard, mp_policy=matmuls if id(unit) in low_units else full)
+        fully_shard(module, reshard_after_forward=reshard, mp_policy=full)
         for unit, method in self.plan.forward_methods:
             register_fsdp_forward_method(unit, method)
-        log.info("FSDP2: %d units + root, reshard_after_forward=%s, params %s", len(self.plan.units), reshard,
-                 self.mp_dtype or "fp32")  # fmt: skip
+        low_name = str(low).removeprefix("torch.") if low else "fp32"
+        log.info("FSDP2: %d units + root, reshard_after_forward=%s, %d gathered in %s, the rest in fp32",
+                 len(self.plan.units), reshard, len(low_units), low_name)  # fmt: skip
         return module
 
     @contextlib.contextmanager

@@ -40,15 +40,16 @@ def fsdp_bytes(P: int, M: int, N: int, precision: str, accum_steps: int = 1) -> 
 def zero_bytes(
     P: int, M: int, N: int, precision: str, accum_steps: int = 1, stage: int = 0, buffers: float = 0.0
 ) -> Bytes:
-    """ZeRO `stage`: module parameters and gradients in the training precision, an fp32 master
-    partition that DeepSpeed keeps even in fp32, AdamW moments; the momentum encoder in the
-    training precision plus scale's fp32 master of it under bf16/fp16. ZeRO-1 keeps whole
+    """ZeRO `stage`: module parameters and gradients in fp32 (bf16 runs by autocast over them: the
+    precision policy) or fp16 (DeepSpeed's fp16 mode), an fp32 master partition that DeepSpeed keeps
+    even in fp32, AdamW moments; the momentum encoder as the module, plus scale's fp32 master of it
+    under fp16. ZeRO-1 keeps whole
     gradients only while it accumulates micro-batches: DeepSpeed reduces them in buckets at the
     accumulation boundary and keeps this rank's partition, as ZeRO-2 does always (measured,
     DeepSpeed 0.19 with overlap_comm and contiguous_gradients). Transient buffers (gathers,
     per-backward buckets) are not counted; `buffers` are persistent ones
     (`zero_persistent_buffer_bytes`), reported apart."""
-    h = 2 if precision in ("bf16", "fp16") else 4
+    h = 2 if precision == "fp16" else 4
     mom = (h + (4 if h == 2 else 0)) * M
     out = {
         "params": h * P / (N if stage >= 3 else 1),
@@ -73,7 +74,7 @@ def zero_persistent_buffer_bytes(ds: dict[str, Any], precision: str, accum_steps
         return 0.0
     if stage >= 3:
         comm = ds.get("communication_data_type")
-        return bucket * (4 if comm in ("fp32", "float32") or precision not in ("bf16", "fp16") else 2)
+        return bucket * (4 if comm in ("fp32", "float32") or precision != "fp16" else 2)
     if stage == 1 and accum_steps > 1:
         return bucket * 4 * (2 if zero.get("overlap_comm", False) else 1)
     return 0.0

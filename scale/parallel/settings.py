@@ -29,9 +29,14 @@ class ShardingPlan:
 
     units: modules to shard one by one, innermost first (e.g. every transformer block of both
         encoders, then the encoders); the root is sharded last by the backend.
+    low_precision: the units whose parameters are used only by matmuls (and the biases they add):
+        a sharded backend may gather them in the compute dtype (bf16), which is what autocast casts
+        them to anyway, and must pass their fp32 inputs on unchanged (the residual stream). Every
+        other unit (normalisations, tables, heads with BatchNorm) is gathered in fp32.
     forward_methods: (module, method name) pairs called from outside besides `forward` (e.g. an
         encoder's `pooled_features` for evaluation), so sharded backends gather parameters for them.
     """
 
     units: list[nn.Module] = field(default_factory=list)
+    low_precision: list[nn.Module] = field(default_factory=list)
     forward_methods: list[tuple[nn.Module, str]] = field(default_factory=list)

@@ -95,14 +95,25 @@ def layout_of(model: MoCoV3) -> BackboneLayout:
 
 
 def sharding_plan(model: MoCoV3) -> ShardingPlan:
-    """Shard every block of both encoders, then the encoders and the predictor; the momentum
-    encoder gets exactly the base encoder's layout (its EMA then runs on local shards)."""
+    """Shard every block of both encoders (its normalisation layers first, as units of their own
+    gathered in fp32: the precision policy of docs/training.md keeps them fp32; the rest of a block
+    only feeds matmuls and may be gathered in bf16), then the encoders and the predictor; the
+    momentum encoder gets exactly the base encoder's layout (its EMA then runs on local shards)."""
     layout = layout_of(model)
     enc, mom = model.base_encoder, model.momentum_encoder
+    blocks = [*layout.blocks(enc), *layout.blocks(mom)]
+    units = [u for block in blocks for u in (*_norms(block), block)]
     return ShardingPlan(
-        units=[*layout.blocks(enc), *layout.blocks(mom), enc, mom, model.predictor],
+        units=[*units, enc, mom, model.predictor],
+        low_precision=blocks,
         forward_methods=[(enc, "pooled_features"), (mom, "pooled_features")],
     )
+
+
+def _norms(block: nn.Module) -> list[nn.Module]:
+    """The normalisation layers of a block (LayerNorm, BatchNorm) that hold parameters."""
+    kinds = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)
+    return [m for m in block.modules() if isinstance(m, kinds) and any(True for _ in m.parameters())]
 
 
 def compiled_regions(model: MoCoV3) -> list[nn.Module]:

@@ -364,3 +364,19 @@ def test_the_step_after_backward_has_no_per_parameter_loop(tmp_path, optimizer):
         assert extra == Counter({"nan_to_num_": p6 - p2})
     else:
         assert not extra, extra  # multi-tensor operations only: as many ops for 6 blocks as for 2
+
+
+def test_an_fp16_overflow_in_the_activations_counts_as_a_loss_scale_overflow():
+    """fp16 under any backend: a non-finite loss (an activation beyond 65504) skips the step and lowers
+    the scale like an overflow of the gradients; only once the scale is below 1 do the skipped steps
+    count as non-finite (and stop the run after run.max_nonfinite in a row)."""
+    from scale.parallel.base import SingleProcess
+
+    backend = SingleProcess("fp32", torch.device("cpu"))
+    assert backend.scaler_overflow(torch.tensor(float("inf"))) is None  # no loss scaling: a failure
+    backend.has_loss_scaling = True
+    backend.scaler = type("Scaler", (), {"_scale": torch.tensor([2.0**16])})()
+    assert bool(backend.scaler_overflow(torch.tensor(float("inf"))))  # the loss overflowed: explained
+    assert bool(backend.scaler_overflow(torch.tensor(1.0)))  # the gradients overflowed: explained
+    backend.scaler._scale = torch.tensor([0.5])
+    assert not bool(backend.scaler_overflow(torch.tensor(float("nan"))))  # the scale cannot explain it

@@ -1,30 +1,34 @@
-"""The prepared GPU check: `make gpu-check` (`python -m benchmarks.gpu_check`).
+"""The GPU check: `make gpu-check` (`python -m benchmarks.gpu_check`).
 
-One command that runs everything CUDA-only in `scale` on one GPU, within a time budget (8 minutes
-by default), and exits non-zero on any failure:
+One command that measures what only a GPU can show, most informative first, each measurement with a
+time budget of its own inside the whole check's (9 minutes by default, for a machine lent for ten),
+and exits non-zero on any failure:
 
-1. environment: torch, CUDA, the device; packages the machine lacks (deepspeed, webdataset,
-   braceexpand and their needs) installed from a folder of wheels (`make gpu-wheels` builds it,
-   about 5 MB) into a private folder, nothing else touched;
-2. `pytest -m gpu tests/gpu`: cross-rank BatchNorm against torch's SyncBatchNorm (fp32, bf16),
-   optimizer parity on CUDA (fused vs foreach AdamW, foreach vs per-tensor Lamb, DeepSpeed's
-   FusedLamb against its own arithmetic and its stated difference, apex FusedLAMB when installed),
-   one-GPU training in bf16 and fp16 with save + resume, host syncs per step, the deepspeed
-   launcher with ZeRO-1/2/3 in bf16 and fp16, ZeRO-3 against one GPU, DALI on the GPU (reported
-   as skipped where DALI is not installed: its wheel is larger than a transfer to the lent GPU
-   machine allows);
-3. the throughput CLI for ViT-B/16, L/16, H/14 and BN-L/7 in bf16 (activation checkpointing for
-   BN-L/7), its results written with date and device;
-4. the side-by-side step (`benchmarks.throughput --compare`) for the same models in bf16: per-view
-   vs joint views, eager vs compiled (BN-L/7: per view, eager vs compiled; joint views do not apply
-   to a backbone with BatchNorm), which decides whether `--model.compile` becomes the GPU default.
+1. environment: torch, CUDA, the device; the packages the machine lacks (deepspeed, webdataset,
+   braceexpand and their needs) installed from a folder of wheels (`make gpu-wheels`, about 5 MB)
+   into a private folder, nothing else touched: a needed package missing with no wheel is a failure;
+2. ceilings: versions, the bf16 8192^3 matmul and the device and pinned host copies;
+3. step: ViT-B/16 through the real training step for 20 steps (CUDA-event times, CPU time per
+   step, kernels per step, host syncs counted, a 2-step profiler trace);
+4. memory: ViT-H/14 at its recipe's 64 images per GPU in one process, with and without activation
+   checkpointing, and one-rank ZeRO-2/3: peak memory beside `check_memory`'s estimate;
+5. compare: ViT-B/16 joint vs per-view views vs compiled (`benchmarks.throughput --compare`), which
+   decides whether `--model.compile` becomes the GPU default;
+6. batchnorm: two gloo ranks sharing the GPU, scale's cross-rank BatchNorm against torch's
+   SyncBatchNorm (host syncs and time per step);
+7. drift: 50 bf16 steps of ViT-S at the recipe's learning rate on one process, one-rank FSDP2 and
+   one-rank ZeRO-2/3 (losses and the momentum encoder's movement side by side);
+8. `pytest -m gpu tests/gpu`, last.
 
-Without CUDA every step runs as far as it can and reports what it skipped and why; the exit status
-is then 0 unless something that can run on a CPU failed.
+The results come back as three files (a lent GPU machine returns at most 8): `summary.md` (the
+table to read), `summary.json` (everything measured) and `gpu-check.tar.gz` (each measurement's JSON
+and log, the profiler trace, pytest's log and JUnit XML). Without CUDA every step runs as far as it
+can, in seconds, and reports each CUDA-only one as skipped; the exit status is then 0 unless
+something that can run on a CPU failed.
 
     make gpu-wheels                     # here, once: the wheels the GPU machine lacks -> wheels/
     make gpu-check                      # on the GPU machine (python3 -m benchmarks.gpu_check)
-    python -m benchmarks.gpu_check --only pytest --out /tmp/check
+    python -m benchmarks.gpu_check --only step --only memory --out /tmp/check
 """
 
 from __future__ import annotations
@@ -34,9 +38,12 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from datetime import date
@@ -47,18 +54,10 @@ RESULTS = ROOT / "benchmarks" / "results" / "gpu-check"
 SITE = Path("/tmp/scale-gpu-site")
 NEEDED = ("deepspeed", "webdataset", "braceexpand", "hjson", "pydantic")
 
-# (model, images per GPU, activation checkpointing): the paper's runs on one H200 in bf16. BN-L/7
-# (1,025 tokens) needs checkpointing to hold 32 images; the others fit without it.
-THROUGHPUT = [
-    ("vit_base", 128, False),
-    ("vit_large", 64, False),
-    ("vit_huge", 32, False),
-    ("vit_bn_large_p7", 32, True),
-]
-STEPS = ("environment", "pytest", "throughput", "compare")
-# Variants timed side by side per model (`benchmarks.throughput --compare`), first one the baseline.
-COMPARE = {"vit_bn_large_p7": "per_view,per_view+compile"}
-COMPARE_DEFAULT = "per_view,joint,joint+compile"
+# The measurements in order (most informative first) with their budgets in seconds; pytest takes the rest.
+PROBES = {"ceilings": 45, "step": 100, "memory": 170, "compare": 120, "batchnorm": 60, "drift": 150}
+STEPS = ("environment", *PROBES, "pytest")
+COMPARE = "per_view,joint,joint+compile"  # ViT-B/16, first one the baseline
 
 
 class Check:
@@ -92,7 +91,7 @@ def install_wheels(wheels: Path) -> str:
         return "all needed packages present"
     found = sorted(wheels.glob("*.whl")) if wheels.is_dir() else []
     if not found:
-        return f"missing {', '.join(missing)} and no wheels in {wheels} (make gpu-wheels)"
+        raise RuntimeError(f"missing {', '.join(missing)} and no wheels in {wheels}: run `make gpu-wheels` here first")
     cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
            "--no-cache-dir", "--upgrade", "--target", str(SITE), *map(str, found)]  # fmt: skip
     subprocess.run(cmd, check=True)
@@ -128,35 +127,134 @@ def environment(check: Check, args) -> dict:
     return info
 
 
-def run_pytest(check: Check, out: Path) -> None:
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            "PYTHONUNBUFFERED": "1", "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
+                                                                            "/tmp/scale-torch-extensions")}  # fmt: skip
+
+
+def _run(check: Check, name: str, cmd: list[str], raw: Path, budget: float) -> bool:
+    """Run `cmd` with its log in raw/NAME.log, within `budget` seconds and what the check has left
+    (its process group stopped at the limit); False, reported, when it failed."""
     t = time.monotonic()
-    xml, log_path = out / "pytest-gpu.xml", out / "pytest-gpu.log"
-    env = {**os.environ, "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "PYTHONUNBUFFERED": "1",
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/scale-torch-extensions")}  # fmt: skip
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    limit = min(budget, check.left() - 30)
+    if limit < 10:
+        check.add(name, "skipped", 0.0, "not run: the time budget is spent")
+        return False
+    with open(raw / f"{name}.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)  # fmt: skip
+        try:
+            code = proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            check.add(name, "failed", time.monotonic() - t, f"stopped at its budget of {limit:.0f} s")
+            return False
+    if code != 0:
+        tail = (raw / f"{name}.log").read_text().strip().splitlines()
+        check.add(name, "failed", time.monotonic() - t, (tail or ["?"])[-1][:200])
+        return False
+    return True
+
+
+def run_probe(check: Check, name: str, raw: Path) -> dict:
+    """One measurement of `benchmarks.gpu_probes` (or the side-by-side step): its JSON, summarised."""
+    if cuda_device() is None:
+        check.add(name, "skipped", 0.0, "needs CUDA (one GPU)")
+        return {}
+    t = time.monotonic()
+    if name == "compare":
+        cmd = [sys.executable, "-m", "benchmarks.throughput", "--model", "vit_base", "--batch-size", "128",
+               "--precision", "bf16", "--compare", COMPARE, "--rounds", "2", "--steps", "5", "--warmup", "3",
+               "--out", str(raw)]  # fmt: skip
+        result_file = raw / "compare-vit_base-single-1x.json"
+    else:
+        cmd = [sys.executable, "-m", "benchmarks.gpu_probes", name, "--out", str(raw)]
+        result_file = raw / f"{name}.json"
+    if not _run(check, name, cmd, raw, PROBES[name]):
+        return {}
+    result = json.loads(result_file.read_text())
+    status, detail = SUMMARIES[name](result)
+    check.add(name, status, time.monotonic() - t, detail)
+    return result
+
+
+def _ceilings(r: dict) -> tuple[str, str]:
+    return "passed", (f"{r['device']}: bf16 matmul {r['bf16_matmul_tflops']:.0f} TFLOP/s, device copy "
+                      f"{r['device_copy_gbs']:.0f} GB/s, pinned H2D {r['h2d_pinned_gbs']:.0f} GB/s")  # fmt: skip
+
+
+def _step(r: dict) -> tuple[str, str]:
+    status = "passed" if r["host_syncs_per_step"] == 0 else "failed"  # the default step queues without waiting
+    return status, (
+        f"{r['model']} x{r['batch']}: {r['gpu_ms_median']:.1f} ms/step on the GPU, {r['cpu_ms_median']:.1f} ms of "
+        f"CPU, {r['img_per_s']:.0f} img/s, MFU {100 * r['mfu']:.1f}%, {r['kernels_per_step']:.0f} kernels, "
+        f"{r['host_syncs_per_step']:g} host syncs per step"
+    )
+
+
+def _memory(r: dict) -> tuple[str, str]:
+    parts, status = [], "passed"
+    for c in r["cases"]:
+        if "error" in c:
+            parts.append(f"{c['case']}: {c['error'][:80]}")
+            continue
+        parts.append(f"{c['case']} peak {c['peak_allocated_gib']:.1f} GiB vs estimate {c['estimate_gib']:.1f}")
+        if c["peak_allocated_gib"] > 1.1 * c["estimate_gib"] + 1:  # the estimate must not undercount
+            status = "failed"
+    return status, "; ".join(parts)
+
+
+def _compare(r: dict) -> tuple[str, str]:
+    rows = r["variants"]
+    losses = {x["first_loss"] for x in rows}
+    spread = (max(losses) - min(losses)) / abs(min(losses))
+    status = "passed" if spread < 1e-2 else "failed"  # bf16: the variants' first losses agree to 1%
+    return status, "; ".join(f"{x['variant']} {x['img_per_s_per_device']:.0f} img/s (x{1 / x['ratio_to_first']:.2f})"
+                             for x in rows) + f"; first losses within {100 * spread:.2f}%"  # fmt: skip
+
+
+def _batchnorm(r: dict) -> tuple[str, str]:
+    rows = {x["variant"]: x for x in r["variants"]}
+    status = "passed" if rows["scale"]["host_syncs_per_step"] == 0 else "failed"
+    return status, "; ".join(f"{v}: {x['ms_per_step']:.2f} ms, {x['host_syncs_per_step']:g} host syncs per step"
+                             for v, x in rows.items())  # fmt: skip
+
+
+def _drift(r: dict) -> tuple[str, str]:
+    parts, status = [], "passed"
+    for name, x in r["backends"].items():
+        if "error" in x:
+            parts.append(f"{name}: {x['error'][:80]}")
+            status = "failed"
+        elif "drift_ratio" in x:
+            parts.append(f"{name}: loss {x['losses'][-1]:.4f} (max diff {100 * x['max_loss_rel_diff']:.2f}%), "
+                         f"momentum moved x{x['drift_ratio']:.3f}")  # fmt: skip
+            if abs(x["drift_ratio"] - 1) > 0.05:  # an EMA applied twice moves it 1.99x as far
+                status = "failed"
+    return status, "; ".join(parts)
+
+
+SUMMARIES = {"ceilings": _ceilings, "step": _step, "memory": _memory, "compare": _compare,
+             "batchnorm": _batchnorm, "drift": _drift}  # fmt: skip
+
+
+def run_pytest(check: Check, raw: Path) -> None:
+    t = time.monotonic()
+    xml = raw / "pytest-gpu.xml"
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/gpu", "-v", "-rs", "-p", "no:cacheprovider",
            f"--junitxml={xml}"]  # fmt: skip
     if importlib.util.find_spec("pytest_timeout") is not None:
         cmd.append("--timeout=240")  # one hung test must not take the whole budget
-    # The log is written as it runs (kept if the budget stops it); pytest and everything it starts
-    # (the deepspeed launcher's ranks) form one process group, stopped together.
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)  # fmt: skip
-        try:
-            returncode = proc.wait(timeout=max(30.0, check.left() - 60))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            passed = sum(" PASSED" in line for line in log_path.read_text().splitlines())
-            check.add("pytest -m gpu tests/gpu", "failed", time.monotonic() - t,
-                      f"stopped at the time budget after {passed} passed tests; see {log_path.name}")  # fmt: skip
-            return
+    if not _run(check, "pytest-gpu", cmd, raw, check.left()):
+        for case in junit_cases(xml):
+            check.add(f"  {case['name']}", case["status"], case["seconds"], case["detail"])
+        return
     for case in junit_cases(xml):
         check.add(f"  {case['name']}", case["status"], case["seconds"], case["detail"])
-    lines = log_path.read_text().strip().splitlines()
-    summary = lines[-1].strip("= ") if lines else f"exit {returncode}"
-    check.add("pytest -m gpu tests/gpu", "passed" if returncode == 0 else "failed", time.monotonic() - t, summary)
+    lines = (raw / "pytest-gpu.log").read_text().strip().splitlines()
+    check.add("pytest -m gpu tests/gpu", "passed", time.monotonic() - t, lines[-1].strip("= ") if lines else "")
 
 
 def junit_cases(xml: Path) -> list[dict]:
@@ -175,95 +273,26 @@ def junit_cases(xml: Path) -> list[dict]:
     return cases
 
 
-def _run_cli(check: Check, name: str, args: list[str], ac: bool) -> bool:
-    """Run `python -m benchmarks.throughput ARGS` within the budget; False (reported) when it failed."""
-    t = time.monotonic()
-    cmd = [sys.executable, "-m", "benchmarks.throughput", *args, *(["--activation-checkpointing"] if ac else [])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=max(30.0, check.left() - 15), text=True,
-                              capture_output=True)  # fmt: skip
-    except subprocess.TimeoutExpired:
-        check.add(name, "failed", time.monotonic() - t, "stopped at the time budget")
-        return False
-    if proc.returncode != 0:
-        check.add(name, "failed", time.monotonic() - t, (proc.stderr.strip().splitlines() or ["?"])[-1][:200])
-        return False
-    return True
-
-
-def run_throughput(check: Check, out: Path, steps: int) -> list[dict]:
-    results = []
-    if cuda_device() is None:
-        for model, _, _ in THROUGHPUT:
-            check.add(f"throughput {model} bf16", "skipped", 0.0, "needs CUDA (one GPU)")
-        return results
-    for model, batch, ac in THROUGHPUT:
-        name = f"throughput {model} bf16 x{batch}{' AC' if ac else ''}"
-        if check.left() < 45:
-            check.add(name, "skipped", 0.0, "not run: the time budget is spent")
-            continue
-        t = time.monotonic()
-        args = ["--model", model, "--batch-size", str(batch), "--precision", "bf16", "--warmup", "3",
-                "--steps", str(steps), "--out", str(out)]  # fmt: skip
-        if not _run_cli(check, name, args, ac):
-            continue
-        result = json.loads((out / f"throughput-{model}-single-1x.json").read_text())
-        results.append(result)
-        check.add(name, "passed", time.monotonic() - t,
-                  f"{result['img_per_s_per_device']:.0f} img/s, {result['tflops_per_device']:.0f} TFLOP/s, "
-                  f"MFU {100 * result['mfu']:.1f}%, peak {result['peak_mem_gib']:.1f} GiB")  # fmt: skip
-    return results
-
-
-def run_compare(check: Check, out: Path) -> list[dict]:
-    """The side-by-side step of each model (in the throughput step's batch and checkpointing)."""
-    results = []
-    if cuda_device() is None:
-        for model, _, _ in THROUGHPUT:
-            check.add(f"compare {model} bf16", "skipped", 0.0, "needs CUDA (one GPU)")
-        return results
-    for model, batch, ac in THROUGHPUT:
-        variants = COMPARE.get(model, COMPARE_DEFAULT)
-        name = f"compare {model} bf16 x{batch}{' AC' if ac else ''}: {variants}"
-        if check.left() < 90:
-            check.add(name, "skipped", 0.0, "not run: the time budget is spent")
-            continue
-        t = time.monotonic()
-        args = ["--model", model, "--batch-size", str(batch), "--precision", "bf16", "--compare", variants,
-                "--rounds", "2", "--steps", "3", "--warmup", "2", "--out", str(out)]  # fmt: skip
-        if not _run_cli(check, name, args, ac):
-            continue
-        result = json.loads((out / f"compare-{model}-single-1x.json").read_text())
-        results.append(result)
-        rows = result["variants"]
-        losses = {r["first_loss"] for r in rows}
-        spread = (max(losses) - min(losses)) / abs(min(losses))
-        status = "passed" if spread < 1e-2 else "failed"  # bf16: the variants' first losses agree to 1%
-        check.add(name, status, time.monotonic() - t,
-                  "; ".join(f"{r['variant']} {r['img_per_s_per_device']:.0f} img/s (x{1 / r['ratio_to_first']:.2f})"
-                            for r in rows) + f"; first losses within {100 * spread:.2f}%")  # fmt: skip
-    return results
-
-
-def write_summary(out: Path, info: dict, check: Check, throughput: list[dict]) -> None:
+def write_results(out: Path, raw: Path, info: dict, check: Check, results: dict) -> list[Path]:
+    """summary.md, summary.json and gpu-check.tar.gz (the raw folder, then removed): three files."""
     counts = {s: sum(r["status"] == s for r in check.rows) for s in ("passed", "failed", "skipped")}
     data = {**info, "seconds": round(time.monotonic() - check.start, 1), "counts": counts, "steps": check.rows,
-            "throughput": throughput}  # fmt: skip
+            "results": results}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(data, indent=1))
     lines = [f"# GPU check: {info['device']}", "",
              f"{info['date']}; Python {info['python']}, torch {info['torch']} (CUDA {info['cuda']}); "
-             f"{data['seconds']:.0f} s. Made by `make gpu-check` (`python -m benchmarks.gpu_check`).", "",
+             f"{data['seconds']:.0f} s. Made by `make gpu-check` (`python -m benchmarks.gpu_check`); every "
+             "measurement's JSON and log, the profiler trace and pytest's log are in gpu-check.tar.gz.", "",
              f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped.", "",
              "| step | status | s | detail |", "|---|---|---:|---|"]  # fmt: skip
     lines += [f"| {r['name'].strip()} | {r['status']} | {r['seconds']:.0f} | {r['detail'].replace('|', '/')} |"
               for r in check.rows]  # fmt: skip
-    if throughput:
-        lines += ["", "| model | img/s | TFLOP/s | MFU | peak memory |", "|---|---:|---:|---:|---:|"]
-        lines += [f"| {r['model']} x{r['batch_per_device']}{' AC' if r['activation_checkpointing'] else ''} | "
-                  f"{r['img_per_s_per_device']:.0f} | {r['tflops_per_device']:.0f} | {100 * r['mfu']:.1f}% | "
-                  f"{r['peak_mem_gib']:.1f} GiB |" for r in throughput]  # fmt: skip
     (out / "summary.md").write_text("\n".join(lines) + "\n")
+    archive = out / "gpu-check.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(raw, arcname="gpu-check")
+    shutil.rmtree(raw, ignore_errors=True)
+    return [out / "summary.md", out / "summary.json", archive]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,22 +300,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wheels", default=str(ROOT / "wheels"), help="folder of wheels for missing packages")
     default_out = f"{RESULTS.relative_to(ROOT)} on a GPU, /tmp/scale-gpu-check without"
     parser.add_argument("--out", default=None, help=f"results folder (default: {default_out})")
-    parser.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget of the whole check")
+    parser.add_argument("--budget-s", type=float, default=540.0, help="wall-clock budget of the whole check")
     parser.add_argument("--only", action="append", choices=STEPS, help="run only these steps (repeatable)")
-    parser.add_argument("--throughput-steps", type=int, default=8)
     args = parser.parse_args(argv)
     steps = set(args.only or STEPS) | {"environment"}
     check = Check(args.budget_s)
     info = environment(check, args)
     out = Path(args.out) if args.out else (RESULTS if cuda_device() else Path("/tmp/scale-gpu-check"))
     out.mkdir(parents=True, exist_ok=True)
-    if not check.failed and "pytest" in steps:
-        run_pytest(check, out)
-    throughput = run_throughput(check, out, args.throughput_steps) if "throughput" in steps else []
-    if "compare" in steps:
-        run_compare(check, out)  # results in out/compare-*.md and the summary's rows
-    write_summary(out, info, check, throughput)
-    print(f"[gpu-check] {len(check.failed)} failed; summary in {out / 'summary.md'}", flush=True)
+    raw = Path(tempfile.mkdtemp(prefix="scale-gpu-check-"))
+    results = {name: run_probe(check, name, raw) for name in PROBES if name in steps}
+    if "pytest" in steps:
+        run_pytest(check, raw)
+    files = write_results(out, raw, info, check, results)
+    print(f"[gpu-check] {len(check.failed)} failed; {', '.join(str(f) for f in files)}", flush=True)
     return 1 if check.failed else 0
 
 

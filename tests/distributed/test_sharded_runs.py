@@ -77,7 +77,13 @@ def test_deepspeed_config_contradictions_are_errors(tmp_path):
 
     settings = BackendSettings(global_batch_size=4096, batch_size_per_device=64, grad_accum_steps=1, clip_grad=0.0)
     ds = resolve_ds_config(ROOT / "ds_configs" / "zero2.json", settings, "bf16")
-    assert ds["train_batch_size"] == 4096 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    # bf16 by autocast over the engine's fp32 parameters (the precision policy): DeepSpeed's bf16 mode off.
+    assert ds["train_batch_size"] == 4096 and not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert resolve_ds_config(ROOT / "ds_configs" / "zero2.json", settings, "fp16")["fp16"]["enabled"]
+    forced = {**json.loads((ROOT / "ds_configs" / "zero2.json").read_text()), "bf16": {"enabled": True}}
+    (tmp_path / "forced.json").write_text(json.dumps(forced))
+    with pytest.raises(BackendError, match="autocast over fp32 parameters"):
+        resolve_ds_config(tmp_path / "forced.json", settings, "bf16")
     bad = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
     bad["train_batch_size"] = 1024
     (tmp_path / "bad.json").write_text(json.dumps(bad))

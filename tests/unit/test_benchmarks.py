@@ -131,19 +131,34 @@ def test_fp32_with_tf32_is_measured_against_the_tf32_peak(monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine runs the real check: make gpu-check")
 def test_gpu_check_runs_end_to_end_without_a_gpu_and_says_what_it_skipped(tmp_path):
-    """`make gpu-check` on a CPU: every CUDA-only step is reported as skipped with its reason."""
-    from benchmarks.gpu_check import main
+    """`make gpu-check` on a CPU: every CUDA-only step is reported as skipped with its reason, in
+    seconds, and the results are three files (a lent GPU machine returns at most 8)."""
+    import tarfile
+
+    from benchmarks.gpu_check import PROBES, main
 
     assert main(["--out", str(tmp_path), "--wheels", str(tmp_path / "none")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu-check.tar.gz", "summary.json", "summary.md"]
     summary = json.loads((tmp_path / "summary.json").read_text())
     steps = {r["name"].strip(): r for r in summary["steps"]}
     assert steps["environment"]["status"] == "passed"
+    assert all(steps[name]["status"] == "skipped" and "CUDA" in steps[name]["detail"] for name in PROBES)
     assert steps["pytest -m gpu tests/gpu"]["status"] == "passed"
     gpu_tests = [r for name, r in steps.items() if "::" in name]
     assert len(gpu_tests) >= 15 and all(r["status"] == "skipped" and "CUDA" in r["detail"] for r in gpu_tests)
-    assert all(steps[f"throughput {m} bf16"]["status"] == "skipped" for m in ("vit_base", "vit_huge"))
-    assert all(steps[f"compare {m} bf16"]["status"] == "skipped" for m in ("vit_base", "vit_bn_large_p7"))
     assert "GPU check" in (tmp_path / "summary.md").read_text()
+    with tarfile.open(tmp_path / "gpu-check.tar.gz") as tar:
+        assert "gpu-check/pytest-gpu.log" in tar.getnames()
+
+
+def test_gpu_check_fails_when_a_needed_package_is_missing_and_no_wheel_is_there(tmp_path, monkeypatch):
+    """A bare GPU image without its wheels would run every DeepSpeed test as skipped and pass: a failure."""
+    from benchmarks import gpu_check
+
+    monkeypatch.setattr(gpu_check, "NEEDED", ("no_such_package_scale",))
+    assert gpu_check.main(["--out", str(tmp_path), "--wheels", str(tmp_path / "none"), "--only", "ceilings"]) == 1
+    steps = {r["name"]: r for r in json.loads((tmp_path / "summary.json").read_text())["steps"]}
+    assert steps["environment"]["status"] == "failed" and "make gpu-wheels" in steps["environment"]["detail"]
 
 
 def test_timed_steps_hand_every_step_to_the_monitors(tmp_path):

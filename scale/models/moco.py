@@ -53,7 +53,7 @@ class ViewwiseMLP(nn.Sequential):
     V views stacked along the batch, (V * B, F_in), runs each layer on each (B, F_in) part (the
     statistics and the running-average updates of per-view calls: every BatchNorm sees view 1,
     then view 2) and returns (V * B, F_out). One call per step, so a sharded backend gathers its
-    weights once; a BatchNorm that takes all views at once (`forward_views`: the cross-rank one of
+    weights once; a BatchNorm that takes all views at once (`takes_views`: the cross-rank one of
     `scale.parallel`) reduces their statistics in one collective."""
 
     per_view = True  # `VisionTransformer.forward` passes `views` to a head that says so
@@ -62,9 +62,8 @@ class ViewwiseMLP(nn.Sequential):
         if views == 1:
             return super().forward(x)
         parts = list(x.chunk(views))  # V x (B, F)
-        for layer in self:
-            batch_views = getattr(layer, "forward_views", None)  # all views at once (one collective)
-            parts = batch_views(parts) if batch_views else [layer(part) for part in parts]
+        for layer in self:  # called as modules: the hooks of a sharded backend run
+            parts = layer(parts) if getattr(layer, "takes_views", False) else [layer(part) for part in parts]
         return torch.cat(parts)
 
 

@@ -51,9 +51,9 @@ class CrossRankBatchNorm(_BatchNorm):
 
     Input is (B, C, ...) or, with `channels_last`, (B, ..., C). Outside training, or with one rank,
     it is plain BatchNorm. One differentiable all-reduce per call carries the count, the sum and the
-    sum of squares of every view given (`forward_views`: the heads' two views, each with its own
-    statistics as in the paper's Algorithm 1), shifted by the running mean (the same on every rank)
-    to keep the variance's cancellation small. Under activation recompute the recomputed forward
+    sum of squares (in fp64, which keeps the variance as exact as a centred two-pass one) of every
+    view given (a list: the heads' two views, each with its own statistics as in the paper's
+    Algorithm 1). Under activation recompute the recomputed forward
     reuses the forward's sums (`scale.parallel.recompute`). The output is fp32 under autocast, as
     torch's autocast gives BatchNorm's, else the input's dtype.
     """
@@ -80,12 +80,19 @@ class CrossRankBatchNorm(_BatchNorm):
         # As torch.nn.SyncBatchNorm: statistics cross ranks only in training mode.
         return self.training and dist.is_initialized() and dist.get_world_size(self.process_group) > 1
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_views([x])[0]
+    takes_views = True
+    """`ViewwiseMLP` may call it with the list of every view's batch at once (`forward`)."""
 
-    def forward_views(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Each of `views` normalised with its own statistics (over every rank), the running
-        statistics updated view after view, as separate calls would: one collective for all."""
+    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        """A batch, or a list of views' batches: each normalised with its own statistics (over every
+        rank), the running statistics updated view after view, as separate calls would, with one
+        collective for all. Called through the module (never `forward` itself), so that the hooks of
+        a sharded backend gather its parameters."""
+        if isinstance(x, torch.Tensor):
+            return self._views([x])[0]
+        return self._views(list(x))
+
+    def _views(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
         xs = [_move_channels(x, self.channels_last, to_first=True) for x in views]
         if not self._cross_rank():
             return [_move_channels(super(CrossRankBatchNorm, self).forward(x), self.channels_last, to_first=False)
@@ -98,35 +105,31 @@ class CrossRankBatchNorm(_BatchNorm):
         shape = [1, C] + [1] * (x0.dim() - 2)  # broadcast per channel
         dtype = torch.promote_types(x0.dtype, torch.float32)  # statistics in fp32 at least
         phase = recompute_phase()
-        replay = phase[1].replay(self) if phase is not None and phase[0] == "recompute" else None
-        if replay is not None:  # the recompute of a forward: its shift and its sums over the ranks
-            shift, total = replay
-        else:
-            shift = self.running_mean if self.track_running_stats else torch.zeros(C, device=x0.device)
-            shift = shift.detach().to(dtype, copy=True)  # a copy: the running mean moves during this call
-        shifted = [x.to(dtype) - shift.view(shape) for x in xs]
-        # Sums in fp64: E[s^2] - E[s]^2 then keeps the precision of a centred two-pass variance.
-        wide = [s.double() for s in shifted]
+        total = phase[1].replay(self) if phase is not None and phase[0] == "recompute" else None
+        xf = [x.to(dtype) for x in xs]
+        # Sums in fp64 (the products of fp32 values are exact there): E[x^2] - E[x]^2 then keeps the
+        # precision of a centred two-pass variance, in one pass and one collective.
+        wide = [x.double() for x in xf]
         count = [torch.full((1,), x.numel() // C, dtype=torch.float64, device=x.device) for x in xs]
         local = torch.stack([torch.cat([w.sum(dims), w.square().sum(dims), c])
                              for w, c in zip(wide, count, strict=True)])  # (V, 2C + 1)  # fmt: skip
-        if replay is not None:  # no collective: the forward's sums, and the backward's all-reduce
+        if total is not None:  # the recompute of a forward: its sums, no collective (the backward's only)
             totals = _ReplayedAllReduce.apply(local, total, self.process_group)
         else:
             totals = all_reduce_with_grad(local, self.process_group)
             if phase is not None:  # the forward of a recomputed module: kept for its recompute
-                phase[1].record(self, (shift, totals.detach()))
+                phase[1].record(self, totals.detach())
         outs = []
-        for v, s in enumerate(shifted):
+        for v, x in enumerate(xf):
             n = totals[v, -1]
             mean_wide = totals[v, :C] / n
-            mean_shifted = mean_wide.to(dtype)
+            mean = mean_wide.to(dtype)
             var = (totals[v, C : 2 * C] / n - mean_wide.square()).clamp(min=0.0).to(dtype)  # biased, (C,)
-            y = (s - mean_shifted.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
+            y = (x - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
             if self.affine:
                 y = y * self.weight.view(shape) + self.bias.view(shape)
             if self.track_running_stats:
-                self._update_running_stats((mean_shifted + shift).detach(), var.detach(), n.detach().to(dtype))
+                self._update_running_stats(mean.detach(), var.detach(), n.detach().to(dtype))
             out_dtype = dtype if torch.is_autocast_enabled(y.device.type) else xs[v].dtype
             outs.append(_move_channels(y.to(out_dtype), self.channels_last, to_first=False))
         return outs

@@ -1,6 +1,9 @@
 """The GPU paths' logic, checked on this CPU (issue: GPU paths, second review): each test fails on
 the code before its fix."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -234,3 +237,25 @@ def test_every_backend_follows_one_precision_policy_in_bf16(tmp_path):
     for backend in ("fsdp", "zero1", "zero2"):
         assert losses[backend] == pytest.approx(ddp, rel=1e-6), backend
     assert losses["zero3"][:2] == pytest.approx(ddp[:2], rel=1e-6)
+
+
+def _every_parameter_partitioned(rank, world, out_dir, backend):
+    overrides = backend_overrides(backend)
+    if backend == "zero3":  # every parameter partitioned, the heads' BatchNorm weights included
+        ds = json.loads(Path(overrides["parallel.deepspeed_config"]).read_text())
+        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        path = Path(out_dir) / "zero3-all.json"
+        path.write_text(json.dumps(ds))
+        overrides["parallel.deepspeed_config"] = str(path)
+    cfg = tiny_config(out_dir, f"partitioned-{backend}", **overrides, **{"schedule.max_steps": 3})
+    Trainer(cfg, loader=FixedBatchLoader(4, 8, world=world, rank=rank)).fit()
+
+
+def test_the_heads_batchnorm_takes_both_views_through_the_backends_hooks(tmp_path):
+    """The heads hand both views to the cross-rank BatchNorm at once, as a call of the module: ZeRO-3
+    (and FSDP2) gather its parameters in the module's hooks, which a call of another method would skip
+    (a partitioned weight of 0 elements)."""
+    for backend in ("ddp", "zero3"):
+        run_ranks(_every_parameter_partitioned, 2, str(tmp_path), backend)
+    ddp, zero3 = (read_metrics(tmp_path / f"partitioned-{b}") for b in ("ddp", "zero3"))
+    assert [r["loss"] for r in zero3] == pytest.approx([r["loss"] for r in ddp], rel=1e-5)

@@ -105,7 +105,7 @@ def _compiled_vs_eager(rank, world, out_dir, backend):
         if rank == 0:
             losses[compiled] = [r["loss"] for r in read_metrics(trainer.run_dir)]
     if rank == 0:
-        assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+        assert losses[True] == pytest.approx(losses[False], rel=1e-5), losses
 
 
 @pytest.mark.slow  # inductor compiles on 2 ranks: 25-50 s each; the single-process test is in the default run

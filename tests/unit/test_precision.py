@@ -90,3 +90,50 @@ def test_tuned_cpu_malloc_serves_large_activations_from_the_heap_not_fresh_mmaps
     x = torch.empty(16 * 197 * 3072, dtype=torch.float32)  # 39 MiB: above glibc's largest default threshold
     assert libc.mallinfo2().hblkhd == before  # from the heap: kept for reuse after it is freed
     del x
+
+
+def test_the_momentum_masters_update_converts_one_chunk_at_a_time(monkeypatch):
+    """16-bit momentum-encoder tensors (DeepSpeed's fp16 mode) move through fp32 masters; the fp32
+    copies of the base encoder are made chunk by chunk (a whole copy was 2.6 GB for ViT-H), with the
+    numbers of the whole-list update."""
+    from torch import nn
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from scale.optim import optimizers
+    from scale.parallel import base
+    from scale.parallel.base import SingleProcess
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.q = nn.Sequential(*[nn.Linear(16, 16) for _ in range(4)]).bfloat16()
+            self.k = nn.Sequential(*[nn.Linear(16, 16) for _ in range(4)]).bfloat16().requires_grad_(False)
+
+        def momentum_pairs(self):
+            return list(self.k.parameters()), list(self.q.parameters())
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    def run(chunk_numel):
+        monkeypatch.setattr(base, "foreach_chunks", lambda t: optimizers.foreach_chunks(t, chunk_numel))
+        backend = SingleProcess("fp32", torch.device("cpu"))
+        backend.module = Pair()
+        backend.momentum_update(0.9)  # the masters are made
+        with Ops() as ops:
+            backend.momentum_update(0.9)
+        return [p.clone() for p in backend.module.k.parameters()], ops.ops
+
+    whole, _ = run(10**9)
+    chunked, ops = run(300)  # a chunk: at most 300 elements (a 16x16 weight and its bias)
+    assert all(torch.equal(a, b) for a, b in zip(whole, chunked, strict=True))
+    copies = [i for i, op in enumerate(ops) if op == "_to_copy"]
+    updates = [i for i, op in enumerate(ops) if op.startswith("_foreach_mul")]
+    assert len(copies) == 8 and updates[0] < copies[-1], ops  # updates between the conversions

@@ -43,6 +43,15 @@ log = logging.getLogger(__name__)
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
 
+def on_device(module: nn.Module, device: torch.device) -> nn.Module:
+    """`module` moved to `device`; left as it is when every tensor is there already (a simulated
+    run's fake tensors cannot be moved, nor need to)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    if all(t.device == device for t in tensors):
+        return module
+    return module.to(device)
+
+
 @dataclass
 class StepResult:
     """One optimizer step: the global gradient norm before clipping (non-finite when the step was
@@ -128,7 +137,7 @@ class Backend:
         FSDP2 resharding); `plan`: how to shard the model (replicated backends ignore it).
         """
         self.settings, self.plan = settings or BackendSettings(), plan or ShardingPlan()
-        self.module = model.to(self.device)
+        self.module = on_device(model, self.device)
         self.model = self._wrap(self.module)
         self.optimizer = optimizer_factory(self.module)
 

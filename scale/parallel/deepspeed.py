@@ -44,7 +44,7 @@ from torch import nn
 from scale.errors import BackendError, is_write_failure
 from scale.optim import set_lr_wd
 from scale.parallel import ds_internals as internals
-from scale.parallel.base import Backend, StepResult
+from scale.parallel.base import Backend, StepResult, on_device
 from scale.parallel.ds_config import load_ds_json, resolve_ds_config, zero_stage
 from scale.parallel.memory import zero_bytes, zero_persistent_buffer_bytes
 from scale.parallel.placement import plan_placement
@@ -83,7 +83,7 @@ class DeepSpeedBackend(Backend):
         self.settings, self.plan = settings or self.settings, plan or self.plan
         ds_config = resolve_ds_config(self.config_path, self.settings, self.precision)
         self.stage = int(ds_config["zero_optimization"]["stage"])
-        model = model.to(self.device)
+        model = on_device(model, self.device)
         optimizer = optimizer_factory(model)
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config, dist_init_required=False

@@ -176,11 +176,12 @@ class LaidOut:
     compute: str
 
 
-def parallelize(cfg: Config, backend: Backend, derived: Derived) -> LaidOut:
-    """Build the MoCo v3 model of `cfg` and lay it out on `backend`'s devices: cross-rank BatchNorm
-    and key gather with several ranks, activation recompute, compiled regions, then the backend's
-    wrapping or sharding (`Backend.setup`) with the optimizer over what it holds."""
-    model = build_model(cfg)
+def parallelize(cfg: Config, backend: Backend, derived: Derived, model: MoCoV3 | None = None) -> LaidOut:
+    """Build the MoCo v3 model of `cfg` (or take `model`, built from it: the simulator's fake one) and
+    lay it out on `backend`'s devices: cross-rank BatchNorm and key gather with several ranks,
+    activation recompute, compiled regions, then the backend's wrapping or sharding
+    (`Backend.setup`) with the optimizer over what it holds."""
+    model = model if model is not None else build_model(cfg)
     if backend.world_size > 1:
         convert_sync_batchnorm(model)
         model.key_gather = AllGatherKeys()

@@ -4,6 +4,7 @@ sharded checkpoint write (FSDP2/DCP and DeepSpeed formats), a disk error on one 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -54,6 +55,11 @@ def run(cmd, fault: str | None = None, until: str | None = None, timeout: float 
             pass
         rest = p.stderr.read() if not until else ""
         p.wait()
+        # A rank this run froze (SIGSTOP) lives in torchrun's worker session, out of the group killed
+        # above: without this it would stay stopped, holding its memory, until the machine stops.
+        for pid in re.findall(r"\[inject\] stop at .* \(pid (\d+)\)", "".join(lines) + rest):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
     return p.returncode, "".join(lines) + rest, time.monotonic() - start
 
 

@@ -36,6 +36,17 @@ def load_ds_json(path: str | Path) -> dict[str, Any]:
     return value
 
 
+def bundled_config(stage: int) -> Path:
+    """`ds_configs/zero{stage}.json` of this checkout (beside the package) or of the working
+    directory: the configs `--parallel.backend=auto` and the planner use."""
+    for root in (Path(__file__).resolve().parents[2], Path.cwd()):
+        path = root / "ds_configs" / f"zero{stage}.json"
+        if path.is_file():
+            return path
+    raise BackendError(f"ds_configs/zero{stage}.json not found beside the package or in {Path.cwd()}: "
+                       "run from the repository's root or pass --deepspeed PATH")  # fmt: skip
+
+
 def zero_section(ds: dict[str, Any]) -> dict[str, Any]:
     section = ds.get("zero_optimization", {})
     return section if isinstance(section, dict) else {}

@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from scale.parallel.base import Backend
@@ -49,6 +50,12 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 class FSDPBackend(Backend):
     name = "fsdp"
 
+    def __init__(self, precision: str = "auto", device: torch.device | None = None, mesh: DeviceMesh | None = None):
+        super().__init__(precision, device)
+        self.mesh = mesh
+        """The device mesh to shard over (None: FSDP2's default, every rank of the default group). A
+        simulated run (`benchmarks.simulate`) makes it before its fake tensors exist."""
+
     def _wrap(self, module: nn.Module) -> nn.Module:
         # The precision policy (docs/training.md): autocast computes as on one process; the units that
         # only feed matmuls are gathered in the compute dtype (what autocast casts them to anyway: half
@@ -59,8 +66,9 @@ class FSDPBackend(Backend):
         low_units = {id(u) for u in self.plan.low_precision} if low else set()
         reshard = self.settings.reshard_after_forward
         for unit in self.plan.units:
-            fully_shard(unit, reshard_after_forward=reshard, mp_policy=matmuls if id(unit) in low_units else full)
-        fully_shard(module, reshard_after_forward=reshard, mp_policy=full)
+            policy = matmuls if id(unit) in low_units else full
+            fully_shard(unit, mesh=self.mesh, reshard_after_forward=reshard, mp_policy=policy)
+        fully_shard(module, mesh=self.mesh, reshard_after_forward=reshard, mp_policy=full)
         for unit, method in self.plan.forward_methods:
             register_fsdp_forward_method(unit, method)
         low_name = str(low).removeprefix("torch.") if low else "fp32"

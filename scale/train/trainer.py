@@ -44,6 +44,7 @@ from scale.train.memory import check_memory
 from scale.train.metrics import MetricsLogger, Progress
 from scale.train.monitors import RunMonitors
 from scale.train.parallelize import build_model, grad_groups, parallelize
+from scale.train.planner import resolve_auto
 from scale.train.preemption import Preempted, PreemptionWatch, requeue_slurm_job, restart_count, watch_signal
 from scale.train.run_dir import check_run_dir, rewind, write_config
 from scale.train.step_stats import LogWindow, SkipCounter
@@ -61,6 +62,8 @@ class Trainer:
         # fatal (SIGUSR2's default action ends the process); acted on at the first check.
         self.preempt = watch_signal(cfg.run.preempt_signal, cfg.run.preempt_check_every)
         init_distributed(cfg.parallel.dist_backend, cfg.parallel.timeout_minutes)
+        if backend is None:
+            resolve_auto(cfg)  # --parallel.backend=auto on GPUs: the planner's backend, logged with the runner-up
         self.backend = b = backend or build_backend(
             cfg.parallel.backend, cfg.parallel.precision, cfg.parallel.deepspeed_config
         )

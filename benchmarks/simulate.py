@@ -63,6 +63,9 @@ from scale.train.memory import count_params, estimate
 from scale.train.parallelize import build_model, parallelize
 
 GIB = 2**30
+RECIPE_OF = {"vit_small": "vit_s_300ep", "vit_base": "vit_b_300ep", "vit_large": "vit_l_300ep",
+             "vit_huge": "vit_h_300ep", "vit_bn_large_p7": "vit_bn_l7_300ep"}  # fmt: skip
+"""The paper's models and their recipes (scale/recipes.py)."""
 SIMULATED = ("single", "ddp", "fsdp")
 ANALYTIC = ("zero1", "zero2", "zero3")
 """DeepSpeed: see the module docstring for where it breaks on fake tensors."""
@@ -165,9 +168,7 @@ def state_now(backend: Backend) -> float:
 def sim_config(model: str, parallel: str, world: int, batch: int, ac: bool = False, precision: str = "bf16",
                accum: int = 1, reshard: bool = True, extra: tuple[str, ...] = ()) -> Config:  # fmt: skip
     """The training config of a simulated run: `model`'s recipe (or ViT-B's with `--model.name`)."""
-    recipe = {"vit_small": "vit_s_300ep", "vit_base": "vit_b_300ep", "vit_large": "vit_l_300ep",
-              "vit_huge": "vit_h_300ep", "vit_bn_large_p7": "vit_bn_l7_300ep"}.get(model, "vit_b_300ep")  # fmt: skip
-    return apply_overrides(get_recipe(recipe), [
+    return apply_overrides(get_recipe(RECIPE_OF.get(model, "vit_b_300ep")), [
         f"--model.name={model}", f"--parallel.backend={parallel}", f"--parallel.precision={precision}",
         f"--batch.global_batch_size={batch * world * accum}", f"--batch.grad_accum_steps={accum}",
         f"--parallel.activation_checkpointing={str(ac).lower()}", f"--parallel.reshard_after_forward={reshard}",

@@ -44,15 +44,15 @@ import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.paper import RESULTS, ROOT, paper_view
-from benchmarks.scaling import Assumptions, ModelCost, project
+from benchmarks.scaling import project_layout
 from scale.config import apply_overrides
 from scale.entry import run_cli
 from scale.hardware.peaks import measured_cpu_peak, peak_memory_gib
-from scale.models.moco import resolve_view_forward
+from scale.parallel.ds_config import zero_stage
 from scale.parallel.launch import init_distributed
 from scale.recipes import get_recipe
-from scale.train.memory import count_params
-from scale.train.parallelize import backbone_config, build_model
+from scale.train.parallelize import build_model
+from scale.train.timing import Cluster, Layout
 from scale.train.trainer import Trainer
 
 
@@ -384,14 +384,24 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def projection(result: dict, args) -> list[dict]:
-    """This device's measured time per image projected to N devices at global batch 4096 with
-    `benchmarks.scaling`'s communication model (its default interconnect assumptions)."""
+    """This run's layout projected to N GPUs at global batch 4096 with `scale.train.timing` (its
+    default network): at the MFU measured here when this is a GPU, else at the assumed 40%."""
     cfg = build_config(args, 1, "/nonexistent")
-    vit = backbone_config(cfg)
-    calls = 1 if resolve_view_forward(cfg.model.view_forward, vit.use_bn or vit.conv_stem) else 2
-    cost = ModelCost(args.model, *count_params(cfg), result["flops_per_image"], vit.depth + 1, calls)
-    backend = {"single": "ddp", "ddp": "ddp"}.get(args.backend, args.backend)
-    return [project(cost, backend, n, Assumptions(), 1.0 / result["img_per_s_per_device"]) for n in (8, 64, 256, 1024)]
+    if args.backend == "deepspeed":
+        backend = f"zero{zero_stage(cfg.parallel.deepspeed_config)}"
+    elif args.backend == "fsdp":
+        backend = "fsdp" if cfg.parallel.reshard_after_forward else "fsdp-noreshard"
+    else:
+        backend = "ddp"
+    mfu = result["mfu"] if result["device"].startswith("cuda") or "NVIDIA" in result["device"] else 0.40
+    rows = []
+    for n in (8, 64, 256, 1024):
+        per_gpu = 4096 // n
+        micro = min(per_gpu, result["batch_per_device"])
+        layout = Layout(backend, bool(result["activation_checkpointing"]), per_gpu, micro)
+        planned = apply_overrides(cfg, ["--batch.global_batch_size=4096"])
+        rows.append({**project_layout(planned, layout, Cluster(n, mfu=mfu)), "mfu": mfu})
+    return rows
 
 
 def write(result: dict, out: Path) -> None:
@@ -415,14 +425,14 @@ def write(result: dict, out: Path) -> None:
         "",
         f"MFU against {result['peak']}.",
     ]
-    lines += ["", "Projected to N devices at global batch 4096 (`benchmarks.scaling`, its default interconnect "
-              "assumptions; this device's time per image):", "",
-              "| devices | img/device (x accum) | step s (overlap / none) | h per 100 epochs (overlap / none) |",
-              "|---:|---:|---:|---:|"]  # fmt: skip
+    mfu = result["projection"][0]["mfu"] if result["projection"] else 0.4
+    lines += ["", f"Projected to N H100s at global batch 4096 (`scale.train.timing`, its default network; {mfu:.0%} "
+              "MFU: measured here on a GPU, else assumed):", "",
+              "| GPUs | img/GPU (x accum) | compute s | exposed communication s | step s | h per 100 epochs |",
+              "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in result["projection"]:
-        lines.append(f"| {r['gpus']} | {r['images_per_device']} (x{r['accum']}) | {r['step_s_overlap']:.2f} / "
-                     f"{r['step_s_no_overlap']:.2f} | {r['hours_100ep_overlap']:.1f} / "
-                     f"{r['hours_100ep_no_overlap']:.1f} |")  # fmt: skip
+        lines.append(f"| {r['gpus']} | {r['images_per_device']} (x{r['accum']}) | {r['compute_s']:.3f} | "
+                     f"{r['exposed_comm_s']:.3f} | {r['step_s']:.3f} | {r['hours_100ep']:.2f} |")  # fmt: skip
     if result["paper_table3"]:
         t = result["paper_table3"]
         lines += ["", f"Paper Table 3 ({t['tpu_cores']} TPU-v3 cores, {t['hours_per_100_epochs']} h per 100 epochs): "

@@ -149,12 +149,23 @@ def _halvings(n: int) -> list[int]:
     return out
 
 
+SIMPLER = ("ddp", "zero1", "zero2", "fsdp-noreshard", "fsdp", "zero3")
+"""Backends from the simplest (fewest collectives, whole checkpoints) to the most sharded."""
+TOLERANCE = 0.02
+"""Layouts within 2% of the fastest are equal to the time model: the simplest of them is chosen."""
+
+
 def best_and_runner_up(ranked: list[Candidate]) -> tuple[Candidate | None, Candidate | None]:
-    """The fastest layout that fits, and the best that fits with another backend."""
+    """The layout to run: of those that fit (without gradient accumulation when any does), the
+    simplest backend (`SIMPLER`) within `TOLERANCE` of the fastest, without recompute when that is
+    as fast; and the best that fits with another backend."""
     fitting = [c for c in ranked if c.fits]
     if not fitting:
         return None, None
-    best = fitting[0]
+    pool = [c for c in fitting if c.layout.accum == 1] or fitting
+    fastest = min(c.time.step for c in pool)
+    near = [c for c in pool if c.time.step <= fastest * (1 + TOLERANCE)]
+    best = min(near, key=lambda c: (SIMPLER.index(c.layout.backend), c.layout.activation_checkpointing, c.time.step))
     other = next((c for c in fitting if c.layout.backend != best.layout.backend), None)
     return best, other
 

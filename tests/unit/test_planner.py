@@ -60,7 +60,7 @@ def test_auto_picks_the_fastest_backend_that_fits_and_logs_the_runner_up(caplog)
     ranked = candidates(cfg, Cluster(256, memory_gib=80.0), ("ddp", "fsdp", "zero1", "zero2", "zero3"), (False,), (16,))
     best, runner = best_and_runner_up(ranked)
     assert planner._config_backend(best.layout.backend) == (cfg.parallel.backend, cfg.parallel.deepspeed_config)
-    assert runner.layout.backend != best.layout.backend and runner.time.step >= best.time.step
+    assert runner.layout.backend != best.layout.backend
 
 
 def test_auto_shards_when_a_replica_does_not_fit_and_refuses_when_nothing_does():
@@ -71,7 +71,7 @@ def test_auto_shards_when_a_replica_does_not_fit_and_refuses_when_nothing_does()
     _resolve(cfg, 64, 16)
     assert cfg.parallel.backend in ("fsdp", "deepspeed")
     if cfg.parallel.backend == "deepspeed":
-        assert cfg.parallel.deepspeed_config.endswith(("zero2.json", "zero3.json"))
+        assert cfg.parallel.deepspeed_config.endswith(("zero1.json", "zero2.json", "zero3.json"))
     # without DeepSpeed installed, the ZeRO stages are not candidates
     cfg = _cfg("vit_h_300ep", ac)
     _resolve(cfg, 64, 16, deepspeed=False)
@@ -102,7 +102,11 @@ def test_the_planner_marks_what_does_not_fit_and_prefers_no_accumulation():
         assert (c.why_not() == "") == c.fits and c.images_per_s == pytest.approx(4096 / c.time.step)
     best, _ = best_and_runner_up(ranked)
     assert best.layout.accum == 1
-    assert best.time.step == min(c.time.step for c in ranked if c.fits and c.layout.accum == 1)
+    fastest = min(c.time.step for c in ranked if c.fits and c.layout.accum == 1)
+    assert fastest <= best.time.step <= fastest * (1 + planner.TOLERANCE)
+    # the simplest backend of those as fast: none simpler within the tolerance
+    near = [c for c in ranked if c.fits and c.layout.accum == 1 and c.time.step <= fastest * (1 + planner.TOLERANCE)]
+    assert planner.SIMPLER.index(best.layout.backend) == min(planner.SIMPLER.index(c.layout.backend) for c in near)
     # on 40 GiB GPUs, 64 images per GPU without recompute do not fit (ViT-H/14's activations: ~43 GiB)
     tight = candidates(cfg, Cluster(64, memory_gib=40.0), ("ddp",), (False,), (64,))[0]
     assert not tight.fits and "activations 42.7" in tight.why_not()
@@ -124,3 +128,19 @@ def test_ddp_hides_its_reduction_only_under_the_backward_and_fsdp_is_latency_bou
     assert t8.parts["gradients"] < reduce and t8.parts["gradients"] >= reduce - t8.compute / 2 - 1e-9
     t = step_time(model, cfg, Layout("fsdp", False, 4, 4), Cluster(1024))
     assert t.exposed_comm > 10 * t.compute  # ~300 gathers, each (N - 1) ring steps
+
+
+def test_the_plan_command_lists_every_layout_and_marks_one_choice(tmp_path):
+    from benchmarks.plan import main
+
+    rows = main(["--model", "vit_small", "--gpus", "64", "--gpu-memory", "80", "--simulate", "none",
+                 "--out", str(tmp_path)])  # fmt: skip
+    assert sum(r["chosen"] for r in rows) == 1 and sum(r["runner_up"] for r in rows) == 1
+    assert len(rows) == 6 * 2 * 7  # backends x recompute x micro-batches 64, 32, ..., 1
+    assert all(r["why_not"] for r in rows if not r["fits"])
+    text = (tmp_path / "plan-vit_small-64x80g.md").read_text()
+    assert "Chosen: **ddp, 64 img/GPU**" in text and "| **chosen** | ddp, 64 img/GPU |" in text
+    with pytest.raises(ValueError, match="one of vit_small"):
+        main(["--model", "vit_tiny", "--gpus", "64", "--out", "-"])
+    with pytest.raises(ValueError, match="does not split"):
+        main(["--model", "vit_small", "--gpus", "96", "--out", "-", "--simulate", "none"])

@@ -61,6 +61,9 @@ from scale.parallel.fsdp import FSDPBackend
 from scale.recipes import get_recipe
 from scale.train.memory import count_params, estimate
 from scale.train.parallelize import build_model, parallelize
+from scale.train.planner import layout_memory
+from scale.train.timing import Layout
+from scale.train.traffic import meta_model
 
 GIB = 2**30
 RECIPE_OF = {"vit_small": "vit_s_300ep", "vit_base": "vit_b_300ep", "vit_large": "vit_l_300ep",
@@ -281,6 +284,8 @@ def _run(cfg, backend, derived, parallel, world, batch, accum, trainable, moment
         peak = max(tracker.get_tracker_snapshot("peak").values(), key=lambda s: s["Total"])
     theory = backend.state_bytes(trainable, momentum, accum)
     est = estimate(cfg, backend, batch)
+    kind = {"single": "ddp", "fsdp": "fsdp" if reshard else "fsdp-noreshard"}.get(parallel, parallel)
+    planned = layout_memory(meta_model(cfg), Layout(kind, ac, batch * accum, batch), world, backend.precision)
     return {
         "model": cfg.model.name, "parallel": parallel, "world": world, "rank": rank, "batch_per_rank": batch,
         "accum": accum, "activation_checkpointing": ac, "precision": backend.precision, "reshard": reshard,
@@ -289,6 +294,7 @@ def _run(cfg, backend, derived, parallel, world, batch, accum, trainable, moment
         "theory_by_kind_gib": {k: v / GIB for k, v in theory.items()},
         "peak_gib": peak["Total"] / GIB, "peak_by_kind_gib": {k: v / GIB for k, v in peak.items() if k != "Total"},
         "estimate_gib": est.total / GIB, "estimate_activations_gib": est.activations / GIB,
+        "planned_gib": planned["total"] / GIB, "planned_transient_gib": planned["transient"] / GIB,
         "collectives": log.rows(), "unknown_ops": sorted(log.unknown),
     }  # fmt: skip
 

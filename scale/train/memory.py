@@ -26,7 +26,8 @@ class MemoryEstimate:
     model_state: float
     """Bytes per rank of parameters, gradients, optimizer state and the momentum encoder."""
     activations: float
-    """Bytes per rank the base encoder keeps for its backward (both views, one micro-batch)."""
+    """Bytes per rank kept for the backward: the base encoder's activations (both views, one
+    micro-batch) and autocast's 16-bit weight copies."""
     available: float
     """Bytes this rank may use: its GPU's memory, or its share of the host's available memory."""
 
@@ -53,16 +54,31 @@ def available_bytes(device: torch.device, world_size: int) -> float:
 def activation_bytes(
     vit_cfg: ViTConfig, batch_per_device: int, precision: str, activation_checkpointing: bool
 ) -> float:
-    """34 x tokens x width bytes per block per image in 16 bits (Korthikanti et al. 2022, fused
-    attention), 2 x tokens x width with checkpointing plus one block being recomputed; two views
-    (with joint views the block recomputed holds both, as counted here; per view, one at a time)."""
-    scale = 1.0 if precision in ("bf16", "fp16") else 2.0
-    per_block = 34 * vit_cfg.num_tokens * vit_cfg.embed_dim * scale
-    if activation_checkpointing:
-        per_image = 2 * vit_cfg.num_tokens * vit_cfg.embed_dim * scale * vit_cfg.depth + per_block
-    else:
-        per_image = per_block * vit_cfg.depth
-    return 2 * batch_per_device * per_image
+    """Bytes the base encoder's blocks keep for the backward, both views of `batch_per_device` images.
+
+    Per block and image, in units of tokens x width (s x h) bytes, as the blocks run under autocast
+    with the residual stream in fp32 (no dropout, fused attention): the two LayerNorms' fp32 inputs
+    8; the bf16 inputs of the qkv, proj and fc1 matmuls 2 + 2 + 2 and of fc2 8; attention's q, k, v
+    and output 8; GELU's input 8: 38 in bf16/fp16, 68 in fp32 (Korthikanti et al. 2022 count 34 with
+    16-bit LayerNorm inputs and dropout masks). With checkpointing each block keeps its fp32 input
+    (4) and one block is recomputed at a time (with joint views holding both, as counted here).
+    `benchmarks.simulate` measures the real step at 0.98-1.04x of this plus `autocast_copy_bytes`
+    (docs/scaling.md)."""
+    low = precision in ("bf16", "fp16")
+    s_h = vit_cfg.num_tokens * vit_cfg.embed_dim
+    per_block = (8 + (30 if low else 60)) * s_h
+    kept = 4 * s_h * vit_cfg.depth + per_block if activation_checkpointing else per_block * vit_cfg.depth
+    return 2 * batch_per_device * kept
+
+
+def autocast_copy_bytes(trainable: int, precision: str, activation_checkpointing: bool, casts: bool = True) -> float:
+    """The 16-bit copies of the trained weights autocast makes in the forward and keeps for the
+    backward (its cast cache): 2 bytes per trained parameter where fp32 parameters run under bf16/fp16
+    autocast (single, DDP, DeepSpeed's bf16) and the forward is not recomputed; none where the
+    weights already are 16-bit (`casts=False`: FSDP2 gathers them in bf16, DeepSpeed's fp16)."""
+    if not casts or activation_checkpointing or precision not in ("bf16", "fp16"):
+        return 0.0
+    return 2.0 * trainable
 
 
 def count_params(cfg: Config) -> tuple[int, int]:
@@ -73,13 +89,18 @@ def count_params(cfg: Config) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.momentum_encoder.parameters())
 
 
+def _casts_weights(backend: Backend) -> bool:
+    """Whether autocast casts fp32 weights on `backend` (FSDP2 gathers them in bf16 already)."""
+    return backend.autocast_dtype is not None and backend.name != "fsdp"
+
+
 def estimate(cfg: Config, backend: Backend, batch_per_device: int) -> MemoryEstimate:
     trainable, momentum = count_params(cfg)
+    ac = cfg.parallel.activation_checkpointing
     return MemoryEstimate(
         model_state=sum(backend.state_bytes(trainable, momentum, cfg.batch.grad_accum_steps).values()),
-        activations=activation_bytes(
-            backbone_config(cfg), batch_per_device, backend.precision, cfg.parallel.activation_checkpointing
-        ),
+        activations=activation_bytes(backbone_config(cfg), batch_per_device, backend.precision, ac)
+        + autocast_copy_bytes(trainable, backend.precision, ac, casts=_casts_weights(backend)),
         available=available_bytes(backend.device, backend.world_size),
     )
 

@@ -6,13 +6,15 @@ fastest that fits with a margin. `python -m benchmarks.plan` prints the table;
 batch split and recompute setting are kept) and logs it with the runner-up.
 
 Memory per GPU = the model state (`scale.parallel.memory`, DeepSpeed's persistent buckets from
-ds_configs/) + the activations of one micro-batch (`scale.train.memory.activation_bytes`) + the
-transient buffers of the layout: FSDP2 the gathered block being computed and the one prefetched
-(bf16 matmul weights, fp32 norms) and one block's unsharded fp32 gradients, without resharding the
-whole base encoder gathered from its forward to its backward; ZeRO-3 its prefetch bucket and one
-module's fp32 gradients; ZeRO-1/2 DeepSpeed's reduce (two with overlap_comm) and all-gather buckets
-in fp32. A layout fits when that is at most `headroom` of the GPU's memory less `reserve_gib`
-(the CUDA context, cuBLAS/NCCL workspaces, allocator fragmentation).
+ds_configs/) + the activations of one micro-batch (`scale.train.memory.activation_bytes`, and
+autocast's bf16 weight copies where the weights are fp32: every backend but FSDP2) + the
+transient buffers of the layout: FSDP2 twice its largest gather (a block, or the encoder's own
+unit with the projector: one computed, one prefetched) and its largest unsharded fp32 gradients,
+without resharding the whole base encoder gathered from its forward to its backward, and the
+model's padding to a multiple of N in bf16; ZeRO-3 its prefetch bucket and one module's fp32
+gradients; ZeRO-1/2 DeepSpeed's reduce (two with overlap_comm) and all-gather buckets in fp32.
+A layout fits when that is at most `headroom` of the GPU's memory less `reserve_gib` (the CUDA
+context, cuBLAS/NCCL workspaces, allocator fragmentation).
 
 A layout with gradient accumulation changes MoCo v3's loss (each loss contrasts micro-batch x N
 keys, not the global batch): the planner takes one only when nothing without fits.
@@ -29,9 +31,9 @@ from scale.errors import BackendError
 from scale.models import MoCoV3
 from scale.parallel.ds_config import bundled_config, load_ds_json, zero_section
 from scale.parallel.memory import state_bytes, zero_persistent_buffer_bytes
-from scale.train.memory import activation_bytes
+from scale.train.memory import activation_bytes, autocast_copy_bytes
 from scale.train.timing import GPUS, Cluster, Layout, StepTime, step_time
-from scale.train.traffic import BACKENDS, fsdp_units, meta_model, zero3_units
+from scale.train.traffic import BACKENDS, fsdp_units, meta_model, padded, zero3_units
 
 log = logging.getLogger(__name__)
 
@@ -101,17 +103,22 @@ def layout_memory(model: MoCoV3, layout: Layout, world: int, precision: str = "b
     elif kind == "fsdp" and world > 1:
         low = 2 if precision in ("bf16", "fp16") else 4
         units = fsdp_units(model, 1, low)  # world 1: whole (unsharded) sizes
-        blocks: dict[tuple[bool, int], float] = {}
+        gathered: dict[tuple[bool, int | str], float] = {}  # per block, and each unit outside the blocks
         for u in units:
-            if u.block is not None:
-                blocks[(u.trained, u.block)] = blocks.get((u.trained, u.block), 0.0) + u.gather
-        biggest = max(blocks.values(), default=0.0)
+            key = (u.trained, u.block if u.block is not None else u.name)
+            gathered[key] = gathered.get(key, 0.0) + u.gather
+        biggest = max(gathered.values(), default=0.0)
         grads = max((u.scatter for u in units if u.trained), default=0.0)
-        transient = 2 * biggest + grads
+        # Past ~128 ranks the simulated peak grows by about the whole model's padding to a multiple
+        # of N (FSDP2 pads each parameter's first dimension; docs/scaling.md): counted in bf16.
+        pad = sum(padded(p, world) - p.numel() for p in model.parameters())
+        transient = 2 * biggest + grads + low * pad
         if layout.backend == "fsdp-noreshard":
             transient += sum(u.gather for u in units if u.trained)
     state = state_bytes(kind, P, M, world, precision, A, stage, buffers)
-    acts = activation_bytes(model.base_encoder.cfg, layout.micro_batch, precision, layout.activation_checkpointing)
+    ac = layout.activation_checkpointing
+    acts = activation_bytes(model.base_encoder.cfg, layout.micro_batch, precision, ac)
+    acts += autocast_copy_bytes(P, precision, ac, casts=kind != "fsdp")
     total = sum(state.values()) + acts + transient
     return {"state": sum(state.values()), "activations": acts, "transient": transient, "total": total}
 

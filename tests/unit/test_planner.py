@@ -107,9 +107,9 @@ def test_the_planner_marks_what_does_not_fit_and_prefers_no_accumulation():
     # the simplest backend of those as fast: none simpler within the tolerance
     near = [c for c in ranked if c.fits and c.layout.accum == 1 and c.time.step <= fastest * (1 + planner.TOLERANCE)]
     assert planner.SIMPLER.index(best.layout.backend) == min(planner.SIMPLER.index(c.layout.backend) for c in near)
-    # on 40 GiB GPUs, 64 images per GPU without recompute do not fit (ViT-H/14's activations: ~43 GiB)
+    # on 40 GiB GPUs, 64 images per GPU without recompute do not fit (ViT-H/14's activations, weight copies: ~49 GiB)
     tight = candidates(cfg, Cluster(64, memory_gib=40.0), ("ddp",), (False,), (64,))[0]
-    assert not tight.fits and "activations 42.7" in tight.why_not()
+    assert not tight.fits and "activations 48.9" in tight.why_not()
 
 
 def test_ring_latency_grows_with_n_and_the_all_reduce_takes_the_tree_across_nodes():

@@ -304,14 +304,17 @@ def write(rows: list[dict[str, Any]], out: Path, name: str) -> Path:
     (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
     lines = [f"# Simulated ranks: {name}", "", "Made by `python -m benchmarks.simulate` (fake process group, fake "
              "tensors: one process as rank 0 of N). GiB per rank; collectives per training step, whole buffers.", "",
-             "| model | backend | ranks | batch/rank | AC | state (theory) | peak (estimate) | collectives |",
-             "|---|---|---:|---:|---|---:|---:|---|"]  # fmt: skip
+             "The peak is set beside the planner's memory of the same layout (`scale.train.planner.layout_memory`: "
+             "state + activations + autocast's weight copies + transient buffers).", "",
+             "| model | backend | ranks | batch/rank | AC | state (theory) | peak | planned (peak / planned) "
+             "| collectives |",
+             "|---|---|---:|---:|---|---:|---:|---:|---|"]  # fmt: skip
     for r in rows:
         comms = "; ".join(f"{c['op']} x{c['calls']} {c['bytes'] / GIB:.2f} GiB" for c in r["collectives"]) or "none"
         ac = "on" if r["activation_checkpointing"] else "off"
         lines.append(f"| {r['model']} | {r['parallel']} | {r['world']} | {r['batch_per_rank']} | {ac} | "
-                     f"{r['state_gib']:.2f} ({r['theory_state_gib']:.2f}) | {r['peak_gib']:.2f} "
-                     f"({r['estimate_gib']:.2f}) | {comms} |")  # fmt: skip
+                     f"{r['state_gib']:.2f} ({r['theory_state_gib']:.2f}) | {r['peak_gib']:.2f} | "
+                     f"{r['planned_gib']:.2f} ({r['peak_gib'] / r['planned_gib']:.3f}) | {comms} |")  # fmt: skip
     path = out / f"{name}.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -341,8 +344,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             comms = "; ".join(f"{c['op']}[{c['group']}] x{c['calls']} {c['bytes'] / GIB:.3f} GiB"
                               for c in row["collectives"])  # fmt: skip
             print(f"{args.model} {parallel} x{n}: state {row['state_gib']:.2f} GiB (theory "
-                  f"{row['theory_state_gib']:.2f}), peak {row['peak_gib']:.2f} GiB (estimate "
-                  f"{row['estimate_gib']:.2f}); {comms}", flush=True)  # fmt: skip
+                  f"{row['theory_state_gib']:.2f}), peak {row['peak_gib']:.2f} GiB (planned "
+                  f"{row['planned_gib']:.2f}); {comms}", flush=True)  # fmt: skip
     if args.out != "-":
         print(write(rows, Path(args.out), args.name or f"simulate-{args.model}"))
     return rows

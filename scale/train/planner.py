@@ -11,7 +11,7 @@ autocast's bf16 weight copies where the weights are fp32: every backend but FSDP
 transient buffers of the layout: FSDP2 twice its largest gather (a block, or the encoder's own
 unit with the projector: one computed, one prefetched) and its largest unsharded fp32 gradients,
 without resharding the whole base encoder gathered from its forward to its backward, and the
-model's padding to a multiple of N in bf16; ZeRO-3 its prefetch bucket and one module's fp32
+model's padding to a multiple of N, twice in bf16; ZeRO-3 its prefetch bucket and one module's fp32
 gradients; ZeRO-1/2 DeepSpeed's reduce (two with overlap_comm) and all-gather buckets in fp32.
 A layout fits when that is at most `headroom` of the GPU's memory less `reserve_gib` (the CUDA
 context, cuBLAS/NCCL workspaces, allocator fragmentation).
@@ -109,10 +109,10 @@ def layout_memory(model: MoCoV3, layout: Layout, world: int, precision: str = "b
             gathered[key] = gathered.get(key, 0.0) + u.gather
         biggest = max(gathered.values(), default=0.0)
         grads = max((u.scatter for u in units if u.trained), default=0.0)
-        # Past ~128 ranks the simulated peak grows by about the whole model's padding to a multiple
-        # of N (FSDP2 pads each parameter's first dimension; docs/scaling.md): counted in bf16.
+        # Past ~128 ranks the simulated peak grows by 1.2-1.6x the model's padding to a multiple of N
+        # in bf16 (FSDP2 pads each parameter's first dimension; docs/scaling.md): counted as 2x.
         pad = sum(padded(p, world) - p.numel() for p in model.parameters())
-        transient = 2 * biggest + grads + low * pad
+        transient = 2 * biggest + grads + 4 * pad
         if layout.backend == "fsdp-noreshard":
             transient += sum(u.gather for u in units if u.trained)
     state = state_bytes(kind, P, M, world, precision, A, stage, buffers)

@@ -105,7 +105,7 @@ def _check_parallel(cfg: Config, world: int) -> str:
         raise ConfigError(f"--parallel.precision: {e}") from None
     if p.dist_backend == "nccl" and not torch.cuda.is_available():
         raise ConfigError("--parallel.dist_backend=nccl needs CUDA GPUs; use auto or gloo on a CPU")
-    problem = launch_problem(p.backend, world, p.deepspeed_config)
+    problem = launch_problem(p.backend, world, p.deepspeed_config, shard_size=p.shard_size)
     if problem:
         raise ConfigError(problem)
     return precision

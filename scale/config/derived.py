@@ -43,7 +43,8 @@ class Derived:
     total_steps: int
     warmup_steps: int
     negatives_per_loss: int
-    """Keys each query is contrasted with: micro-batch x world size."""
+    """Keys each query is contrasted with: the global batch, or with `batch.keys=micro` and
+    accumulation, micro-batch x world size."""
 
     def summary(self) -> str:
         return (
@@ -81,7 +82,7 @@ def derive(cfg: Config, world_size: int, num_samples: int) -> Derived:
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
         warmup_steps=round(s.warmup_epochs * steps_per_epoch),
-        negatives_per_loss=per_device * world_size,
+        negatives_per_loss=per_device * world_size * (b.grad_accum_steps if b.keys == "global" else 1),
     )
 
 

@@ -139,13 +139,19 @@ class BatchConfig:
     batch_size_per_device: int = setting(0, non_negative())
     """Images per rank per micro-step; 0 derives it as global / (world size x grad_accum_steps)."""
     grad_accum_steps: int = setting(1, positive())
-    """Micro-steps per optimizer step. Each loss sees only micro-batch x world size negatives."""
+    """Micro-steps per optimizer step (see `keys`)."""
+    keys: str = setting("global", one_of("global", "micro"))
+    """With gradient accumulation, the keys each query is contrasted with: 'global' (every
+    micro-batch's keys are computed first, so each loss sees the global batch's keys, as without
+    accumulation) or 'micro' (each micro-batch's own keys: micro-batch x world size)."""
 
 
 @dataclass
 class ParallelConfig:
     backend: str = setting("auto", one_of(*BACKEND_CHOICES))
-    """'auto' (ddp when launched with several ranks, else single), 'single', 'ddp', 'fsdp' or 'deepspeed'."""
+    """'auto' (on several GPUs the planner's choice, on CPU ranks ddp, on one process single), 'single',
+    'ddp', 'fsdp', 'hsdp' (FSDP2 sharded inside groups of `shard_size` ranks, replicated across) or
+    'deepspeed'."""
     precision: str = setting("auto", one_of(*PRECISIONS))
     """'auto' (bf16 on GPUs that support it, else fp32), 'fp32', 'bf16' or 'fp16' (GPU only)."""
     activation_checkpointing: bool = False
@@ -153,8 +159,12 @@ class ParallelConfig:
     deepspeed_config: str = ""
     """DeepSpeed JSON (ds_configs/zero{1,2,3}.json); `--deepspeed PATH` sets it and the backend."""
     reshard_after_forward: bool = True
-    """FSDP2: free gathered parameters after each block's forward (ZeRO-3-like); false keeps them
-    until the backward (ZeRO-2-like: more memory, less communication)."""
+    """FSDP2 / HSDP: free the base encoder's gathered parameters after each block's forward
+    (ZeRO-3-like); false keeps them until the backward (ZeRO-2-like: more memory, less
+    communication). The momentum encoder (no backward) always frees them after its forward."""
+    shard_size: int = setting(0, non_negative())
+    """HSDP (`--parallel.backend=hsdp`): ranks per shard group (parameters, gradients and optimizer
+    state sharded inside it, replicated across groups); 0: the ranks of one node (LOCAL_WORLD_SIZE)."""
     tf32: bool = True
     """fp32 on CUDA: matmuls and convolutions on TF32 tensor cores (10-bit mantissa inputs, fp32
     accumulation; about 7x the fp32 rate); false keeps full fp32. No effect on bf16/fp16 or CPU."""

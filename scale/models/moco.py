@@ -179,24 +179,69 @@ class MoCoV3(nn.Module):
         Runs in fp32 at least, outside any autocast region: in bf16 the logits q k^T / tau (up to
         1 / 0.2 = 5) keep under 3 significant digits, and the softmax over thousands of keys suffers.
         """
+        return self.loss_against(q, self.gathered_keys(k), q.shape[0] * self.key_gather.rank)
+
+    @torch.no_grad()
+    def gathered_keys(self, k: torch.Tensor) -> torch.Tensor:
+        """Keys (B, F) normalised in fp32 (at least) and concatenated over the ranks: (K, F)."""
+        dtype = torch.promote_types(k.dtype, torch.float32)
+        with torch.autocast(device_type=k.device.type, enabled=False):
+            return self.key_gather(F.normalize(k.to(dtype), dim=1))
+
+    def loss_against(self, q: torch.Tensor, k_all: torch.Tensor, offset: int) -> torch.Tensor:
+        """InfoNCE of queries (B, F) against normalised keys (K, F) whose positives are rows
+        `offset` .. `offset + B - 1`, times 2 * tau; fp32 at least, outside autocast."""
         dtype = torch.promote_types(q.dtype, torch.float32)
         with torch.autocast(device_type=q.device.type, enabled=False):
             q = F.normalize(q.to(dtype), dim=1)
-            k = F.normalize(k.to(dtype), dim=1)
-            k_all = self.key_gather(k)  # (K, F)
-            logits = q @ k_all.T / self.temperature  # (B, K)
-            labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * self.key_gather.rank
+            logits = q @ k_all.to(dtype).T / self.temperature  # (B, K)
+            labels = torch.arange(q.shape[0], device=q.device) + offset
             return F.cross_entropy(logits, labels) * (2 * self.temperature)
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor, momentum: float | None = None) -> torch.Tensor:
+    @torch.no_grad()
+    def keys(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both views' keys from the momentum encoder, normalised and gathered over the ranks:
+        (K, F) each (`--batch.keys=global` computes every micro-batch's keys first)."""
+        if self.joint_views:
+            k1, k2 = self.momentum_encoder(join_views(x1, x2), views=2).chunk(2)
+        else:
+            k1, k2 = self.momentum_encoder(x1), self.momentum_encoder(x2)
+        return self.gathered_keys(k1), self.gathered_keys(k2)
+
+    def queries(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both views' queries: base encoder (with its projector), then the predictor; (B, F) each."""
+        if self.joint_views:
+            x = join_views(x1, x2)  # (2B, C, H, W)
+            q1, q2 = self.predictor(self.base_encoder(x, views=2), views=2).chunk(2)
+            return q1, q2
+        return self.predictor(self.base_encoder(x1)), self.predictor(self.base_encoder(x2))
+
+    def forward(
+        self,
+        x1: torch.Tensor,
+        x2: torch.Tensor,
+        momentum: float | None = None,
+        keys: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+        keys_only: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Symmetrised loss ctr(q1, k2) + ctr(q2, k1) for two views (B, C, H, W) each.
 
         Args:
             momentum: if given, the momentum update runs first (Algorithm 1). Sharded backends pass
                 None and run `momentum_update` on their shards after the optimizer step instead.
+            keys: (k1, k2, offset): keys already gathered (`keys`), e.g. those of every micro-batch
+                of an accumulated step, with this micro-batch's positives at rows `offset` ..
+                `offset + B - 1`; the momentum encoder does not run.
+            keys_only: return `keys(x1, x2)` (through the wrapped module, so sharded backends gather).
         """
         if momentum is not None:
             self.momentum_update(momentum)
+        if keys_only:
+            return self.keys(x1, x2)
+        if keys is not None:
+            k1_all, k2_all, offset = keys
+            q1, q2 = self.queries(x1, x2)
+            return self.loss_against(q1, k2_all, offset) + self.loss_against(q2, k1_all, offset)
         if self.joint_views:
             x = join_views(x1, x2)  # (2B, C, H, W)
             q1, q2 = self.predictor(self.base_encoder(x, views=2), views=2).chunk(2)  # (B, F) each

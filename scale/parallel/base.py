@@ -160,23 +160,31 @@ class Backend:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        """The loss of one micro-batch (graph kept for `backward`)."""
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, keys: tuple | None = None) -> torch.Tensor:
+        """The loss of one micro-batch (graph kept for `backward`); against `keys` (`keys()` of every
+        micro-batch of the step, with this one's offset) when given."""
         x1, x2 = views_to((x1, x2), self.device)  # one copy when the loader made them one tensor
         with self.autocast():
-            return self.model(x1, x2)
+            return self.model(x1, x2) if keys is None else self.model(x1, x2, keys=keys)
+
+    @torch.no_grad()
+    def keys(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both views' keys of one micro-batch, normalised and gathered over the ranks (no graph)."""
+        x1, x2 = views_to((x1, x2), self.device)
+        with self.autocast():
+            return self.model(x1, x2, keys_only=True)
 
     def backward(self, loss: torch.Tensor, accum_steps: int = 1, last: bool = True) -> None:
         scaled = loss / accum_steps
         (self.scaler.scale(scaled) if self.scaler else scaled).backward()
 
     def forward_backward(
-        self, x1: torch.Tensor, x2: torch.Tensor, accum_steps: int = 1, last: bool = True
+        self, x1: torch.Tensor, x2: torch.Tensor, accum_steps: int = 1, last: bool = True, keys: tuple | None = None
     ) -> torch.Tensor:
         """Forward and backward of one micro-batch; returns the (unscaled, detached) loss. Gradients
-        are synchronised across ranks on the `last` micro-batch of a step only."""
+        are synchronised across ranks on the `last` micro-batch of a step only. `keys`: see `forward`."""
         with self.gradient_sync(last):
-            loss = self.forward(x1, x2)
+            loss = self.forward(x1, x2) if keys is None else self.forward(x1, x2, keys)
             self.backward(loss, accum_steps, last)
         return loss.detach()
 
@@ -439,9 +447,9 @@ class Backend:
         """Parameter count of `module` (sharded backends count the full tensors)."""
         return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
-    def state_bytes(self, trainable: int, momentum: int, accum_steps: int = 1) -> dict[str, float]:
+    def state_bytes(self, trainable: int, momentum: int, accum_steps: int = 1, shard_size: int = 0) -> dict[str, float]:
         """Theoretical bytes per rank of the model state (`scale.parallel.memory`), by component, for
-        this backend's world size, precision and settings."""
+        this backend's world size, precision and settings (`shard_size`: HSDP's group, 0: a node)."""
         return state_bytes(self.name, trainable, momentum, self.world_size, self.precision, accum_steps)
 
     def describe(self) -> str:

@@ -107,11 +107,18 @@ class DeepSpeedBackend(Backend):
 
     # ------------------------------------------------------------------ the step
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, keys: tuple | None = None) -> torch.Tensor:
         if self.dtype == torch.float32:  # fp32 and bf16: the engine's fp32 parameters under autocast
-            return super().forward(x1, x2)
+            return super().forward(x1, x2, keys)
         x1, x2 = views_to((x1, x2), self.device, self.dtype)  # fp16 module: one copy (and cast) for adjacent views
-        return self.model(x1, x2)
+        return self.model(x1, x2) if keys is None else self.model(x1, x2, keys=keys)
+
+    @torch.no_grad()
+    def keys(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.dtype == torch.float32:
+            return super().keys(x1, x2)
+        x1, x2 = views_to((x1, x2), self.device, self.dtype)
+        return self.model(x1, x2, keys_only=True)
 
     def backward(self, loss: torch.Tensor, accum_steps: int = 1, last: bool = True) -> None:
         self.model.set_gradient_accumulation_boundary(last)

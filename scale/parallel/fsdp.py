@@ -9,9 +9,19 @@ one process: autocast computes, the plan's matmul-only units are gathered in bf1
 would cast them to) with their fp32 inputs passed on unchanged, every other unit in fp32, and
 gradients are reduced in fp32.
 
-`parallel.reshard_after_forward`: true frees gathered parameters after each unit's forward and
-gathers them again for backward (ZeRO-3-like, least memory); false keeps them until backward
-(ZeRO-2-like, less communication).
+`parallel.reshard_after_forward` (the base encoder's units): true frees gathered parameters after
+each unit's forward and gathers them again for backward (ZeRO-3-like, least memory); false keeps
+them until backward (ZeRO-2-like, less communication). The momentum encoder's units never run a
+backward: they always free them after their forward (`ShardingPlan.forward_only`). Each block
+prefetches the next block's gathers in the forward and the previous block's in the backward
+(`set_modules_to_forward_prefetch` / `..._backward_prefetch`), so a gather is in flight while the
+block before it computes.
+
+HSDP (`HSDPBackend`, `--parallel.backend=hsdp`): a 2-D device mesh (replicate x shard): every unit is
+sharded inside groups of `parallel.shard_size` ranks (0: one node's) and replicated across them. The
+gathers and reduce-scatters stay inside a group (NVLink: latency (g-1) hops, not (N-1)); the
+gradients' shards are then all-reduced across the groups. The momentum update runs on local shards
+as under FSDP2; the gradient norm sums the squares of one group's shards.
 
 Checkpoints: torch.distributed.checkpoint (sharded files, every rank writes its part). A checkpoint
 resumes on the same world size, and DCP reshards it for another one (tested: 2 ranks -> 1 rank from
@@ -38,7 +48,9 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+from scale.errors import BackendError
 from scale.parallel.base import Backend
+from scale.parallel.memory import state_bytes
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +76,34 @@ class FSDPBackend(Backend):
         full = MixedPrecisionPolicy(reduce_dtype=torch.float32 if low else None)
         matmuls = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32, cast_forward_inputs=False)
         low_units = {id(u) for u in self.plan.low_precision} if low else set()
+        forward_only = {id(u) for u in self.plan.forward_only}
         reshard = self.settings.reshard_after_forward
+        mesh = self._mesh()
         for unit in self.plan.units:
             policy = matmuls if id(unit) in low_units else full
-            fully_shard(unit, mesh=self.mesh, reshard_after_forward=reshard, mp_policy=policy)
-        fully_shard(module, mesh=self.mesh, reshard_after_forward=reshard, mp_policy=full)
+            fully_shard(unit, mesh=mesh, reshard_after_forward=reshard or id(unit) in forward_only, mp_policy=policy)
+        fully_shard(module, mesh=mesh, reshard_after_forward=reshard, mp_policy=full)
         for unit, method in self.plan.forward_methods:
             register_fsdp_forward_method(unit, method)
+        for sequence in self.plan.sequences:  # explicit prefetch: the next block ahead, both ways
+            for i, group in enumerate(sequence):
+                if i + 1 < len(sequence):
+                    group[0].set_modules_to_forward_prefetch(sequence[i + 1])
+                if i > 0:
+                    group[0].set_modules_to_backward_prefetch(sequence[i - 1])
         low_name = str(low).removeprefix("torch.") if low else "fp32"
-        log.info("FSDP2: %d units + root, reshard_after_forward=%s, %d gathered in %s, the rest in fp32",
-                 len(self.plan.units), reshard, len(low_units), low_name)  # fmt: skip
+        if self.is_main:
+            log.info("%s: %d units + root, base encoder reshard_after_forward=%s (momentum encoder: always), %d "
+                     "gathered in %s, the rest in fp32; the next block prefetched", self._describe_mesh(mesh),
+                     len(self.plan.units), reshard, len(low_units), low_name)  # fmt: skip
         return module
+
+    def _mesh(self) -> DeviceMesh | None:
+        """The device mesh to shard over: the given one, or FSDP2's default (every rank)."""
+        return self.mesh
+
+    def _describe_mesh(self, mesh: DeviceMesh | None) -> str:
+        return "FSDP2" if mesh is None or mesh.ndim == 1 else f"HSDP {tuple(mesh.shape)} (replicate x shard)"
 
     @contextlib.contextmanager
     def _no_sync(self):
@@ -93,6 +122,10 @@ class FSDPBackend(Backend):
     def _reduce_group_squares(self, squares: torch.Tensor) -> torch.Tensor:
         """Every gradient is sharded over all ranks (Shard(0)): the squares of the shards add up."""
         return self._sum_over_ranks(squares)
+
+    def shard_ranks(self, shard_size: int = 0) -> int:
+        """Ranks each parameter is sharded over."""
+        return self.world_size
 
     def _total_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """The norm over the sharded gradients is a partial DTensor: reduced to the whole one (a
@@ -129,3 +162,42 @@ class FSDPBackend(Backend):
     def local_numel(self, module: nn.Module) -> int:
         """Elements of `module`'s parameters held by this rank."""
         return sum(_local(p).numel() for p in module.parameters())
+
+
+class HSDPBackend(FSDPBackend):
+    """FSDP2 on a 2-D mesh (the module docstring): sharded inside groups of `shard_size` ranks,
+    replicated across them."""
+
+    name = "hsdp"
+
+    def _mesh(self) -> DeviceMesh:
+        if self.mesh is not None:
+            return self.mesh
+        from torch.distributed.device_mesh import init_device_mesh
+
+        shard = self.shard_ranks()
+        if shard < 1 or self.world_size % shard:
+            raise BackendError(f"HSDP: a shard group of {shard} ranks does not divide the {self.world_size} ranks; "
+                               "set --parallel.shard_size to a divisor (0: the ranks of one node)")  # fmt: skip
+        device = "cuda" if self.device.type == "cuda" else "cpu"
+        self.mesh = init_device_mesh(device, (self.world_size // shard, shard), mesh_dim_names=("replicate", "shard"))
+        return self.mesh
+
+    def shard_ranks(self, shard_size: int = 0) -> int:
+        """Ranks of a shard group: the mesh's, else `shard_size` or the setting (0: one node's)."""
+        import os
+
+        if self.mesh is not None:
+            return self.mesh.size(-1)
+        return shard_size or self.settings.shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+
+    def state_bytes(self, trainable: int, momentum: int, accum_steps: int = 1, shard_size: int = 0) -> dict[str, float]:
+        return state_bytes("hsdp", trainable, momentum, self.shard_ranks(shard_size), self.precision, accum_steps)
+
+    def _reduce_group_squares(self, squares: torch.Tensor) -> torch.Tensor:
+        """Sharded inside a group, replicated across: one group's shards make every gradient once."""
+        if self.mesh is None or self.mesh.ndim == 1:
+            return super()._reduce_group_squares(squares)
+        out = squares.to(self.comm_device())
+        torch.distributed.all_reduce(out, group=self.mesh.get_group("shard"))
+        return out.to(squares.device)

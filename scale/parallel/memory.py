@@ -84,6 +84,7 @@ THEORY: dict[str, Callable[..., Bytes]] = {
     "single": replicated_bytes,
     "ddp": ddp_bytes,
     "fsdp": fsdp_bytes,
+    "hsdp": fsdp_bytes,  # sharded inside a group: world_size is the group's
     "deepspeed": zero_bytes,
 }
 
@@ -99,7 +100,8 @@ def state_bytes(
     buffers: float = 0.0,
 ) -> Bytes:
     """Theoretical bytes per rank of the model state, by component, for backend `kind` ('single',
-    'ddp', 'fsdp', 'deepspeed' with ZeRO `stage` and persistent `buffers`)."""
+    'ddp', 'fsdp', 'hsdp' (`world_size`: its shard group's), 'deepspeed' with ZeRO `stage` and
+    persistent `buffers`)."""
     if kind == "deepspeed":
         return zero_bytes(trainable, momentum, world_size, precision, accum_steps, stage, buffers)
     return THEORY[kind](trainable, momentum, world_size, precision, accum_steps)

@@ -34,6 +34,7 @@ BACKENDS: dict[str, BackendSpec] = {
         BackendSpec("single", "scale.parallel.base", "SingleProcess", max_ranks=1),
         BackendSpec("ddp", "scale.parallel.ddp", "DDPBackend", needs_process_group=True),
         BackendSpec("fsdp", "scale.parallel.fsdp", "FSDPBackend", needs_process_group=True, run_suffix="-fsdp"),
+        BackendSpec("hsdp", "scale.parallel.fsdp", "HSDPBackend", needs_process_group=True, run_suffix="-hsdp"),
         BackendSpec("deepspeed", "scale.parallel.deepspeed", "DeepSpeedBackend", needs_ds_config=True),
     )
 }
@@ -47,11 +48,12 @@ def resolve_backend_name(name: str, world_size: int) -> str:
 
 
 def launch_problem(
-    name: str, world_size: int, deepspeed_config: str = "", process_group: bool | None = None
+    name: str, world_size: int, deepspeed_config: str = "", process_group: bool | None = None, shard_size: int = 0
 ) -> str | None:
     """Why backend `name` cannot run on `world_size` launched ranks with this DeepSpeed config
     (one line naming the fix), or None when it can. `process_group`: whether one exists (default:
-    with several ranks, as `scale.parallel.launch.init_distributed` creates one)."""
+    with several ranks, as `scale.parallel.launch.init_distributed` creates one). `shard_size`:
+    HSDP's shard group (0: one node's ranks, checked when the backend is built)."""
     if process_group is None:
         process_group = world_size > 1
     if name not in BACKEND_CHOICES:
@@ -64,6 +66,9 @@ def launch_problem(
             f"--parallel.backend={name} needs several ranks: launch with torchrun --nproc_per_node N "
             "(or use single / auto for one process)"
         )
+    if spec.name == "hsdp" and shard_size and world_size % shard_size:
+        return (f"--parallel.shard_size={shard_size} does not divide the {world_size} ranks: HSDP replicates whole "
+                "shard groups; choose a divisor (0: the ranks of one node)")  # fmt: skip
     if spec.needs_ds_config and not deepspeed_config:
         return f"--parallel.backend={name} needs a config: --deepspeed ds_configs/zero2.json"
     if deepspeed_config and not spec.needs_ds_config:

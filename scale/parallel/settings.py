@@ -21,6 +21,8 @@ class BackendSettings:
     """The optimizer's name: DeepSpeed ZeRO refuses the per-tensor trust ratios of LAMB and LARS."""
     reshard_after_forward: bool = True
     """FSDP2: free the base encoder's gathered parameters after each unit's forward."""
+    shard_size: int = 0
+    """HSDP: ranks per shard group (0: the ranks of one node)."""
 
 
 @dataclass
@@ -35,8 +37,15 @@ class ShardingPlan:
         other unit (normalisations, tables, heads with BatchNorm) is gathered in fp32.
     forward_methods: (module, method name) pairs called from outside besides `forward` (e.g. an
         encoder's `pooled_features` for evaluation), so sharded backends gather parameters for them.
+    forward_only: the units that never run a backward (the momentum encoder's): a sharded backend
+        frees their gathered parameters right after their forward, whatever it does for the others.
+    sequences: each encoder's repeated units in call order, as lists of modules to gather together
+        (a block with its normalisation units): a sharded backend may prefetch the next one in the
+        forward and the previous one in the backward.
     """
 
     units: list[nn.Module] = field(default_factory=list)
     low_precision: list[nn.Module] = field(default_factory=list)
     forward_methods: list[tuple[nn.Module, str]] = field(default_factory=list)
+    forward_only: list[nn.Module] = field(default_factory=list)
+    sequences: list[list[list[nn.Module]]] = field(default_factory=list)

@@ -60,13 +60,16 @@ def activation_bytes(
     with the residual stream in fp32 (no dropout, fused attention): the two LayerNorms' fp32 inputs
     8; the bf16 inputs of the qkv, proj and fc1 matmuls 2 + 2 + 2 and of fc2 8; attention's q, k, v
     and output 8; GELU's input 8: 38 in bf16/fp16, 68 in fp32 (Korthikanti et al. 2022 count 34 with
-    16-bit LayerNorm inputs and dropout masks). With checkpointing each block keeps its fp32 input
-    (4) and one block is recomputed at a time (with joint views holding both, as counted here).
-    `benchmarks.simulate` measures the real step at 0.98-1.04x of this plus `autocast_copy_bytes`
-    (docs/scaling.md)."""
+    16-bit LayerNorm inputs and dropout masks); ViT-BN's cross-rank BatchNorm 12 more. With
+    checkpointing each block keeps its fp32 input (4) and one block is recomputed at a time (with
+    joint views holding both, as counted here). `benchmarks.simulate` measures the real step at
+    0.97-1.02x of this plus `autocast_copy_bytes` and the layout's buffers (docs/scaling.md)."""
     low = precision in ("bf16", "fp16")
     s_h = vit_cfg.num_tokens * vit_cfg.embed_dim
-    per_block = (8 + (30 if low else 60)) * s_h
+    # ViT-BN's cross-rank BatchNorm (norm2) keeps its input's fp64 copy for the fp64 sums (8), the
+    # centred input and the normalised output in fp32 (4 + 4) where a LayerNorm keeps its input (4)
+    bn = 12 if vit_cfg.use_bn else 0
+    per_block = (8 + (30 if low else 60) + bn) * s_h
     kept = 4 * s_h * vit_cfg.depth + per_block if activation_checkpointing else per_block * vit_cfg.depth
     return 2 * batch_per_device * kept
 
@@ -91,14 +94,16 @@ def count_params(cfg: Config) -> tuple[int, int]:
 
 def _casts_weights(backend: Backend) -> bool:
     """Whether autocast casts fp32 weights on `backend` (FSDP2 gathers them in bf16 already)."""
-    return backend.autocast_dtype is not None and backend.name != "fsdp"
+    return backend.autocast_dtype is not None and backend.name not in ("fsdp", "hsdp")
 
 
 def estimate(cfg: Config, backend: Backend, batch_per_device: int) -> MemoryEstimate:
     trainable, momentum = count_params(cfg)
     ac = cfg.parallel.activation_checkpointing
     return MemoryEstimate(
-        model_state=sum(backend.state_bytes(trainable, momentum, cfg.batch.grad_accum_steps).values()),
+        model_state=sum(
+            backend.state_bytes(trainable, momentum, cfg.batch.grad_accum_steps, cfg.parallel.shard_size).values()
+        ),
         activations=activation_bytes(backbone_config(cfg), batch_per_device, backend.precision, ac)
         + autocast_copy_bytes(trainable, backend.precision, ac, casts=_casts_weights(backend)),
         available=available_bytes(backend.device, backend.world_size),

@@ -107,6 +107,8 @@ def sharding_plan(model: MoCoV3) -> ShardingPlan:
         units=[*units, enc, mom, model.predictor],
         low_precision=blocks,
         forward_methods=[(enc, "pooled_features"), (mom, "pooled_features")],
+        forward_only=[*(u for b in layout.blocks(mom) for u in (*_norms(b), b)), mom],
+        sequences=[[[block, *_norms(block)] for block in layout.blocks(e)] for e in (enc, mom)],
     )
 
 
@@ -148,6 +150,7 @@ def backend_settings(cfg: Config, derived: Derived) -> BackendSettings:
         clip_grad=cfg.optim.clip_grad,
         optimizer=cfg.optim.name,
         reshard_after_forward=cfg.parallel.reshard_after_forward,
+        shard_size=cfg.parallel.shard_size,
     )
 
 

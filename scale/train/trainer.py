@@ -133,11 +133,13 @@ class Trainer:
         log.info("backend: %s; optimizer: %s", b.describe(), self.optimizer_description)
         log.info("%s", self.compute_description)
         log.info("derived: %s", d.summary())
-        if d.grad_accum_steps > 1:
-            log.info(
-                "gradient accumulation: each loss contrasts %d keys (micro-batch x world size), not the global batch",
-                d.negatives_per_loss,
-            )
+        if d.grad_accum_steps > 1 and cfg.batch.keys == "global":
+            log.info("gradient accumulation: every micro-batch's keys first, so each loss contrasts the global "
+                     "batch's %d keys (the heads' BatchNorm statistics stay per micro-batch)",
+                     d.negatives_per_loss)  # fmt: skip
+        elif d.grad_accum_steps > 1:
+            log.info("gradient accumulation with --batch.keys=micro: each loss contrasts %d keys (micro-batch x world "
+                     "size), not the global batch's %d", d.negatives_per_loss, d.global_batch_size)  # fmt: skip
         log.info("MFU against the %s (%.1f TFLOP/s)", self.peak_label, self.peak_flops / 1e12)
         log.info("%s", self.monitors.describe())
 
@@ -221,10 +223,12 @@ class Trainer:
         lr = lr_at(self.step, d.lr, d.warmup_steps, d.total_steps)
         wd = weight_decay_at(self.step, cfg.optim.weight_decay, cfg.optim.final_weight_decay, d.total_steps)
         saved = b.snapshot_buffers()
+        keys = self._global_keys(micro_batches)
         losses = [
-            b.forward_backward(x1, x2, d.grad_accum_steps, last=i == len(micro_batches) - 1)
+            b.forward_backward(x1, x2, d.grad_accum_steps, last=i == len(micro_batches) - 1,
+                               keys=None if keys is None else keys[i])
             for i, (x1, x2, _) in enumerate(micro_batches)
-        ]
+        ]  # fmt: skip
         result = b.step(lr, wd, cfg.optim.clip_grad, measure_groups=self.monitors.measure_grads(self.step + 1))
         loss = torch.stack(losses).double().mean()
         next_momentum = momentum_at(self.step + 1, d.total_steps, cfg.schedule.momentum, cfg.schedule.final_momentum)
@@ -234,6 +238,16 @@ class Trainer:
         self.step += 1
         self.monitors.after_step(self.step, micro_batches, result.group_norms)
         return {"loss": loss, "lr": lr, "weight_decay": wd, "momentum": next_momentum, "grad_norm": result.grad_norm}
+
+    def _global_keys(self, micro_batches: list) -> list[tuple[torch.Tensor, torch.Tensor, int]] | None:
+        """With accumulation and `batch.keys=global`: for each micro-batch, every micro-batch's keys
+        (gathered over the ranks, concatenated in micro-batch order: (A x K, F) per view) and the row
+        of its first positive (micro-batch j of rank r: j K + r B). None otherwise."""
+        if len(micro_batches) == 1 or self.cfg.batch.keys != "global":
+            return None
+        keys = [self.backend.keys(x1, x2) for x1, x2, _ in micro_batches]
+        k1, k2, K = torch.cat([k for k, _ in keys]), torch.cat([k for _, k in keys]), keys[0][0].shape[0]
+        return [(k1, k2, j * K + self.backend.rank * len(x1)) for j, (x1, _, _) in enumerate(micro_batches)]
 
     def _read_skips(self, values: list[float]) -> None:
         """Take the skip counts read from the device: log them, stop after too many in a row."""

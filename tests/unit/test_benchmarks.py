@@ -37,7 +37,9 @@ def test_throughput_cli_reports_flops_that_agree_with_the_model(tmp_path):
     result = main([*TINY_ARGS, "--out", str(tmp_path)])
     cfg = resolve_vit_config("vit_small", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4)
     assert result["flops_per_image"] == moco_training_flops(cfg, 16, 64).total
-    assert result["img_per_s_per_device"] > 0 and 0 < result["mfu"] < 1
+    # (the MFU's denominator on a CPU is a matmul peak measured beside the run: on a loaded machine it
+    # can come out low, so only its sign is a property of the code)
+    assert result["img_per_s_per_device"] > 0 and result["mfu"] > 0
     assert result["step_s"] == pytest.approx(sum(result["phases_s"].values()))
     assert result["paper_table3"] is None  # not the paper's configuration
     assert [r["gpus"] for r in result["projection"]] == [8, 64, 256, 1024]

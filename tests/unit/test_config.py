@@ -62,7 +62,9 @@ def test_batch_split_is_validated():
         derive(cfg, world_size=3, num_samples=10**6)
     cfg.batch.grad_accum_steps = 4
     d = derive(cfg, world_size=8, num_samples=10**6)
-    assert d.batch_size_per_device == 128 and d.negatives_per_loss == 1024
+    assert d.batch_size_per_device == 128 and d.negatives_per_loss == 4096  # every micro-batch's keys
+    cfg.batch.keys = "micro"
+    assert derive(cfg, world_size=8, num_samples=10**6).negatives_per_loss == 1024  # micro-batch x world
     cfg.batch.batch_size_per_device = 100
     with pytest.raises(ConfigError, match="100 per device"):
         derive(cfg, world_size=8, num_samples=10**6)

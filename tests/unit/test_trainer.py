@@ -117,11 +117,12 @@ def test_impossible_batch_split_and_bad_settings_are_clear_errors(tmp_path):
         make(tmp_path, **{"optim.name": "sgd"})
 
 
-def test_grad_accumulation_equals_the_large_batch_without_batchnorm_coupling(tmp_path):
-    """With accumulation the loss sees micro-batch negatives, so the losses differ from one big
-    batch; the step still averages the micro-batch gradients: check the count and the lr schedule."""
+def test_grad_accumulation_counts_micro_batches_and_sees_every_key(tmp_path):
+    """With accumulation every micro-batch's keys come first (`batch.keys=global`: each loss sees the
+    global batch's keys; equality with one big batch: tests/distributed/test_global_keys.py); the
+    step still averages the micro-batch gradients: check the count and the lr schedule."""
     trainer = make(tmp_path, **{"batch.grad_accum_steps": 2, "schedule.max_steps": 2})
-    assert trainer.derived.batch_size_per_device == 4 and trainer.derived.negatives_per_loss == 4
+    assert trainer.derived.batch_size_per_device == 4 and trainer.derived.negatives_per_loss == 8
     trainer.loader = FixedBatchLoader(8, 4)
     trainer.fit()
     assert trainer.step == 2 and trainer.loader.batches_done == 4

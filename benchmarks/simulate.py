@@ -57,19 +57,20 @@ from scale.config import Config, apply_overrides, derive
 from scale.entry import run_cli
 from scale.parallel.base import Backend, SingleProcess
 from scale.parallel.ddp import DDPBackend
-from scale.parallel.fsdp import FSDPBackend
+from scale.parallel.fsdp import FSDPBackend, HSDPBackend
 from scale.recipes import get_recipe
 from scale.train.memory import count_params, estimate
 from scale.train.parallelize import build_model, parallelize
 from scale.train.planner import layout_memory
 from scale.train.timing import Layout
-from scale.train.traffic import meta_model
+from scale.train.traffic import hsdp_shard, meta_model
+from scale.train.trainer import global_keys
 
 GIB = 2**30
 RECIPE_OF = {"vit_small": "vit_s_300ep", "vit_base": "vit_b_300ep", "vit_large": "vit_l_300ep",
              "vit_huge": "vit_h_300ep", "vit_bn_large_p7": "vit_bn_l7_300ep"}  # fmt: skip
 """The paper's models and their recipes (scale/recipes.py)."""
-SIMULATED = ("single", "ddp", "fsdp")
+SIMULATED = ("single", "ddp", "fsdp", "hsdp")
 ANALYTIC = ("zero1", "zero2", "zero3")
 """DeepSpeed: see the module docstring for where it breaks on fake tensors."""
 
@@ -101,6 +102,18 @@ C10D = {
 }
 
 
+def _process_group(arg: Any) -> dist.ProcessGroup | None:
+    """The process group a c10d op was given (a TorchScript object at dispatch), else None."""
+    if isinstance(arg, dist.ProcessGroup):
+        return arg
+    if isinstance(arg, torch.ScriptObject):
+        try:
+            return dist.ProcessGroup.unbox(arg)
+        except (RuntimeError, TypeError):
+            return None  # another script object (the reduce op)
+    return None
+
+
 class CollectiveLog(TorchDispatchMode):
     """Records every c10d collective dispatched inside it: kind, group size, calls and bytes."""
 
@@ -125,8 +138,7 @@ class CollectiveLog(TorchDispatchMode):
                 op, which = kind
                 tensors = [a for a in tree_flatten(args[which] if len(args) > which else [])[0]
                            if isinstance(a, torch.Tensor)]  # fmt: skip
-                groups = [a for a in args if hasattr(a, "size") and not isinstance(a, torch.Tensor)]
-                size = groups[0].size() if groups else self.world
+                size = next((g.size() for g in map(_process_group, args) if g is not None), self.world)
                 self.add(op, int(size), float(sum(t.numel() * t.element_size() for t in tensors)))
         return func(*args, **(kwargs or {}))
 
@@ -169,13 +181,14 @@ def state_now(backend: Backend) -> float:
 
 
 def sim_config(model: str, parallel: str, world: int, batch: int, ac: bool = False, precision: str = "bf16",
-               accum: int = 1, reshard: bool = True, extra: tuple[str, ...] = ()) -> Config:  # fmt: skip
+               accum: int = 1, reshard: bool = True, extra: tuple[str, ...] = (),
+               shard: int = 8) -> Config:  # fmt: skip
     """The training config of a simulated run: `model`'s recipe (or ViT-B's with `--model.name`)."""
     return apply_overrides(get_recipe(RECIPE_OF.get(model, "vit_b_300ep")), [
         f"--model.name={model}", f"--parallel.backend={parallel}", f"--parallel.precision={precision}",
         f"--batch.global_batch_size={batch * world * accum}", f"--batch.grad_accum_steps={accum}",
         f"--parallel.activation_checkpointing={str(ac).lower()}", f"--parallel.reshard_after_forward={reshard}",
-        "--data.source=synthetic", *extra,
+        f"--parallel.shard_size={hsdp_shard(world, shard)}", "--data.source=synthetic", *extra,
     ])  # fmt: skip
 
 
@@ -191,7 +204,7 @@ def fake_world(world: int, rank: int):
         dist.destroy_process_group()
 
 
-def _backend(parallel: str, world: int, precision: str) -> Backend:
+def _backend(parallel: str, world: int, precision: str, shard: int = 8) -> Backend:
     cpu = torch.device("cpu")  # the fake tensors' device; a GPU's numbers are the same bytes
     if parallel == "single":
         return SingleProcess(precision, cpu)
@@ -199,6 +212,11 @@ def _backend(parallel: str, world: int, precision: str) -> Backend:
         return DDPBackend(precision, cpu)
     if parallel == "fsdp":
         return FSDPBackend(precision, cpu, mesh=init_device_mesh("cpu", (world,)))
+    if parallel == "hsdp":
+        g = hsdp_shard(world, shard)
+        return HSDPBackend(
+            precision, cpu, mesh=init_device_mesh("cpu", (world // g, g), mesh_dim_names=("replicate", "shard"))
+        )
     raise AssertionError(parallel)
 
 
@@ -229,7 +247,7 @@ def _prime_optimizer(backend: Backend) -> None:
 
 def simulate(model: str, parallel: str, world: int, batch: int, rank: int = 0, ac: bool = False,
              precision: str = "bf16", accum: int = 1, reshard: bool = True, img_size: int | None = None,
-             extra: tuple[str, ...] = ()) -> dict[str, Any]:  # fmt: skip
+             extra: tuple[str, ...] = (), shard: int = 8) -> dict[str, Any]:  # fmt: skip
     """One simulated rank of `parallel` on `world` ranks: memory and collectives of a training step."""
     if parallel not in SIMULATED:
         raise ValueError(f"--parallel {parallel}: simulated are {', '.join(SIMULATED)}; {', '.join(ANALYTIC)} stay "
@@ -237,12 +255,12 @@ def simulate(model: str, parallel: str, world: int, batch: int, rank: int = 0, a
     if parallel == "single" and world != 1:
         raise ValueError("the single-process backend runs on one rank: --world-size 1")
     extra = (*extra, f"--model.img_size={img_size}") if img_size else extra
-    cfg = sim_config(model, parallel, world, batch, ac, precision, accum, reshard, extra)
+    cfg = sim_config(model, parallel, world, batch, ac, precision, accum, reshard, extra, shard)
     derived = derive(cfg, world, IMAGENET_TRAIN)
     trainable, momentum = count_params(cfg)
     with fake_world(world, rank), mock.patch("scale.parallel.base.check_cpu_bf16"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*data pointer of FakeTensor")  # views.adjacent asks
-        backend = _backend(parallel, world, precision)  # a device mesh is made outside fake tensors
+        backend = _backend(parallel, world, precision, shard)  # a device mesh is made outside fake tensors
         return _run(cfg, backend, derived, parallel, world, batch, accum, trainable, momentum, rank, ac, reshard)
 
 
@@ -263,10 +281,12 @@ def _run(cfg, backend, derived, parallel, world, batch, accum, trainable, moment
 
         def step() -> float:
             state = 0.0
+            keys = global_keys(backend, micro) if accum > 1 else None  # the trainer's order (batch.keys)
             for i, views in enumerate(micro):
                 if tracker is not None:
                     tracker.reset_mod_stats()  # per-module stats allow one call; the peak stays
-                backend.forward_backward(views[0], views[1], accum, last=i == accum - 1)
+                backend.forward_backward(views[0], views[1], accum, last=i == accum - 1,
+                                         keys=None if keys is None else keys[i])  # fmt: skip
                 state = max(state, state_now(backend))
             result = backend.step(derived.lr, cfg.optim.weight_decay, cfg.optim.clip_grad)
             backend.momentum_update(0.99, result.applied)
@@ -284,8 +304,11 @@ def _run(cfg, backend, derived, parallel, world, batch, accum, trainable, moment
         peak = max(tracker.get_tracker_snapshot("peak").values(), key=lambda s: s["Total"])
     theory = backend.state_bytes(trainable, momentum, accum)
     est = estimate(cfg, backend, batch)
-    kind = {"single": "ddp", "fsdp": "fsdp" if reshard else "fsdp-noreshard"}.get(parallel, parallel)
-    planned = layout_memory(meta_model(cfg), Layout(kind, ac, batch * accum, batch), world, backend.precision)
+    kind = {"single": "ddp", "fsdp": "fsdp" if reshard else "fsdp-noreshard",
+            "hsdp": "hsdp" if reshard else "hsdp-noreshard"}.get(parallel, parallel)  # fmt: skip
+    planned = layout_memory(
+        meta_model(cfg), Layout(kind, ac, batch * accum, batch), world, backend.precision, shard=cfg.parallel.shard_size
+    )
     return {
         "model": cfg.model.name, "parallel": parallel, "world": world, "rank": rank, "batch_per_rank": batch,
         "accum": accum, "activation_checkpointing": ac, "precision": backend.precision, "reshard": reshard,
@@ -330,6 +353,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--ac", action="store_true", help="activation checkpointing")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--no-reshard", action="store_true", help="FSDP2: keep the gathered parameters until backward")
+    p.add_argument("--shard-size", type=int, default=8, help="HSDP: ranks per shard group (default 8: a node)")
     p.add_argument("--out", default=str(RESULTS), help="results directory ('-' for none)")
     p.add_argument("--name", default="")
     args = p.parse_args(argv)
@@ -339,7 +363,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             n = 1 if parallel == "single" else world
             batch = args.batch_size or max(1, min(64, math.ceil(4096 / n)))
             row = simulate(args.model, parallel, n, batch, ac=args.ac, precision=args.precision, accum=args.accum,
-                           reshard=not args.no_reshard)  # fmt: skip
+                           reshard=not args.no_reshard, shard=args.shard_size)  # fmt: skip
             rows.append(row)
             comms = "; ".join(f"{c['op']}[{c['group']}] x{c['calls']} {c['bytes'] / GIB:.3f} GiB"
                               for c in row["collectives"])  # fmt: skip

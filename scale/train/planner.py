@@ -33,7 +33,7 @@ from scale.parallel.ds_config import bundled_config, load_ds_json, zero_section
 from scale.parallel.memory import state_bytes, zero_persistent_buffer_bytes
 from scale.train.memory import activation_bytes, autocast_copy_bytes
 from scale.train.timing import GPUS, Cluster, Layout, StepTime, step_time
-from scale.train.traffic import BACKENDS, fsdp_units, meta_model, padded, zero3_units
+from scale.train.traffic import BACKENDS, fsdp_units, hsdp_shard, meta_model, padded, zero3_units
 
 log = logging.getLogger(__name__)
 
@@ -78,17 +78,21 @@ def _memory_kind(backend: str) -> tuple[str, int]:
     """(`scale.parallel.memory` kind, ZeRO stage) of a layout's backend."""
     if backend.startswith("zero"):
         return "deepspeed", int(backend[-1])
-    return ("fsdp" if backend.startswith("fsdp") else backend), 0
+    return backend.split("-")[0], 0
 
 
-def layout_memory(model: MoCoV3, layout: Layout, world: int, precision: str = "bf16") -> dict[str, float]:
-    """Bytes per GPU of `layout` for `model` (on meta) on `world` GPUs (module docstring)."""
+def layout_memory(model: MoCoV3, layout: Layout, world: int, precision: str = "bf16",
+                  shard: int = 8) -> dict[str, float]:  # fmt: skip
+    """Bytes per GPU of `layout` for `model` (on meta) on `world` GPUs (module docstring; `shard`:
+    HSDP's group, sharded inside it as FSDP2 on that many GPUs)."""
     P = sum(p.numel() for p in model.parameters() if p.requires_grad)
     M = sum(p.numel() for p in model.momentum_encoder.parameters())
     A = layout.accum
     kind, stage = _memory_kind(layout.backend)
     transient = 0.0
     buffers = 0.0
+    if kind == "hsdp":  # sharded inside a group of `shard` GPUs as FSDP2 on that many
+        world, kind = hsdp_shard(world, shard), "fsdp"
     if kind == "deepspeed":
         ds = load_ds_json(bundled_config(stage))
         zero = zero_section(ds)
@@ -113,7 +117,7 @@ def layout_memory(model: MoCoV3, layout: Layout, world: int, precision: str = "b
         # in bf16 (FSDP2 pads each parameter's first dimension; docs/scaling.md): counted as 2x.
         pad = sum(padded(p, world) - p.numel() for p in model.parameters())
         transient = 2 * biggest + grads + 4 * pad
-        if layout.backend == "fsdp-noreshard":
+        if layout.backend.endswith("-noreshard"):
             transient += sum(u.gather for u in units if u.trained)
     state = state_bytes(kind, P, M, world, precision, A, stage, buffers)
     ac = layout.activation_checkpointing
@@ -141,10 +145,12 @@ def candidates(cfg: Config, cluster: Cluster, backends: tuple[str, ...] = BACKEN
     for backend in backends:
         if N == 1 and backend != "ddp":
             continue  # one GPU: nothing to shard (ddp stands for the single process)
+        if backend.startswith("hsdp") and cluster.gpus_per_node >= N:
+            continue  # one node: HSDP is FSDP2
         for ac in recompute:
             for m in micro_batches:
                 layout = Layout(backend, ac, per_gpu, m)
-                mem = layout_memory(model, layout, N, "bf16")
+                mem = layout_memory(model, layout, N, "bf16", shard=cluster.gpus_per_node)
                 out.append(Candidate(layout, mem, limit, step_time(model, cfg, layout, cluster), B))
     return sorted(out, key=Candidate.rank_key)
 
@@ -156,7 +162,7 @@ def _halvings(n: int) -> list[int]:
     return out
 
 
-SIMPLER = ("ddp", "zero1", "zero2", "fsdp-noreshard", "fsdp", "zero3")
+SIMPLER = ("ddp", "zero1", "zero2", "fsdp-noreshard", "hsdp-noreshard", "hsdp", "fsdp", "zero3")
 """Backends from the simplest (fewest collectives, whole checkpoints) to the most sharded."""
 TOLERANCE = 0.02
 """Layouts within 2% of the fastest are equal to the time model: the simplest of them is chosen."""
@@ -201,7 +207,8 @@ def choose_backend(cfg: Config, world: int, memory_bytes: float, gpus_per_node: 
         BackendError: no backend fits; names what to change.
     """
     reshard = cfg.parallel.reshard_after_forward
-    backends = ("ddp", "fsdp" if reshard else "fsdp-noreshard", *(("zero1", "zero2", "zero3") if deepspeed else ()))
+    suffix = "" if reshard else "-noreshard"
+    backends = ("ddp", f"fsdp{suffix}", f"hsdp{suffix}", *(("zero1", "zero2", "zero3") if deepspeed else ()))
     cluster = Cluster(world, gpus_per_node=gpus_per_node, gpu=gpu, memory_gib=memory_bytes / GIB)
     accum = cfg.batch.grad_accum_steps
     planned = replace(cfg.batch, global_batch_size=per_device * accum * world)
@@ -226,7 +233,7 @@ def choose_backend(cfg: Config, world: int, memory_bytes: float, gpus_per_node: 
 def _config_backend(layout_backend: str) -> tuple[str, str]:
     if layout_backend.startswith("zero"):
         return "deepspeed", str(bundled_config(int(layout_backend[-1])))
-    return ("fsdp" if layout_backend.startswith("fsdp") else layout_backend), ""
+    return layout_backend.split("-")[0], ""
 
 
 def hours_per_100_epochs(c: Candidate, images: int) -> float:

@@ -35,7 +35,7 @@ Every constant is a field of `Cluster`, with its source; docs/scaling.md has the
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from scale.models import MoCoV3
 from scale.models.flops import moco_training_flops
@@ -44,6 +44,7 @@ from scale.train.traffic import (
     Unit,
     batchnorm_traffic,
     fsdp_units,
+    hsdp_shard,
     key_gather_traffic,
     step_traffic,
     zero3_units,
@@ -169,6 +170,13 @@ class StepTime:
         return {**asdict(self), "gpu": self.gpu, "step": self.step}
 
 
+def hsdp_groups(cluster: Cluster) -> tuple[Cluster, Cluster]:
+    """HSDP on `cluster`: its shard group (one node's GPUs, NVLink) and the replicas of a shard (one
+    GPU per node, each on its own NIC: the rails)."""
+    g = hsdp_shard(cluster.gpus, 0, cluster.gpus_per_node)
+    return replace(cluster, gpus=g), replace(cluster, gpus=max(1, cluster.gpus // g), gpus_per_node=1)
+
+
 def _blocks(units: list[Unit], trained: bool, depth: int) -> tuple[list[tuple[float, int]], list[Unit]]:
     """Per block of one encoder: (gather bytes, collectives); and the units outside the blocks."""
     per = [(0.0, 0)] * depth
@@ -210,11 +218,17 @@ def step_time(model: MoCoV3, cfg, layout: Layout, cluster: Cluster) -> StepTime:
     heads = (flops.projector + flops.predictor) * m * per_flop
     compute = A * (views * depth * (fwd_block * 2 + bwd_block) + heads)
 
-    traffic = step_traffic(cfg, layout.backend, N, m, A, precision="bf16", model=model)
+    traffic = step_traffic(cfg, layout.backend, N, m, A, precision="bf16", model=model, shard=cluster.gpus_per_node)
     comm_bytes = sum(t.bytes for t in traffic.values())
     ncoll = sum(t.calls for t in traffic.values())
-    comm_total = sum(cluster.all_reduce(t.bytes, t.calls) if op == "all_reduce" else cluster.ring(t.bytes, t.calls)
-                     for op, t in traffic.items())  # fmt: skip
+    group, replicas = hsdp_groups(cluster)
+    comm_total = sum(
+        cluster.all_reduce(t.bytes, t.calls) if op == "all_reduce"
+        else replicas.all_reduce(t.bytes, t.calls) if op == "replica_all_reduce"
+        else group.ring(t.bytes, t.calls) if op.startswith("shard_")
+        else cluster.ring(t.bytes, t.calls)
+        for op, t in traffic.items()
+    )  # fmt: skip
     # always exposed: the key gathers (their bytes are in traffic's all_gather) and the BatchNorm sums
     keys = cluster.ring(key_gather_traffic(cfg, m, N, A).bytes, 2 * A)
     bn = batchnorm_traffic(model, A)
@@ -244,11 +258,13 @@ def step_time(model: MoCoV3, cfg, layout: Layout, cluster: Cluster) -> StepTime:
             held_p = P / N
         exposed += parts["gradients"] + parts.get("parameters", 0.0)
         held_m = M
-    else:  # fsdp, fsdp-noreshard, zero3: per block, prefetched one ahead
+    else:  # fsdp, hsdp, zero3 (with or without resharding): per block, prefetched one ahead
         exposed += _sharded(model, cfg, layout, cluster, traffic, fwd_block, bwd_block, heads) - compute
         parts["parameters_and_gradients"] = exposed - parts["keys"] - parts["batchnorm"]
-        kernels += 3 * traffic["all_gather"].calls
-        held_p, held_m = P / N, M / N
+        hsdp = layout.backend.startswith("hsdp")
+        kernels += 3 * traffic["shard_all_gather" if hsdp else "all_gather"].calls
+        shards = group.gpus if hsdp else N
+        held_p, held_m = P / shards, M / shards
     optimizer = (44 * held_p + 12 * held_m) / (GPUS[cluster.gpu][2] * 1e12 * cluster.hbm_efficiency)
     return StepTime(compute, exposed, optimizer, kernels * cluster.launch_us * 1e-6, comm_total, comm_bytes, ncoll,
                     parts)  # fmt: skip
@@ -261,21 +277,29 @@ def _sharded(model: MoCoV3, cfg, layout: Layout, cluster: Cluster, traffic: dict
     current block's compute."""
     N, A, depth = cluster.gpus, layout.accum, model.base_encoder.cfg.depth
     views = 1 if model.joint_views else 2
+    hsdp = layout.backend.startswith("hsdp")
+    group, replicas = hsdp_groups(cluster) if hsdp else (cluster, None)
     if layout.backend == "zero3":  # per module, fp32; gradients reduced in buckets every micro-batch
         units = zero3_units(model, N, int(zero_settings(3).get("stage3_param_persistence_threshold", 100_000)))
         buckets = traffic["reduce_scatter"].calls // A
     else:
-        units = fsdp_units(model, N, 2)
+        units = fsdp_units(model, group.gpus, 2)
         buckets = 0  # one reduce-scatter per unit, counted with the unit
-    reshard = layout.backend != "fsdp-noreshard"
+    reshard = not layout.backend.endswith("-noreshard")
     base, base_other = _blocks(units, True, depth)
     mom, mom_other = _blocks(units, False, depth)
+
+    def reduce(u: Unit) -> float:  # a unit's gradients: reduce-scatter (HSDP: in the group, then all-reduce)
+        t = group.ring(u.scatter, 0 if buckets else 1)
+        return t + (replicas.all_reduce(u.scatter / group.gpus, 1) if replicas is not None else 0.0)
+
     scatter = [0.0] * depth
     for u in units:
         if u.trained and u.block is not None:
-            scatter[u.block] += cluster.ring(u.scatter, 0 if buckets else 1)
-    other_scatter = sum(cluster.ring(u.scatter, 0 if buckets else 1) for u in base_other if u.scatter)
+            scatter[u.block] += reduce(u)
+    other_scatter = sum(reduce(u) for u in base_other if u.scatter)
     other_scatter += cluster.ring(0.0, buckets)  # ZeRO-3's bucket latency
+    cluster = group  # the gathers: inside the shard group
     gpu = 0.0
     for micro in range(A):
         scatter_now = layout.backend == "zero3" or micro == A - 1

@@ -38,9 +38,18 @@ from scale.train.parallelize import build_model, layout_of, sharding_plan
 
 DDP_BUCKET = 25 * 2**20
 DDP_FIRST_BUCKET = 2**20
-BACKENDS = ("ddp", "fsdp", "fsdp-noreshard", "zero1", "zero2", "zero3")
-"""The layouts the model knows: `parallel.backend` values, DeepSpeed by ZeRO stage, FSDP2 with and
-without resharding after the forward."""
+BACKENDS = ("ddp", "fsdp", "fsdp-noreshard", "hsdp", "hsdp-noreshard", "zero1", "zero2", "zero3")
+"""The layouts the model knows: `parallel.backend` values, DeepSpeed by ZeRO stage, FSDP2 and HSDP
+with and without resharding the base encoder after the forward."""
+
+HSDP_OPS = ("shard_all_gather", "shard_reduce_scatter", "replica_all_reduce")
+"""HSDP's collectives, apart from the world's (keys, BatchNorm): the gathers and reduce-scatters
+inside a shard group, the all-reduce of each unit's reduced shard across the groups."""
+
+
+def hsdp_shard(world: int, shard: int = 0, gpus_per_node: int = 8) -> int:
+    """Ranks per HSDP shard group: `shard`, or one node's (`parallel.shard_size` 0)."""
+    return min(world, shard or gpus_per_node)
 
 
 @dataclass
@@ -194,9 +203,10 @@ def meta_model(cfg: Config) -> MoCoV3:
 
 
 def step_traffic(cfg: Config, backend: str, world: int, batch: int, accum: int = 1, precision: str = "bf16",
-                 model: MoCoV3 | None = None) -> dict[str, Traffic]:  # fmt: skip
+                 model: MoCoV3 | None = None, shard: int = 8) -> dict[str, Traffic]:  # fmt: skip
     """Every collective of one step on `world` ranks, by kind (`backend`: one of `BACKENDS`;
-    `batch`: images per micro-batch and rank)."""
+    `batch`: images per micro-batch and rank; `shard`: HSDP's group, whose collectives are keyed
+    `HSDP_OPS`)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown layout {backend!r}: one of {', '.join(BACKENDS)}")
     model = model if model is not None else meta_model(cfg)
@@ -207,6 +217,15 @@ def step_traffic(cfg: Config, backend: str, world: int, batch: int, accum: int =
     if backend.startswith("fsdp"):
         low = 2 if precision in ("bf16", "fp16") else 4
         out = fsdp_traffic(fsdp_units(model, world, low), views, accum, reshard=backend == "fsdp")
+    elif backend.startswith("hsdp"):
+        low = 2 if precision in ("bf16", "fp16") else 4
+        g = hsdp_shard(world, shard)
+        units = fsdp_units(model, g, low)
+        inner = fsdp_traffic(units, views, accum, reshard=backend == "hsdp")
+        out = {"shard_all_gather": inner["all_gather"], "shard_reduce_scatter": inner["reduce_scatter"]}
+        if world > g:  # each unit's reduced shard, summed over the groups once per step
+            trained = [u for u in units if u.trained and u.scatter]
+            out["replica_all_reduce"] = Traffic("all_reduce", len(trained), sum(u.scatter for u in trained) / g)
     elif backend == "ddp":
         out = {"all_reduce": Traffic("all_reduce", len(ddp_buckets(model)), 4.0 * trainable)}
     else:  # DeepSpeed: its buckets and thresholds from ds_configs/zero{1,2,3}.json

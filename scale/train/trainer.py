@@ -29,6 +29,7 @@ from scale.hardware.peaks import device_peak, peak_memory_gib
 from scale.hardware.precision import configure_tf32
 from scale.models.flops import moco_training_flops
 from scale.optim import lr_at, momentum_at, weight_decay_at
+from scale.parallel.base import Backend
 from scale.parallel.launch import build_backend, init_distributed
 from scale.train.checkpoint import (
     FailurePolicy,
@@ -51,6 +52,15 @@ from scale.train.step_stats import LogWindow, SkipCounter
 from scale.train.watchdog import Heartbeat, is_collective_failure
 
 log = logging.getLogger(__name__)
+
+
+def global_keys(backend: Backend, micro_batches: list) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """For each micro-batch of an accumulated step: every micro-batch's keys (gathered over the
+    ranks, concatenated in micro-batch order: (A x K, F) per view) and the row of its first positive
+    (micro-batch j of rank r: j K + r B), for `Backend.forward_backward(..., keys=)`."""
+    keys = [backend.keys(x1, x2) for x1, x2, *_ in micro_batches]
+    k1, k2, K = torch.cat([k for k, _ in keys]), torch.cat([k for _, k in keys]), keys[0][0].shape[0]
+    return [(k1, k2, j * K + backend.rank * len(x1)) for j, (x1, *_) in enumerate(micro_batches)]
 
 
 class Trainer:
@@ -240,14 +250,10 @@ class Trainer:
         return {"loss": loss, "lr": lr, "weight_decay": wd, "momentum": next_momentum, "grad_norm": result.grad_norm}
 
     def _global_keys(self, micro_batches: list) -> list[tuple[torch.Tensor, torch.Tensor, int]] | None:
-        """With accumulation and `batch.keys=global`: for each micro-batch, every micro-batch's keys
-        (gathered over the ranks, concatenated in micro-batch order: (A x K, F) per view) and the row
-        of its first positive (micro-batch j of rank r: j K + r B). None otherwise."""
+        """`global_keys` with accumulation and `batch.keys=global`; None otherwise."""
         if len(micro_batches) == 1 or self.cfg.batch.keys != "global":
             return None
-        keys = [self.backend.keys(x1, x2) for x1, x2, _ in micro_batches]
-        k1, k2, K = torch.cat([k for k, _ in keys]), torch.cat([k for _, k in keys]), keys[0][0].shape[0]
-        return [(k1, k2, j * K + self.backend.rank * len(x1)) for j, (x1, _, _) in enumerate(micro_batches)]
+        return global_keys(self.backend, micro_batches)
 
     def _read_skips(self, values: list[float]) -> None:
         """Take the skip counts read from the device: log them, stop after too many in a row."""

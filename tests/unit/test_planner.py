@@ -57,7 +57,8 @@ def test_auto_picks_the_fastest_backend_that_fits_and_logs_the_runner_up(caplog)
     lines = [r.getMessage() for r in caplog.records if "parallel.backend=auto chose" in r.getMessage()]
     assert len(lines) == 1 and "runner-up" in lines[0] and "256 GPUs of 80 GiB" in lines[0]
     # the same choice as the planner's ranking over the backends at the run's own split
-    ranked = candidates(cfg, Cluster(256, memory_gib=80.0), ("ddp", "fsdp", "zero1", "zero2", "zero3"), (False,), (16,))
+    backends = ("ddp", "fsdp", "hsdp", "zero1", "zero2", "zero3")
+    ranked = candidates(cfg, Cluster(256, memory_gib=80.0), backends, (False,), (16,))
     best, runner = best_and_runner_up(ranked)
     assert planner._config_backend(best.layout.backend) == (cfg.parallel.backend, cfg.parallel.deepspeed_config)
     assert runner.layout.backend != best.layout.backend
@@ -69,13 +70,13 @@ def test_auto_shards_when_a_replica_does_not_fit_and_refuses_when_nothing_does()
     ac = "--parallel.activation_checkpointing=true"
     cfg = _cfg("vit_h_300ep", ac)
     _resolve(cfg, 64, 16)
-    assert cfg.parallel.backend in ("fsdp", "deepspeed")
+    assert cfg.parallel.backend in ("fsdp", "hsdp", "deepspeed")
     if cfg.parallel.backend == "deepspeed":
         assert cfg.parallel.deepspeed_config.endswith(("zero1.json", "zero2.json", "zero3.json"))
     # without DeepSpeed installed, the ZeRO stages are not candidates
     cfg = _cfg("vit_h_300ep", ac)
     _resolve(cfg, 64, 16, deepspeed=False)
-    assert cfg.parallel.backend == "fsdp" and cfg.parallel.deepspeed_config == ""
+    assert cfg.parallel.backend in ("fsdp", "hsdp") and cfg.parallel.deepspeed_config == ""
     with pytest.raises(BackendError, match="no backend fits .*activation_checkpointing"):
         _resolve(_cfg(), 64, 40)
 
@@ -96,7 +97,8 @@ def test_an_explicit_backend_is_never_overridden_and_cpu_ranks_keep_ddp():
 def test_the_planner_marks_what_does_not_fit_and_prefers_no_accumulation():
     cfg = _cfg()
     ranked = candidates(cfg, Cluster(64, memory_gib=80.0))
-    assert {c.layout.backend for c in ranked} == {"ddp", "fsdp", "fsdp-noreshard", "zero1", "zero2", "zero3"}
+    assert {c.layout.backend for c in ranked} == {"ddp", "fsdp", "fsdp-noreshard", "hsdp", "hsdp-noreshard", "zero1",
+                                                   "zero2", "zero3"}  # fmt: skip
     for c in ranked:
         assert c.fits == (c.memory["total"] <= c.limit)
         assert (c.why_not() == "") == c.fits and c.images_per_s == pytest.approx(4096 / c.time.step)
@@ -120,7 +122,7 @@ def test_ring_latency_grows_with_n_and_the_all_reduce_takes_the_tree_across_node
     assert Cluster(8).busbw == 360e9 and Cluster(16).busbw == pytest.approx(360e9)  # 8 NICs x 50 GB/s x 0.9
 
 
-def test_ddp_hides_its_reduction_only_under_the_backward_and_fsdp_is_latency_bound_at_1024():
+def test_ddp_hides_its_reduction_only_under_the_backward_and_fsdp_is_latency_bound_at_1024_but_not_hsdp():
     cfg = _cfg("vit_b_300ep")
     model = meta_model(cfg)
     t8 = step_time(model, cfg, Layout("ddp", False, 64, 64), Cluster(64))
@@ -128,6 +130,9 @@ def test_ddp_hides_its_reduction_only_under_the_backward_and_fsdp_is_latency_bou
     assert t8.parts["gradients"] < reduce and t8.parts["gradients"] >= reduce - t8.compute / 2 - 1e-9
     t = step_time(model, cfg, Layout("fsdp", False, 4, 4), Cluster(1024))
     assert t.exposed_comm > 10 * t.compute  # ~300 gathers, each (N - 1) ring steps
+    # HSDP: the gathers stay inside a node ((g - 1) NVLink steps), the shards' all-reduce crosses nodes
+    h = step_time(model, cfg, Layout("hsdp", False, 4, 4), Cluster(1024))
+    assert h.step < t.step / 10 and h.parts["parameters_and_gradients"] < t.parts["parameters_and_gradients"] / 50
 
 
 def test_the_plan_command_lists_every_layout_and_marks_one_choice(tmp_path):
@@ -136,7 +141,7 @@ def test_the_plan_command_lists_every_layout_and_marks_one_choice(tmp_path):
     rows = main(["--model", "vit_small", "--gpus", "64", "--gpu-memory", "80", "--simulate", "none",
                  "--out", str(tmp_path)])  # fmt: skip
     assert sum(r["chosen"] for r in rows) == 1 and sum(r["runner_up"] for r in rows) == 1
-    assert len(rows) == 6 * 2 * 7  # backends x recompute x micro-batches 64, 32, ..., 1
+    assert len(rows) == 8 * 2 * 7  # backends x recompute x micro-batches 64, 32, ..., 1
     assert all(r["why_not"] for r in rows if not r["fits"])
     text = (tmp_path / "plan-vit_small-64x80g.md").read_text()
     assert "Chosen: **ddp, 64 img/GPU**" in text and "| **chosen** | ddp, 64 img/GPU |" in text

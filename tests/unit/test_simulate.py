@@ -34,6 +34,25 @@ def test_fsdp2_without_resharding_and_with_accumulation_moves_the_modelled_bytes
     assert _recorded(row, 8) == {op: (t.calls, t.bytes) for op, t in model.items()}
 
 
+@pytest.mark.parametrize(("world", "shard"), [(8, 2), (64, 4)])
+def test_hsdp_at_fake_ranks_holds_the_theory_and_moves_the_modelled_bytes(world, shard):
+    # sharded inside groups of `shard` ranks, replicated across world / shard groups
+    row = simulate("vit_small", "hsdp", world, 4, extra=SMALL, shard=shard)
+    assert row["state_gib"] == pytest.approx(row["theory_state_gib"], rel=0.05)
+    cfg = sim_config("vit_small", "hsdp", world, 4, extra=SMALL, shard=shard)
+    model = step_traffic(cfg, "hsdp", world, 4, shard=shard)
+    by_group = {}
+    for c in row["collectives"]:
+        by_group.setdefault(c["group"], {})[c["op"]] = (c["calls"], c["bytes"])
+    assert by_group[shard] == {"all_gather": (model["shard_all_gather"].calls, model["shard_all_gather"].bytes),
+                               "reduce_scatter": (model["shard_reduce_scatter"].calls,
+                                                  model["shard_reduce_scatter"].bytes)}  # fmt: skip
+    replica = model["replica_all_reduce"]
+    assert by_group[world // shard] == {"all_reduce": (replica.calls, pytest.approx(replica.bytes))}
+    assert by_group[world] == {op: (t.calls, t.bytes) for op, t in model.items() if op in ("all_gather", "all_reduce")}
+    assert not row["unknown_ops"]
+
+
 def test_a_per_view_backbone_moves_the_modelled_bytes():
     # ViT-BN: each view through the encoders on its own, every BatchNorm reduced per view
     extra = ("--model.depth=2", "--model.img_size=28", "--model.patch_size=7")

@@ -180,7 +180,7 @@ def state_now(backend: Backend) -> float:
     return total
 
 
-def sim_config(model: str, parallel: str, world: int, batch: int, ac: bool = False, precision: str = "bf16",
+def sim_config(model: str, parallel: str, world: int, batch: int, ac: bool | str = False, precision: str = "bf16",
                accum: int = 1, reshard: bool = True, extra: tuple[str, ...] = (),
                shard: int = 8) -> Config:  # fmt: skip
     """The training config of a simulated run: `model`'s recipe (or ViT-B's with `--model.name`)."""
@@ -245,7 +245,7 @@ def _prime_optimizer(backend: Backend) -> None:
         p.grad = None
 
 
-def simulate(model: str, parallel: str, world: int, batch: int, rank: int = 0, ac: bool = False,
+def simulate(model: str, parallel: str, world: int, batch: int, rank: int = 0, ac: bool | str = False,
              precision: str = "bf16", accum: int = 1, reshard: bool = True, img_size: int | None = None,
              extra: tuple[str, ...] = (), shard: int = 8) -> dict[str, Any]:  # fmt: skip
     """One simulated rank of `parallel` on `world` ranks: memory and collectives of a training step."""
@@ -334,7 +334,7 @@ def write(rows: list[dict[str, Any]], out: Path, name: str) -> Path:
              "|---|---|---:|---:|---|---:|---:|---:|---|"]  # fmt: skip
     for r in rows:
         comms = "; ".join(f"{c['op']} x{c['calls']} {c['bytes'] / GIB:.2f} GiB" for c in r["collectives"]) or "none"
-        ac = "on" if r["activation_checkpointing"] else "off"
+        ac = {True: "on", False: "off"}.get(r["activation_checkpointing"], r["activation_checkpointing"])
         lines.append(f"| {r['model']} | {r['parallel']} | {r['world']} | {r['batch_per_rank']} | {ac} | "
                      f"{r['state_gib']:.2f} ({r['theory_state_gib']:.2f}) | {r['peak_gib']:.2f} | "
                      f"{r['planned_gib']:.2f} ({r['peak_gib'] / r['planned_gib']:.3f}) | {comms} |")  # fmt: skip
@@ -350,7 +350,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--world-size", default="8,64", help="comma-separated rank counts")
     p.add_argument("--batch-size", type=int, default=0, help="images per rank (default: 4096 / ranks, at most 64)")
     p.add_argument("--accum", type=int, default=1)
-    p.add_argument("--ac", action="store_true", help="activation checkpointing")
+    p.add_argument(
+        "--ac",
+        nargs="?",
+        const="true",
+        default="false",
+        choices=["false", "true", "selective"],
+        help="activation checkpointing: every block (true, the default of a bare --ac) or selective",
+    )
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--no-reshard", action="store_true", help="FSDP2: keep the gathered parameters until backward")
     p.add_argument("--shard-size", type=int, default=8, help="HSDP: ranks per shard group (default 8: a node)")
@@ -362,7 +369,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for world in (int(w) for w in args.world_size.split(",")):
             n = 1 if parallel == "single" else world
             batch = args.batch_size or max(1, min(64, math.ceil(4096 / n)))
-            row = simulate(args.model, parallel, n, batch, ac=args.ac, precision=args.precision, accum=args.accum,
+            ac = {"true": True, "false": False}.get(args.ac, args.ac)
+            row = simulate(args.model, parallel, n, batch, ac=ac, precision=args.precision, accum=args.accum,
                            reshard=not args.no_reshard, shard=args.shard_size)  # fmt: skip
             rows.append(row)
             comms = "; ".join(f"{c['op']}[{c['group']}] x{c['calls']} {c['bytes'] / GIB:.3f} GiB"

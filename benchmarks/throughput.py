@@ -311,7 +311,14 @@ def add_step_args(parser: argparse.ArgumentParser, batch_size: int = 32, steps: 
     parser.add_argument("--backend", "--parallel", default="single", choices=["single", "ddp", "fsdp", *zero],
                         help="zeroN[_variant]: DeepSpeed with ds_configs/<name>.json")  # fmt: skip
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument(
+        "--activation-checkpointing",
+        nargs="?",
+        const="true",
+        default="false",
+        choices=["false", "true", "selective"],
+        help="recompute every block (true) or its cheap ops",
+    )
     parser.add_argument("--data", default="synthetic", help="'synthetic' or a data source as for training")
     parser.add_argument("--workers", type=int, default=workers)
     parser.add_argument("--warmup", type=int, default=3)
@@ -398,7 +405,8 @@ def projection(result: dict, args) -> list[dict]:
     for n in (8, 64, 256, 1024):
         per_gpu = 4096 // n
         micro = min(per_gpu, result["batch_per_device"])
-        layout = Layout(backend, bool(result["activation_checkpointing"]), per_gpu, micro)
+        recompute = {"true": True, "selective": "selective"}.get(str(result["activation_checkpointing"]).lower(), False)
+        layout = Layout(backend, recompute, per_gpu, micro)
         planned = apply_overrides(cfg, ["--batch.global_batch_size=4096"])
         rows.append({**project_layout(planned, layout, Cluster(n, mfu=mfu)), "mfu": mfu})
     return rows

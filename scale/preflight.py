@@ -31,10 +31,10 @@ from scale.errors import BackendError, DataError
 from scale.hardware.precision import resolve_precision
 from scale.models import resolve_vit_config
 from scale.models.moco import resolve_view_forward
-from scale.parallel.ds_config import resolve_ds_config
+from scale.parallel.ds_config import load_ds_json, resolve_ds_config, zero_section
 from scale.parallel.ds_internals import require_deepspeed
 from scale.parallel.placement import detect_launch
-from scale.parallel.registry import launch_problem
+from scale.parallel.registry import launch_problem, selective_recompute_problem
 from scale.parallel.settings import BackendSettings
 
 # Optimizer implementations each optimizer accepts (scale.optim.build_optimizer).
@@ -106,6 +106,12 @@ def _check_parallel(cfg: Config, world: int) -> str:
     if p.dist_backend == "nccl" and not torch.cuda.is_available():
         raise ConfigError("--parallel.dist_backend=nccl needs CUDA GPUs; use auto or gloo on a CPU")
     problem = launch_problem(p.backend, world, p.deepspeed_config, shard_size=p.shard_size)
+    if problem:
+        raise ConfigError(problem)
+    stage = 0
+    if p.deepspeed_config and p.activation_checkpointing == "selective" and Path(p.deepspeed_config).is_file():
+        stage = int(zero_section(load_ds_json(p.deepspeed_config)).get("stage", 0))
+    problem = selective_recompute_problem(p.activation_checkpointing, p.backend, stage)
     if problem:
         raise ConfigError(problem)
     return precision

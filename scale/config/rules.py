@@ -23,8 +23,9 @@ class Rule:
         """Why `value` is not accepted, or None."""
         if value is None:
             return None
-        if self.choices:
-            return None if value in self.choices else f"is not one of: {', '.join(self.choices)}"
+        if self.choices:  # a bool among string choices reads as 'true' / 'false'
+            named = str(value).lower() if isinstance(value, bool) else value
+            return None if named in self.choices else f"is not one of: {', '.join(self.choices)}"
         if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
             return f"must be {'>' if self.lo_open else '>='} {self.lo:g}" + self._hi()
         if self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi):

@@ -345,7 +345,7 @@ class DeepSpeedBackend(Backend):
         """Elements of `module`'s parameters held by this rank (persistent ZeRO-3 ones in full)."""
         return sum(internals.held_numel(p) for p in module.parameters())
 
-    def state_bytes(self, trainable: int, momentum: int, accum_steps: int = 1) -> dict[str, float]:
+    def state_bytes(self, trainable: int, momentum: int, accum_steps: int = 1, shard_size: int = 0) -> dict[str, float]:
         buffers = zero_persistent_buffer_bytes(load_ds_json(self.config_path), self.precision, accum_steps)
         return zero_bytes(trainable, momentum, self.world_size, self.precision, accum_steps, self.stage, buffers)
 

@@ -1,7 +1,9 @@
 """Activation recompute ("activation checkpointing", `--parallel.activation_checkpointing`) applied
 from outside the model: each given module recomputes its forward during the backward pass instead of
-storing activations. Parameter names are unchanged (the forward is wrapped on the instance, the
-module tree is not touched).
+storing activations (`true`), or only its cheap operations (`selective`: torch's selective
+checkpoint policy keeps the outputs of the matmuls and attention, `SAVED_OPS`, and recomputes the
+normalisations, GELU, casts and adds). Parameter names are unchanged (the forward is wrapped on the
+instance, the module tree is not touched).
 
 BatchNorm inside a recomputed module (ViT-BN's blocks) must not see the recompute as a second
 forward: its running statistics and `num_batches_tracked` move once per forward, as without
@@ -22,7 +24,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 _state = threading.local()
 
@@ -68,19 +70,58 @@ def _phase(phase: str, recorded: Recorded, batchnorms: list[_BatchNorm]) -> Iter
         _state.phase = previous
 
 
-def _contexts(batchnorms: list[_BatchNorm]):
+_aten = torch.ops.aten
+SAVED_OPS = {
+    _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default, _aten.linear.default,
+    _aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_efficient_attention.default,
+    _aten._scaled_dot_product_cudnn_attention.default, _aten._scaled_dot_product_flash_attention_for_cpu.default,
+    _aten.convolution.default,
+}  # fmt: skip
+"""Selective recompute keeps the outputs of these (the matmuls and attention: the FLOPs) and
+recomputes everything else (normalisations, GELU, casts, residual adds, copies) in the backward."""
+
+
+def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+class _Both:
+    """Two context managers entered as one (the BatchNorm record and selective recompute's mode)."""
+
+    def __init__(self, first, second) -> None:
+        self.first, self.second, self.stack = first, second, None
+
+    def __enter__(self):
+        self.stack = contextlib.ExitStack()
+        self.stack.enter_context(self.first)
+        self.stack.enter_context(self.second)
+        return self
+
+    def __exit__(self, *exc):
+        return self.stack.__exit__(*exc)
+
+
+def _contexts(batchnorms: list[_BatchNorm], selective: bool):
+    if not batchnorms:  # torch.compile takes selective recompute's own pair of dispatch modes only
+        return create_selective_checkpoint_contexts(_selective_policy)
     recorded = Recorded()
-    return _phase("forward", recorded, batchnorms), _phase("recompute", recorded, batchnorms)
+    forward, recompute = _phase("forward", recorded, batchnorms), _phase("recompute", recorded, batchnorms)
+    if selective:
+        saving, recomputing = create_selective_checkpoint_contexts(_selective_policy)
+        return _Both(forward, saving), _Both(recompute, recomputing)
+    return forward, recompute
 
 
-def _checkpointed(forward, batchnorms: list[_BatchNorm], *args, **kwargs):
-    if not batchnorms:
+def _checkpointed(forward, batchnorms: list[_BatchNorm], selective: bool, *args, **kwargs):
+    if not batchnorms and not selective:
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-    return checkpoint(forward, *args, use_reentrant=False, context_fn=lambda: _contexts(batchnorms), **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, context_fn=lambda: _contexts(batchnorms, selective),
+                      **kwargs)  # fmt: skip
 
 
-def apply_activation_checkpointing(modules: Iterable[nn.Module]) -> int:
+def apply_activation_checkpointing(modules: Iterable[nn.Module], selective: bool = False) -> int:
     """Checkpoint every module in `modules` (e.g. the transformer blocks); returns how many.
+    `selective`: keep the matmul and attention outputs (`SAVED_OPS`), recompute only the rest.
 
     The BatchNorms inside a module are looked up when it runs (a later conversion to cross-rank
     BatchNorm is seen)."""
@@ -88,12 +129,19 @@ def apply_activation_checkpointing(modules: Iterable[nn.Module]) -> int:
     for m in modules:
         if getattr(m, "_scale_checkpointed", False):
             continue
-        m.forward = functools.partial(_run_checkpointed, m, m.forward)
+        m.forward = functools.partial(_run_checkpointed, m, m.forward, selective)
         m._scale_checkpointed = True
         n += 1
     return n
 
 
-def _run_checkpointed(module: nn.Module, forward, *args, **kwargs):
+def _run_checkpointed(module: nn.Module, forward, selective: bool, *args, **kwargs):
     batchnorms = [b for b in module.modules() if isinstance(b, _BatchNorm)]
-    return _checkpointed(forward, batchnorms, *args, **kwargs)
+    return _checkpointed(forward, batchnorms, selective, *args, **kwargs)
+
+
+def recompute_mode(value: bool | str) -> str:
+    """`parallel.activation_checkpointing` as 'none', 'full' or 'selective'."""
+    if value == "selective":
+        return "selective"
+    return "full" if value is True else "none"

@@ -95,3 +95,17 @@ def backend_class(name: str) -> type:
     if spec is None:
         raise ValueError(f"unknown backend {name!r}; one of: {', '.join(BACKENDS)}")
     return getattr(importlib.import_module(spec.module), spec.class_name)
+
+
+def selective_recompute_problem(recompute: bool | str, backend: str, zero_stage: int = 0) -> str | None:
+    """Why `--parallel.activation_checkpointing=selective` cannot run on `backend` (one line), or
+    None. FSDP2 / HSDP shard each block's normalisation layers as units of their own and ZeRO-3
+    hooks every module: their gathers would run inside the recomputed region, where torch's
+    selective recompute requires the forward's operations to recur exactly in the backward."""
+    if recompute != "selective":
+        return None
+    if backend in ("fsdp", "hsdp") or (backend == "deepspeed" and zero_stage >= 3):
+        name = "ZeRO-3" if backend == "deepspeed" else backend
+        return (f"--parallel.activation_checkpointing=selective does not run under {name} (its parameter gathers "
+                "inside each block would break the recompute); use true, or ddp / ZeRO-1/2")  # fmt: skip
+    return None

@@ -14,6 +14,7 @@ from scale.config import Config
 from scale.errors import BackendError
 from scale.models.vit import ViTConfig
 from scale.parallel.base import Backend
+from scale.parallel.recompute import recompute_mode
 from scale.train.parallelize import backbone_config, build_model
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def available_bytes(device: torch.device, world_size: int) -> float:
 
 
 def activation_bytes(
-    vit_cfg: ViTConfig, batch_per_device: int, precision: str, activation_checkpointing: bool
+    vit_cfg: ViTConfig, batch_per_device: int, precision: str, activation_checkpointing: bool | str
 ) -> float:
     """Bytes the base encoder's blocks keep for the backward, both views of `batch_per_device` images.
 
@@ -62,7 +63,9 @@ def activation_bytes(
     and output 8; GELU's input 8: 38 in bf16/fp16, 68 in fp32 (Korthikanti et al. 2022 count 34 with
     16-bit LayerNorm inputs and dropout masks); ViT-BN's cross-rank BatchNorm 12 more. With
     checkpointing each block keeps its fp32 input (4) and one block is recomputed at a time (with
-    joint views holding both, as counted here). `benchmarks.simulate` measures the real step at
+    joint views holding both, as counted here); selective recompute keeps the input and the outputs
+    of the matmuls and attention (qkv 6, attention 2, proj 2, fc1 8, fc2 2: 20 in 16 bits) and
+    recomputes one block's rest at a time. `benchmarks.simulate` measures the real step at
     0.97-1.02x of this plus `autocast_copy_bytes` and the layout's buffers (docs/scaling.md)."""
     low = precision in ("bf16", "fp16")
     s_h = vit_cfg.num_tokens * vit_cfg.embed_dim
@@ -70,16 +73,24 @@ def activation_bytes(
     # centred input and the normalised output in fp32 (4 + 4) where a LayerNorm keeps its input (4)
     bn = 12 if vit_cfg.use_bn else 0
     per_block = (8 + (30 if low else 60) + bn) * s_h
-    kept = 4 * s_h * vit_cfg.depth + per_block if activation_checkpointing else per_block * vit_cfg.depth
+    mode = recompute_mode(activation_checkpointing)
+    if mode == "full":
+        kept = 4 * s_h * vit_cfg.depth + per_block
+    elif mode == "selective":  # the input and the matmul / attention outputs; one block's rest recomputed
+        matmuls = (20 if low else 40) * s_h  # qkv 6, attention 2, proj 2, fc1 8, fc2 2 (16-bit)
+        kept = (4 * s_h + matmuls) * vit_cfg.depth + per_block - matmuls
+    else:
+        kept = per_block * vit_cfg.depth
     return 2 * batch_per_device * kept
 
 
-def autocast_copy_bytes(trainable: int, precision: str, activation_checkpointing: bool, casts: bool = True) -> float:
+def autocast_copy_bytes(trainable: int, precision: str, activation_checkpointing: bool | str,
+                        casts: bool = True) -> float:  # fmt: skip
     """The 16-bit copies of the trained weights autocast makes in the forward and keeps for the
     backward (its cast cache): 2 bytes per trained parameter where fp32 parameters run under bf16/fp16
     autocast (single, DDP, DeepSpeed's bf16) and the forward is not recomputed; none where the
     weights already are 16-bit (`casts=False`: FSDP2 gathers them in bf16, DeepSpeed's fp16)."""
-    if not casts or activation_checkpointing or precision not in ("bf16", "fp16"):
+    if not casts or recompute_mode(activation_checkpointing) != "none" or precision not in ("bf16", "fp16"):
         return 0.0
     return 2.0 * trainable
 

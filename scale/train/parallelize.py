@@ -26,7 +26,7 @@ from scale.optim import build_optimizer, param_groups
 from scale.parallel.base import Backend
 from scale.parallel.compile import compile_regions
 from scale.parallel.dist import AllGatherKeys
-from scale.parallel.recompute import apply_activation_checkpointing
+from scale.parallel.recompute import apply_activation_checkpointing, recompute_mode
 from scale.parallel.settings import BackendSettings, ShardingPlan
 from scale.parallel.sync_batchnorm import convert_sync_batchnorm
 
@@ -188,8 +188,9 @@ def parallelize(cfg: Config, backend: Backend, derived: Derived, model: MoCoV3 |
     if backend.world_size > 1:
         convert_sync_batchnorm(model)
         model.key_gather = AllGatherKeys()
-    if cfg.parallel.activation_checkpointing:
-        apply_activation_checkpointing(recomputed_blocks(model))
+    mode = recompute_mode(cfg.parallel.activation_checkpointing)
+    if mode != "none":
+        apply_activation_checkpointing(recomputed_blocks(model), selective=mode == "selective")
     if cfg.model.compile:  # after recompute, before the backend shards or wraps the model
         regions = compile_regions(compiled_regions(model))
         if backend.is_main:

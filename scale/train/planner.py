@@ -128,7 +128,8 @@ def layout_memory(model: MoCoV3, layout: Layout, world: int, precision: str = "b
 
 
 def candidates(cfg: Config, cluster: Cluster, backends: tuple[str, ...] = BACKENDS,
-               recompute: tuple[bool, ...] = (False, True), micro_batches: tuple[int, ...] | None = None,
+               recompute: tuple[bool | str, ...] = (False, "selective", True),
+               micro_batches: tuple[int, ...] | None = None,
                model: MoCoV3 | None = None, headroom: float = HEADROOM,
                reserve_gib: float = RESERVE_GIB) -> list[Candidate]:  # fmt: skip
     """Every layout of `cfg`'s model at its global batch on `cluster`, best first (`rank_key`)."""
@@ -148,6 +149,8 @@ def candidates(cfg: Config, cluster: Cluster, backends: tuple[str, ...] = BACKEN
         if backend.startswith("hsdp") and cluster.gpus_per_node >= N:
             continue  # one node: HSDP is FSDP2
         for ac in recompute:
+            if ac == "selective" and backend.startswith(("fsdp", "hsdp", "zero3")):
+                continue  # not under the sharded backends' per-block gathers (`selective_recompute_problem`)
             for m in micro_batches:
                 layout = Layout(backend, ac, per_gpu, m)
                 mem = layout_memory(model, layout, N, "bf16", shard=cluster.gpus_per_node)

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from scale.models import MoCoV3
 from scale.models.flops import moco_training_flops
+from scale.parallel.recompute import recompute_mode
 from scale.train.traffic import (
     Traffic,
     Unit,
@@ -50,6 +51,11 @@ from scale.train.traffic import (
     zero3_units,
     zero_settings,
 )
+
+SELECTIVE_RECOMPUTE = 0.1
+"""Selective recompute's cost, as a fraction of a block's forward: the normalisations, GELU, casts
+and adds it recomputes are memory-bound and about a tenth of the forward's time at 40% MFU
+(assumed; `benchmarks.throughput --set=--parallel.activation_checkpointing=selective` measures it)."""
 
 GPUS = {  # bf16 dense peak TFLOP/s, memory GiB, HBM TB/s (NVIDIA's data sheets, SXM parts)
     "H100": (989.0, 80.0, 3.35),
@@ -131,7 +137,8 @@ class Layout:
     GPU and micro-batch (their ratio the gradient accumulation)."""
 
     backend: str
-    activation_checkpointing: bool
+    activation_checkpointing: bool | str
+    """False, True (every block recomputed) or 'selective' (`scale.parallel.recompute`)."""
     images_per_gpu: int
     micro_batch: int
 
@@ -140,7 +147,7 @@ class Layout:
         return self.images_per_gpu // self.micro_batch
 
     def describe(self) -> str:
-        ac = " + AC" if self.activation_checkpointing else ""
+        ac = {"full": " + AC", "selective": " + SAC"}.get(recompute_mode(self.activation_checkpointing), "")
         acc = f" x {self.accum} micro-batches" if self.accum > 1 else ""
         return f"{self.backend}{ac}, {self.micro_batch} img/GPU{acc}"
 
@@ -214,7 +221,9 @@ def step_time(model: MoCoV3, cfg, layout: Layout, cluster: Cluster) -> StepTime:
     # seconds per micro-batch, per encoder call: backbone forward per block, its backward, the heads
     fwd_call = flops.backbone / 4 * m * per_flop / views
     fwd_block = fwd_call / depth
-    bwd_block = 2 * fwd_block + (fwd_block if layout.activation_checkpointing else 0.0)
+    mode = recompute_mode(layout.activation_checkpointing)
+    recompute = {"full": 1.0, "selective": SELECTIVE_RECOMPUTE}.get(mode, 0.0)
+    bwd_block = 2 * fwd_block + recompute * fwd_block
     heads = (flops.projector + flops.predictor) * m * per_flop
     compute = A * (views * depth * (fwd_block * 2 + bwd_block) + heads)
 
@@ -235,7 +244,7 @@ def step_time(model: MoCoV3, cfg, layout: Layout, cluster: Cluster) -> StepTime:
     exposed = keys + cluster.all_reduce(bn.bytes, bn.calls)
     parts = {"keys": keys, "batchnorm": exposed - keys}
     kernels = cluster.kernels_other + A * views * depth * cluster.kernels_per_block * (
-        4 + (1 if layout.activation_checkpointing else 0)
+        4 + {"full": 1.0, "selective": 0.5}.get(mode, 0.0)
     )
     P = sum(p.numel() for p in model.parameters() if p.requires_grad)
     M = sum(p.numel() for p in model.momentum_encoder.parameters())

@@ -8,8 +8,8 @@ from scale.train.trainer import Trainer
 from tests.helpers import FixedBatchLoader, read_metrics, tiny_config
 
 
-def _run(tmp_path, name, compiled):
-    overrides = {"model.compile": compiled, "parallel.activation_checkpointing": True, "schedule.max_steps": 3,
+def _run(tmp_path, name, compiled, recompute=True):
+    overrides = {"model.compile": compiled, "parallel.activation_checkpointing": recompute, "schedule.max_steps": 3,
                  "optim.base_lr": 0.05, "schedule.warmup_epochs": 0}  # fmt: skip
     trainer = Trainer(tiny_config(tmp_path, name, **overrides), loader=FixedBatchLoader(4, 8))
     b = trainer.backend
@@ -21,13 +21,14 @@ def _run(tmp_path, name, compiled):
     return [r["loss"] for r in read_metrics(trainer.run_dir)], grads, trainer.backend.full_state_dict()
 
 
-def test_compiled_blocks_and_heads_train_as_eager(tmp_path):
+@pytest.mark.parametrize("recompute", ["true", "selective"])
+def test_compiled_blocks_and_heads_train_as_eager(tmp_path, recompute):
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
-    eager_losses, eager_grads, eager_state = _run(tmp_path, "eager", False)
-    losses, grads, state = _run(tmp_path, "compiled", True)
+    eager_losses, eager_grads, eager_state = _run(tmp_path, "eager", False, recompute)
+    losses, grads, state = _run(tmp_path, "compiled", True, recompute)
     # Inductor fuses and reorders float32 arithmetic: equal within its rounding. The gradients of one
     # step, relative to the largest (a few are exactly 0 in exact arithmetic, such as the key bias,
     # to which softmax is blind: there both are rounding noise), and the losses of 3 AdamW steps.

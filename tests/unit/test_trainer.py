@@ -134,7 +134,8 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
     assert trainer.backend.autocast_dtype == torch.bfloat16 and result["loss"] == result["loss"]
 
 
-def test_activation_checkpointing_gives_the_same_loss_and_gradients(tmp_path):
+@pytest.mark.parametrize("selective", [False, True], ids=["full", "selective"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(tmp_path, selective):
     from scale.parallel.recompute import apply_activation_checkpointing
     from scale.train.parallelize import build_model
 
@@ -143,7 +144,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tmp_path):
     plain = build_model(cfg)
     ckpt = build_model(cfg)
     ckpt.load_state_dict(plain.state_dict())
-    assert apply_activation_checkpointing(ckpt.base_encoder.blocks) == 2
+    assert apply_activation_checkpointing(ckpt.base_encoder.blocks, selective=selective) == 2
     assert plain.state_dict().keys() == ckpt.state_dict().keys()  # names unchanged
     x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
     a, b = plain(x1, x2), ckpt(x1, x2)

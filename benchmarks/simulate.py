@@ -2,6 +2,7 @@
 
     python -m benchmarks.simulate --model vit_huge --parallel fsdp --world-size 512
     python -m benchmarks.simulate --model vit_base --parallel ddp,fsdp --world-size 8,64,512 --batch-size 8
+    python -m benchmarks.simulate --model vit_huge --parallel hsdp --shard-size 8 --world-size 64,512
 
 This process becomes rank r of a world of N through torch's fake process group (every collective
 a no-op that still runs the real code around it) and runs `scale.parallel`'s real setup
@@ -17,12 +18,15 @@ ViT-H at 512 ranks takes seconds on a laptop. The second step is measured:
   returns, what a reduce-scatter or all-reduce takes), read off the c10d operations as they are
   dispatched (DDP's gradient buckets through a recording communication hook).
 
-Simulated: single, DDP and FSDP2. DDP runs one measured step after the optimizer's state is made
-(a zero gradient and one optimizer step): its second forward rebuilds its gradient buckets in C++
-(`Reducer::_rebuild_buckets`), which reads the bucket indices back from a tensor, and a fake
-tensor has no data; its first iteration reduces all gradients as one bucket, the later ones in
-25 MiB buckets (`scale.train.traffic.ddp_buckets`). DeepSpeed ZeRO-1/2/3 do not run on fake
-tensors: DeepSpeed's engine moves the module with `module.to(device)`
+With accumulation each micro-batch contrasts its own keys (`--batch.keys=micro`: the trainer's
+default computes every micro-batch's keys first, the same collectives in another order; torch's
+MemTracker does not follow that order's extra no-grad calls). Simulated: single, DDP, FSDP2 and
+HSDP (a replicate x shard mesh). DDP runs one measured step after the optimizer's state is made (a
+zero gradient and one optimizer step): its second forward rebuilds its gradient buckets in C++
+(`Reducer::_rebuild_buckets`), which reads the bucket indices back from a tensor, and a fake tensor
+has no data; its first iteration reduces all gradients as one bucket, the later ones in 25 MiB
+buckets (`scale.train.traffic.ddp_buckets`). DeepSpeed ZeRO-1/2/3 do not run on fake tensors:
+DeepSpeed's engine moves the module with `module.to(device)`
 (`DeepSpeedEngine._configure_distributed_model`, DeepSpeed 0.19.8), and torch's `Module._apply`
 swaps a FakeTensor parameter (`torch.utils.swap_tensors`), which fails ("Cannot swap t1 because it
 has weakref associated with it"); their rows stay analytic (`scale.parallel.memory`,
@@ -64,7 +68,6 @@ from scale.train.parallelize import build_model, parallelize
 from scale.train.planner import layout_memory
 from scale.train.timing import Layout
 from scale.train.traffic import hsdp_shard, meta_model
-from scale.train.trainer import global_keys
 
 GIB = 2**30
 RECIPE_OF = {"vit_small": "vit_s_300ep", "vit_base": "vit_b_300ep", "vit_large": "vit_l_300ep",
@@ -281,12 +284,10 @@ def _run(cfg, backend, derived, parallel, world, batch, accum, trainable, moment
 
         def step() -> float:
             state = 0.0
-            keys = global_keys(backend, micro) if accum > 1 else None  # the trainer's order (batch.keys)
             for i, views in enumerate(micro):
                 if tracker is not None:
                     tracker.reset_mod_stats()  # per-module stats allow one call; the peak stays
-                backend.forward_backward(views[0], views[1], accum, last=i == accum - 1,
-                                         keys=None if keys is None else keys[i])  # fmt: skip
+                backend.forward_backward(views[0], views[1], accum, last=i == accum - 1)
                 state = max(state, state_now(backend))
             result = backend.step(derived.lr, cfg.optim.weight_decay, cfg.optim.clip_grad)
             backend.momentum_update(0.99, result.applied)

@@ -2,11 +2,11 @@
 # MoCo v3 ViT-H/14, 300 epochs, global batch 4096 = 8 nodes x 8 GPUs x 64 images per GPU.
 # --parallel.backend=auto: the planner (scale.train.planner) picks the layout at start-up for the
 # launched world size and the GPU's memory and logs it with the runner-up; an explicit backend
-# (--parallel.backend=fsdp, --deepspeed ds_configs/zero2.json) is never overridden. Its choice here,
-# `python -m benchmarks.plan --model vit_huge --gpus 64 --gpu-memory 80`: DDP, 64 images per GPU,
-# 12.2 GiB of model state + 48.9 GiB of activations and bf16 weight copies = 61.1 GiB of the 70 GiB
-# it allows an 80 GB GPU, ~3.9 h per 100 epochs projected on 64 H100s; the runner-up, FSDP2 without
-# resharding (49.5 GiB), is within 2%. On 40-48 GB GPUs it shards instead; with
+# (--parallel.backend=hsdp, --deepspeed ds_configs/zero2.json) is never overridden. Its choice here
+# (`python -m benchmarks.plan --model vit_huge --gpus 64 --gpu-memory 80`): ZeRO-1 (DeepSpeed
+# installed; else HSDP), 64 images per GPU, 57.3 GiB of the 70 GiB it allows an 80 GB GPU, ~3.9 h per
+# 100 epochs projected on 64 H100s; the runner-up, HSDP (49.5 GiB), is 2% faster, DDP (61.1 GiB) 2%
+# slower: within the time model's margin. On 40-48 GB GPUs it shards further; with
 # --parallel.activation_checkpointing=true 4 nodes (128 per GPU) fit (benchmarks/results/plan-*.md).
 #SBATCH --job-name=vit_h_300ep
 #SBATCH --nodes=8

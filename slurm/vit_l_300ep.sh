@@ -2,10 +2,10 @@
 # MoCo v3 ViT-L/16, 300 epochs, global batch 4096 = 8 nodes x 8 GPUs x 64 images per GPU.
 # --parallel.backend=auto: the planner (scale.train.planner) picks the layout at start-up for the
 # launched world size and the GPU's memory and logs it with the runner-up; an explicit backend
-# (--parallel.backend=fsdp, --deepspeed ds_configs/zero2.json) is never overridden. Its choice here,
-# `python -m benchmarks.plan --model vit_large --gpus 64 --gpu-memory 80`: DDP, 64 images per GPU,
-# 6.1 GiB of model state + 22.5 GiB of activations = 28.6 GiB, ~1.5 h per 100 epochs projected on
-# 64 H100s (benchmarks/results/scaling.md); FSDP2 without resharding is as fast (runner-up).
+# (--parallel.backend=ddp, --deepspeed ds_configs/zero2.json) is never overridden. Its choice here
+# (`python -m benchmarks.plan --model vit_large --gpus 64 --gpu-memory 80`): HSDP (sharded inside
+# each node, replicated across), 64 images per GPU, 23.0 GiB, ~1.4 h per 100 epochs projected on
+# 64 H100s; the runner-up, DDP (28.6 GiB), is 2.5% slower in the time model.
 #SBATCH --job-name=vit_l_300ep
 #SBATCH --nodes=8
 #SBATCH --ntasks-per-node=8

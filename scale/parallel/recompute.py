@@ -101,9 +101,13 @@ class _Both:
         return self.stack.__exit__(*exc)
 
 
+def _selective_contexts():
+    """Selective recompute's own pair of dispatch modes (a module-level function: what torch.compile
+    can trace as a `context_fn`)."""
+    return create_selective_checkpoint_contexts(_selective_policy)
+
+
 def _contexts(batchnorms: list[_BatchNorm], selective: bool):
-    if not batchnorms:  # torch.compile takes selective recompute's own pair of dispatch modes only
-        return create_selective_checkpoint_contexts(_selective_policy)
     recorded = Recorded()
     forward, recompute = _phase("forward", recorded, batchnorms), _phase("recompute", recorded, batchnorms)
     if selective:
@@ -113,7 +117,9 @@ def _contexts(batchnorms: list[_BatchNorm], selective: bool):
 
 
 def _checkpointed(forward, batchnorms: list[_BatchNorm], selective: bool, *args, **kwargs):
-    if not batchnorms and not selective:
+    if not batchnorms:
+        if selective:
+            return checkpoint(forward, *args, use_reentrant=False, context_fn=_selective_contexts, **kwargs)
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
     return checkpoint(forward, *args, use_reentrant=False, context_fn=lambda: _contexts(batchnorms, selective),
                       **kwargs)  # fmt: skip

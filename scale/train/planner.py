@@ -31,6 +31,7 @@ from scale.errors import BackendError
 from scale.models import MoCoV3
 from scale.parallel.ds_config import bundled_config, load_ds_json, zero_section
 from scale.parallel.memory import state_bytes, zero_persistent_buffer_bytes
+from scale.parallel.recompute import recompute_mode
 from scale.train.memory import activation_bytes, autocast_copy_bytes
 from scale.train.timing import GPUS, Cluster, Layout, StepTime, step_time
 from scale.train.traffic import BACKENDS, fsdp_units, hsdp_shard, meta_model, padded, zero3_units
@@ -70,8 +71,13 @@ class Candidate:
     def rank_key(self) -> tuple:
         """Fitting first, then without accumulation, then the faster (to 0.1 ms), then without
         recompute (the same time with fewer FLOPs: its comm was hidden), then the smaller."""
-        return (not self.fits, self.layout.accum > 1, round(self.time.step, 4), self.layout.activation_checkpointing,
+        return (not self.fits, self.layout.accum > 1, round(self.time.step, 4), self.recompute_cost,
                 self.memory["total"])  # fmt: skip
+
+    @property
+    def recompute_cost(self) -> int:
+        """0 without recompute, 1 selective, 2 every block."""
+        return ("none", "selective", "full").index(recompute_mode(self.layout.activation_checkpointing))
 
 
 def _memory_kind(backend: str) -> tuple[str, int]:
@@ -181,7 +187,7 @@ def best_and_runner_up(ranked: list[Candidate]) -> tuple[Candidate | None, Candi
     pool = [c for c in fitting if c.layout.accum == 1] or fitting
     fastest = min(c.time.step for c in pool)
     near = [c for c in pool if c.time.step <= fastest * (1 + TOLERANCE)]
-    best = min(near, key=lambda c: (SIMPLER.index(c.layout.backend), c.layout.activation_checkpointing, c.time.step))
+    best = min(near, key=lambda c: (SIMPLER.index(c.layout.backend), c.recompute_cost, c.time.step))
     other = next((c for c in fitting if c.layout.backend != best.layout.backend), None)
     return best, other
 

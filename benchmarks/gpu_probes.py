@@ -160,14 +160,15 @@ def step(out: Path, model: str = "vit_b_300ep", batch: int = 128, steps: int = 2
 MEMORY_CASES = [  # (name, extra overrides): ViT-H/14 at the recipe's 64 images per GPU, one process
     ("single", []),
     ("single+AC", ["--parallel.activation_checkpointing=true"]),
+    ("single+SAC", ["--parallel.activation_checkpointing=selective"]),
     ("zero2", ["--parallel.backend=deepspeed", f"--parallel.deepspeed_config={ROOT / 'ds_configs' / 'zero2.json'}"]),
     ("zero3", ["--parallel.backend=deepspeed", f"--parallel.deepspeed_config={ROOT / 'ds_configs' / 'zero3.json'}"]),
 ]
 
 
 def memory(out: Path, batch: int = 64) -> dict:
-    """ViT-H/14 at its recipe's per-GPU batch (slurm/vit_h_300ep.sh: 64) in one process, with and
-    without activation checkpointing, and one-rank ZeRO-2/3: the peak memory of three real steps
+    """ViT-H/14 at its recipe's per-GPU batch (slurm/vit_h_300ep.sh: 64) in one process, with full,
+    selective and no activation checkpointing, and one-rank ZeRO-2/3: the peak memory of three real steps
     beside `check_memory`'s estimate, on which the SLURM scripts' sizes rest. Each in a process of its
     own (a fresh allocator)."""
     rows = []

@@ -214,6 +214,7 @@ BF16_DRIFT = 5e-2
 one process (measured; 1e-6 in fp32), every backend alike."""
 
 
+@pytest.mark.slow  # ~50 s: five backends on 2 ranks
 def test_every_backend_follows_one_precision_policy_in_bf16(tmp_path):
     """bf16 is one policy on every backend (docs/training.md): matmuls in bf16; normalisations,
     softmax, the loss and the residual stream in fp32; fp32 parameters, EMA and gradient reductions.

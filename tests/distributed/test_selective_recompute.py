@@ -24,7 +24,7 @@ def _train(rank, world, out_dir, backend, recompute):
         torch.save(full, f"{out_dir}/{name}.pt")
 
 
-@pytest.mark.parametrize("backend", ["ddp", "zero2"])
+@pytest.mark.parametrize("backend", ["ddp", pytest.param("zero2", marks=pytest.mark.slow)])
 def test_selective_recompute_equals_no_recompute(tmp_path, backend):
     if backend == "zero2":
         pytest.importorskip("deepspeed")

@@ -80,7 +80,11 @@ def test_the_peak_of_a_simulated_rank_is_reported_beside_the_estimate():
     assert row["peak_gib"] > row["state_gib"] and row["estimate_gib"] > row["theory_state_gib"]
 
 
-@pytest.mark.parametrize(("parallel", "world", "ac"), [("ddp", 8, False), ("fsdp", 64, False), ("ddp", 64, True)])
+@pytest.mark.parametrize(("parallel", "world", "ac"), [
+    ("ddp", 8, False),
+    pytest.param("fsdp", 64, False, marks=pytest.mark.slow),  # ~20 s each
+    pytest.param("ddp", 64, True, marks=pytest.mark.slow),
+])  # fmt: skip
 def test_the_simulated_peak_of_a_full_depth_vit_s_is_the_planned_memory_within_5_percent(parallel, world, ac):
     # The planner's memory (state + activations + autocast's weight copies + the layout's transient
     # buffers) against the peak the real step reaches on a simulated rank: ViT-S/16, 16 images.

@@ -190,7 +190,11 @@ def parallelize(cfg: Config, backend: Backend, derived: Derived, model: MoCoV3 |
         model.key_gather = AllGatherKeys()
     mode = recompute_mode(cfg.parallel.activation_checkpointing)
     if mode != "none":
-        apply_activation_checkpointing(recomputed_blocks(model), selective=mode == "selective")
+        n = apply_activation_checkpointing(recomputed_blocks(model), selective=mode == "selective")
+        if backend.is_main:
+            log.info("activation recompute: %s, %d blocks of the base encoder", {
+                "full": "every block's forward again in the backward",
+                "selective": "matmul and attention outputs kept, the rest recomputed"}[mode], n)  # fmt: skip
     if cfg.model.compile:  # after recompute, before the backend shards or wraps the model
         regions = compile_regions(compiled_regions(model))
         if backend.is_main:

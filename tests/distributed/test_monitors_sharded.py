@@ -27,6 +27,7 @@ def _series(run_dir):
     return knn, grads[0]["layers"], [g["norm"] for g in grads[1:]]
 
 
+@pytest.mark.slow  # ~27 s: four backends on 2 ranks
 def test_gradient_norms_and_dense_knn_equal_one_process_under_every_backend(tmp_path):
     _train(0, 1, str(tmp_path), "single")
     ref_knn, layers, ref_norms = _series(tmp_path / "single")

@@ -60,3 +60,23 @@ def test_a_shard_size_that_does_not_divide_the_ranks_is_refused():
     problem = launch_problem("hsdp", 6, shard_size=4)
     assert problem and "--parallel.shard_size=4 does not divide the 6 ranks" in problem
     assert launch_problem("hsdp", 8, shard_size=4) is None
+
+
+def _resume(rank, world, out_dir):
+    hsdp = {"parallel.backend": "hsdp", "parallel.shard_size": 2}
+    full = Trainer(tiny_config(out_dir, "full", **hsdp), loader=FixedBatchLoader(4, 8, world=world, rank=rank))
+    full.fit()
+    first = Trainer(tiny_config(out_dir, "split", **hsdp, **{"schedule.max_steps": 6}),
+                    loader=FixedBatchLoader(4, 8, world, rank))  # fmt: skip
+    first.fit()
+    second = Trainer(tiny_config(out_dir, "split", **hsdp), loader=FixedBatchLoader(4, 8, world, rank))
+    second.fit()
+    if rank == 0:
+        expected = [r["loss"] for r in read_metrics(full.run_dir)]
+        got = [r["loss"] for r in read_metrics(second.run_dir)]
+        assert len(got) == 12 and got == expected
+
+
+@pytest.mark.slow  # ~40 s: three runs on 4 ranks
+def test_hsdp_resumes_with_the_uninterrupted_losses(tmp_path):
+    run_ranks(_resume, 4, str(tmp_path))

@@ -73,11 +73,11 @@ def model_config(model: str, gpus: int, global_batch: int = 4096):
 
 
 def _simulated(c: Candidate, model: str, gpus: int) -> float | None:
-    backend = "fsdp" if c.layout.backend.startswith("fsdp") else c.layout.backend
+    backend = c.layout.backend.split("-")[0]  # fsdp / hsdp with or without resharding
     if backend not in SIMULATED:
         return None
     row = simulate(model, backend, gpus, c.layout.micro_batch, ac=c.layout.activation_checkpointing,
-                   accum=c.layout.accum, reshard=c.layout.backend != "fsdp-noreshard")  # fmt: skip
+                   accum=c.layout.accum, reshard=not c.layout.backend.endswith("-noreshard"))  # fmt: skip
     return row["peak_gib"]
 
 

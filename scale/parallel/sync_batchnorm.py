@@ -44,6 +44,27 @@ class _ReplayedAllReduce(torch.autograd.Function):
         return grad, None, None
 
 
+class _WideSums(torch.autograd.Function):
+    """Per channel, the sum and the sum of squares of `x` (fp32 or wider) in fp64, (2C,): the
+    products of fp32 values are exact in fp64. Keeps `x` itself for the backward, not its fp64 copy
+    (autograd through `x.double().square()` would keep 8 bytes per element instead of 4); the
+    gradient is the same fp64 arithmetic, cast back: d/dx = g_sum + 2 x g_sq."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dims: list[int], shape: list[int]) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.dims, ctx.shape = dims, shape
+        wide = x.double()
+        return torch.cat([wide.sum(dims), wide.square().sum(dims)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (x,) = ctx.saved_tensors
+        g_sum, g_sq = grad.chunk(2)
+        out = g_sum.view(ctx.shape) + x.double() * 2 * g_sq.view(ctx.shape)
+        return out.to(x.dtype), None, None
+
+
 class CrossRankBatchNorm(_BatchNorm):
     """BatchNorm over the union of the batches of every rank in `process_group`, on every backend
     (gloo and NCCL alike), with no host sync: torch's SyncBatchNorm reads a count on the host and
@@ -109,10 +130,9 @@ class CrossRankBatchNorm(_BatchNorm):
         xf = [x.to(dtype) for x in xs]
         # Sums in fp64 (the products of fp32 values are exact there): E[x^2] - E[x]^2 then keeps the
         # precision of a centred two-pass variance, in one pass and one collective.
-        wide = [x.double() for x in xf]
         count = [torch.full((1,), x.numel() // C, dtype=torch.float64, device=x.device) for x in xs]
-        local = torch.stack([torch.cat([w.sum(dims), w.square().sum(dims), c])
-                             for w, c in zip(wide, count, strict=True)])  # (V, 2C + 1)  # fmt: skip
+        local = torch.stack([torch.cat([_WideSums.apply(x, dims, shape), c])
+                             for x, c in zip(xf, count, strict=True)])  # (V, 2C + 1)  # fmt: skip
         if total is not None:  # the recompute of a forward: its sums, no collective (the backward's only)
             totals = _ReplayedAllReduce.apply(local, total, self.process_group)
         else:

@@ -97,6 +97,15 @@ def _own_params(unit: nn.Module, units: set[int]) -> list[nn.Parameter]:
     return [p for p in unit.parameters() if id(p) not in inner]
 
 
+def _blocks_and_trained(model: MoCoV3, layout) -> tuple[dict[int, int], set[int]]:
+    """Each module's block index (by id, both encoders) and the ids of the trained modules."""
+    block_of = {}
+    for enc in (model.base_encoder, model.momentum_encoder):
+        for i, block in enumerate(layout.blocks(enc)):
+            block_of.update({id(m): i for m in block.modules()})
+    return block_of, set(map(id, [*model.base_encoder.modules(), *model.predictor.modules()]))
+
+
 def fsdp_units(model: MoCoV3, world: int, low_bytes: int, all_fp32: bool = False) -> list[Unit]:
     """The sharding units of `model` (`scale.train.parallelize.sharding_plan`) with their bytes on
     `world` ranks (`low_bytes`: per element of a matmul-only unit's gather; `all_fp32`: every
@@ -105,11 +114,7 @@ def fsdp_units(model: MoCoV3, world: int, low_bytes: int, all_fp32: bool = False
     ids = {id(u) for u in plan.units}
     low = {id(u) for u in plan.low_precision}
     layout = layout_of(model)
-    block_of = {}
-    for enc in (model.base_encoder, model.momentum_encoder):
-        for i, block in enumerate(layout.blocks(enc)):
-            block_of.update({id(m): i for m in block.modules()})
-    trained = set(map(id, [*model.base_encoder.modules(), *model.predictor.modules()]))
+    block_of, trained = _blocks_and_trained(model, layout)
     names = {id(m): n for n, m in model.named_modules()}
     roots = {id(model.base_encoder), id(model.momentum_encoder)}
     out = []
@@ -169,11 +174,7 @@ def zero3_units(model: MoCoV3, world: int, threshold: int) -> list[Unit]:
     world size) per module holding parameters, of those above `threshold` elements
     (`stage3_param_persistence_threshold`: smaller ones stay whole on every rank)."""
     layout = layout_of(model)
-    block_of = {}
-    for enc in (model.base_encoder, model.momentum_encoder):
-        for i, block in enumerate(layout.blocks(enc)):
-            block_of.update({id(m): i for m in block.modules()})
-    trained = set(map(id, [*model.base_encoder.modules(), *model.predictor.modules()]))
+    block_of, trained = _blocks_and_trained(model, layout)
     out = []
     for name, m in model.named_modules():
         params = [p for p in m.parameters(recurse=False) if p.numel() > threshold]

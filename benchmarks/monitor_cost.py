@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     # The parts alone (what the paired steps' noise can hide): the kNN of one batch against the full
     # bank plus its push, and the per-layer norms (one foreach norm over tensors of the gradients' sizes).
 
-    knn, feats = on.monitors.knn, torch.randn(args.batch, on.vit_cfg.embed_dim)
+    knn, feats = on.monitors.knn, torch.randn(args.batch, on.backbone_cfg.embed_dim)
     params = [p.detach() for group in on.backend.grad_groups for p in group]
     parts = {"knn": [], "norms": []}
     for _ in range(5):

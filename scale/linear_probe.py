@@ -8,7 +8,9 @@
 
 CHECKPOINT: a run directory of this project (its newest checkpoint), one of its checkpoint
 directories (any backend: single, DDP, FSDP2, DeepSpeed ZeRO-1/2/3), the authors' MoCo v3 release,
-or a timm ViT state dict (these two need --model unless they name their architecture).
+a timm ViT or a torchvision ResNet state dict (these need --model unless they name their
+architecture). A ResNet-50 is probed on its 2048-d pooled features with the authors' settings for it
+(base lr 0.1, batch 1024, 90 epochs, SGD momentum 0.9, no weight decay).
 Results: OUT/linear_probe.{md,json}, metrics.jsonl, TensorBoard. docs/evaluation.md.
 """
 
@@ -42,7 +44,8 @@ def parse(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--epochs", type=int, default=90)
     p.add_argument("--batch-size", type=int, default=1024, help="global batch")
-    p.add_argument("--lrs", default="3", help="comma-separated base lrs, one head each (lr = base x batch / 256)")
+    p.add_argument("--lrs", help="comma-separated base lrs, one head each (lr = base x batch / 256); default: the "
+                   "authors' main_lincls.py, 3 for a ViT (their command line), 0.1 for a ResNet (their default)")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--bn", action="store_true", help="affine-free BatchNorm before the heads (MAE's probe)")
@@ -67,7 +70,7 @@ def main(argv=None) -> dict:
     setup_logging()
     args = parse(argv)
     try:
-        lrs = tuple(float(x) for x in args.lrs.split(",") if x.strip())
+        lrs = tuple(float(x) for x in (args.lrs or "").split(",") if x.strip())
     except ValueError:
         raise SystemExit(f"error: --lrs {args.lrs!r}: give comma-separated numbers, e.g. 0.3,1,3,10") from None
     import torch
@@ -75,6 +78,7 @@ def main(argv=None) -> dict:
 
     from scale.eval.backbone import backbone_from_args
     from scale.eval.linear_probe import LinearProbe, ProbeSettings
+    from scale.models import is_resnet
     from scale.parallel.launch import init_distributed
     from scale.parallel.placement import plan_placement
 
@@ -83,6 +87,7 @@ def main(argv=None) -> dict:
         _, plan = plan_placement()
         device = torch.device("cuda", plan.index) if plan.kind == "cuda" else torch.device("cpu")
         loaded = backbone_from_args(args)
+        lrs = lrs or ((0.1,) if is_resnet(loaded.name) else (3.0,))
         crop = args.crop_size or loaded.model.cfg.img_size
         if crop != loaded.model.cfg.img_size:
             raise ValueError(f"--crop-size {crop}: the backbone was built for {loaded.model.cfg.img_size} px")

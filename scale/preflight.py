@@ -6,7 +6,7 @@ written anywhere.
 What it checks:
 - every field against its rule (`scale.config.RULES`: ranges and choices) and the relations between
   fields (warmup within the epochs, betas, the preemption signal);
-- names resolved by other layers: the model preset with its overrides (`resolve_vit_config`), the
+- names resolved by other layers: the model preset with its overrides (`resolve_backbone_config`), the
   optimizer implementation for the optimizer, the precision on this machine, the backend for the
   launched world size;
 - the batch split for the launched world size;
@@ -29,7 +29,7 @@ from scale.config import Config, ConfigError, check_fields, split_batch
 from scale.data.sources import resolve_source
 from scale.errors import BackendError, DataError
 from scale.hardware.precision import resolve_precision
-from scale.models import resolve_vit_config
+from scale.models import ResNetConfig, resolve_backbone_config
 from scale.models.moco import resolve_view_forward
 from scale.parallel.ds_config import load_ds_json, resolve_ds_config, zero_section
 from scale.parallel.ds_internals import require_deepspeed
@@ -66,8 +66,9 @@ def preflight(cfg: Config, world_size: int | None = None, data: bool = True) -> 
 
 def _check_model(cfg: Config) -> None:
     try:
-        vit = resolve_vit_config(cfg.model.name, **cfg.model.vit_overrides())
-        resolve_view_forward(cfg.model.view_forward, vit.use_bn or vit.conv_stem)
+        backbone = resolve_backbone_config(cfg.model.name, **cfg.model.vit_overrides())
+        mixes = isinstance(backbone, ResNetConfig) or backbone.use_bn or backbone.conv_stem
+        resolve_view_forward(cfg.model.view_forward, mixes)
     except ValueError as e:
         raise ConfigError(f"--model.*: {e}") from None
     if cfg.model.compile:

@@ -5,8 +5,9 @@
   torch.distributed.checkpoint: read whole on one process, any world size), `engine/` (DeepSpeed
   ZeRO-1/2/3: the fp32 partitions consolidated with DeepSpeed's own zero_to_fp32). The architecture
   comes from the checkpoint's resolved config, so no `--model` is needed;
-- the authors' releases (`{'arch', 'state_dict': {'module.base_encoder.*', ...}}`) and timm ViT state
-  dicts: `--model` names the architecture when the file does not.
+- the authors' releases (`{'arch', 'state_dict': {'module.base_encoder.*', ...}}`, ViT and ResNet-50),
+  timm ViT and torchvision ResNet state dicts: `--model` names the architecture when the file does
+  not.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import torch
 
 from scale.config import config_from_dict
 from scale.errors import CheckpointError
+from scale.models import RESNET_PRESETS, ResNet, build_backbone, is_resnet
 from scale.models.formats import backbone_state_dict, load_backbone, read_checkpoint
-from scale.models.vit import VIT_ALIASES, VIT_PRESETS, VisionTransformer, build_vit
+from scale.models.vit import VIT_ALIASES, VIT_PRESETS, VisionTransformer
 from scale.train.parallelize import build_model
 
 log = logging.getLogger(__name__)
@@ -30,12 +32,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LoadedBackbone:
-    model: VisionTransformer
-    """The backbone, eval mode, frozen (its `head` is not used: `pooled_features` stops before it)."""
+    model: VisionTransformer | ResNet
+    """The backbone, eval mode, frozen (its head is not used: `pooled_features` stops before it)."""
     source: str
     """What was read, for results files."""
     kind: str
-    """'run (single/ddp)', 'run (fsdp)', 'run (deepspeed)', 'moco', 'timm'."""
+    """'run (single/ddp)', 'run (fsdp)', 'run (deepspeed)', 'moco', 'timm', 'torchvision'."""
     name: str = ""
     """The architecture's preset name (vit_base, ...)."""
     step: int | None = None
@@ -117,9 +119,9 @@ def architecture(ckpt: Any, model: str | None, path: Path) -> str:
     """`model`, or the architecture a checkpoint file names ('arch', as the authors' releases)."""
     arch = ckpt.get("arch") if isinstance(ckpt.get("arch"), str) else None
     name = model or arch
-    if name is None or (name not in VIT_PRESETS and name not in VIT_ALIASES):
+    if name is None or (name not in VIT_PRESETS and name not in VIT_ALIASES and not is_resnet(name)):
         raise CheckpointError(f"cannot tell the architecture of {path} (arch={arch!r}); pass --model with one of "
-                              f"{', '.join(sorted(VIT_PRESETS))}")  # fmt: skip
+                              f"{', '.join([*sorted(VIT_PRESETS), *RESNET_PRESETS])}")  # fmt: skip
     return name
 
 
@@ -128,7 +130,7 @@ def add_checkpoint_args(parser, train_help: str, val_help: str) -> None:
     parser.add_argument("checkpoint", help="run directory, checkpoint directory, or .pth / .pth.tar file")
     parser.add_argument("--train", required=True, help=train_help)
     parser.add_argument("--val", required=True, help=val_help)
-    parser.add_argument("--model", help="architecture of a checkpoint that does not name it (vit_base, ...)")
+    parser.add_argument("--model", help="architecture of a checkpoint that does not name it (vit_base, resnet50, ...)")
     parser.add_argument("--encoder", default="base_encoder", choices=["base_encoder", "momentum_encoder"])
     baseline = "the run's architecture at its initial weights (the baseline); needs a run checkpoint"
     parser.add_argument("--random-init", action="store_true", help=baseline)
@@ -166,9 +168,9 @@ def load_frozen_backbone(
     else:
         state = read_checkpoint(path)
         name = architecture(state, model, path)
-        backbone = build_vit(name, **vit_overrides)
+        backbone = build_backbone(name, **vit_overrides)
         keys = state.get("state_dict", state.get("model", state))
-        kind = "moco" if any("base_encoder." in k for k in keys) else "timm"
+        kind = "moco" if any("base_encoder." in k for k in keys) else "torchvision" if is_resnet(name) else "timm"
         source_name = str(path)
     load_backbone(backbone, backbone_state_dict(state, encoder=encoder))
     backbone.eval()
@@ -178,7 +180,7 @@ def load_frozen_backbone(
     return LoadedBackbone(backbone, source_name, kind, name, step, config)
 
 
-def _backbone_from_config(config: dict | None, model: str | None, overrides: dict) -> VisionTransformer:
+def _backbone_from_config(config: dict | None, model: str | None, overrides: dict) -> VisionTransformer | ResNet:
     """The backbone a run was trained with (its resolved config), or `model` when given."""
     if config is None:
         raise CheckpointError("the run checkpoint has no config in client.pt")
@@ -186,7 +188,7 @@ def _backbone_from_config(config: dict | None, model: str | None, overrides: dic
     m = cfg.model
     if model is not None and model != m.name:
         raise CheckpointError(f"--model {model} but the run trained {m.name}; leave --model out for run checkpoints")
-    return build_vit(m.name, **{**m.vit_overrides(), **overrides})
+    return build_backbone(m.name, **{**m.vit_overrides(), **overrides})
 
 
 def random_init_like(loaded: LoadedBackbone) -> LoadedBackbone:

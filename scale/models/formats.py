@@ -7,7 +7,10 @@ Formats understood:
   the projector stored as the backbone's `head`;
 - a bare `MoCoV3.state_dict()` (the same keys without `module.`);
 - timm `VisionTransformer` state dicts (raw, or under 'model' / 'state_dict'), classifier
-  `head.*` dropped when loading a backbone.
+  `head.*` dropped when loading a backbone;
+- torchvision ResNet state dicts (and the authors' R-50 releases, whose encoders are torchvision
+  ResNets with the projector in `fc`), classifier or projector `fc.*` dropped when loading a
+  backbone.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch import nn
 
 from scale.errors import CheckpointError
 from scale.models.moco import MoCoV3
+from scale.models.resnet import ResNet
 from scale.models.vit import VisionTransformer, ViTConfig
 
 log = logging.getLogger(__name__)
@@ -119,28 +123,58 @@ def backbone_state_dict(source: str | os.PathLike | Mapping[str, Any], encoder: 
             "fc_norm), which scale's backbones do not have (pool='avg' has no final norm, as in the paper's "
             "ablation); fine-tune it with timm instead"
         )
-    dropped = sorted(k for k in sd if k.startswith("head."))
+    head = head_prefix(sd)
+    dropped = sorted(k for k in sd if k.startswith(head))
     if dropped:
         log.info("dropping head weights from the checkpoint: %s", _describe(dropped))
     return {k: v for k, v in sd.items() if k not in dropped}
 
 
+def head_prefix(sd: Mapping[str, Any]) -> str:
+    """The key prefix of the head in a backbone state dict: `fc.` for torchvision ResNets (their
+    `layer1.*` keys tell), else `head.` (ViTs)."""
+    return "fc." if any(k.startswith("layer1.") for k in sd) else "head."
+
+
+def describe_backbone(model: VisionTransformer | ResNet) -> str:
+    if isinstance(model, ResNet):
+        return f"backbone ({model.cfg.name}, {model.num_features}-d features)"
+    return f"backbone ({model.cfg.embed_dim}-wide, {model.cfg.depth} blocks, patch {model.cfg.patch_size})"
+
+
 def load_backbone(
-    model: VisionTransformer, source: str | os.PathLike | Mapping[str, Any], encoder: str = "base_encoder"
+    model: VisionTransformer | ResNet, source: str | os.PathLike | Mapping[str, Any], encoder: str = "base_encoder"
 ) -> None:
-    """Load backbone weights (MoCo v3 or timm checkpoint) into a `build_vit` model, strictly; the
-    model's `head` is left as it is."""
+    """Load backbone weights (MoCo v3, timm or torchvision checkpoint) into a `build_backbone` model,
+    strictly; the model's head is left as it is."""
     sd = backbone_state_dict(source, encoder=encoder)
-    expected = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
-    check_keys(
-        expected, sd, f"backbone ({model.cfg.embed_dim}-wide, {model.cfg.depth} blocks, patch {model.cfg.patch_size})"
-    )
+    head = f"{getattr(model, 'head_name', 'head')}."
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(head)}
+    check_keys(expected, sd, describe_backbone(model))
     model.load_state_dict(sd, strict=False)
+
+
+def export_torchvision_state_dict(model: ResNet | MoCoV3, encoder: str = "base_encoder",
+                                  num_classes: int = 0) -> StateDict:  # fmt: skip
+    """The ResNet backbone as torchvision's state dict (the authors' conversion for fine-tuning and
+    detection): every key but the projector; with `num_classes`, a zero-initialised classifier
+    `fc.weight` (num_classes, D) and `fc.bias`, so that `torchvision.models.resnet50(num_classes=N)`
+    loads it strictly (without: load it into a model whose `fc` is `nn.Identity()`)."""
+    backbone = getattr(model, encoder) if isinstance(model, MoCoV3) else model
+    if not isinstance(backbone, ResNet):
+        raise ValueError(f"a {type(backbone).__name__} is not a ResNet; export it with export_timm_state_dict")
+    sd = {k: v.detach().clone().contiguous() for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
+    if num_classes:
+        sd["fc.weight"] = torch.zeros(num_classes, backbone.num_features)
+        sd["fc.bias"] = torch.zeros(num_classes)
+    return sd
 
 
 def export_timm_state_dict(model: VisionTransformer | MoCoV3, encoder: str = "base_encoder") -> StateDict:
     """A timm-compatible backbone state dict (no head) for fine-tuning or probing with timm."""
     backbone = getattr(model, encoder) if isinstance(model, MoCoV3) else model
+    if isinstance(backbone, ResNet):
+        return export_torchvision_state_dict(backbone)  # timm's resnet50 takes torchvision's keys
     if backbone.cfg.use_bn or backbone.cfg.conv_stem:
         log.warning(
             "ViT-BN and conv-stem backbones have no timm VisionTransformer equivalent; the exported keys "

@@ -8,8 +8,8 @@ MLP act on one image at a time), so both views can go through each backbone as o
 be split only before the heads, whose BatchNorm keeps per-view statistics: the same loss and
 gradients as the authors' per-view forwards (tested to 1e-5), with each encoder called once per
 step. Sharded backends (FSDP2, ZeRO-3) then gather every parameter once per forward, not twice, and
-the matmuls are twice as tall. Backbones with BatchNorm before the head (ViT-BN, the conv stem) keep
-per-view forwards: their statistics must be per view.
+the matmuls are twice as tall. Backbones with BatchNorm before the head (ViT-BN, the conv stem,
+every ResNet) keep per-view forwards: their statistics must be per view.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from scale.models.vit import VisionTransformer, build_vit
+from scale.models.resnet import ResNet, ResNetConfig, build_resnet, is_resnet, resolve_resnet_config
+from scale.models.vit import VisionTransformer, ViTConfig, build_vit, resolve_vit_config
 from scale.views import join_views
 
 VIEW_FORWARDS = ("auto", "joint", "per_view")
@@ -69,14 +70,14 @@ class ViewwiseMLP(nn.Sequential):
 
 def mixes_samples(backbone: nn.Module) -> bool:
     """Whether `backbone` (its head aside) has an operation that mixes the samples of a batch:
-    BatchNorm in ViT-BN's blocks or in the conv stem. Such a backbone needs per-view forwards."""
+    BatchNorm in ViT-BN's blocks, the conv stem or a ResNet. Such a backbone needs per-view forwards."""
     head = set(getattr(backbone, "head", nn.Identity()).modules())
     return any(isinstance(m, _BatchNorm) for m in backbone.modules() if m not in head)
 
 
 def resolve_view_forward(view_forward: str, mixes: bool) -> bool:
     """'auto' / 'joint' / 'per_view' -> whether both views go through each encoder as one batch,
-    for a backbone that `mixes` samples (`mixes_samples`; from a config: ViT-BN or the conv stem).
+    for a backbone that `mixes` samples (`mixes_samples`; from a config: ViT-BN, the conv stem, ResNet).
 
     Raises:
         ValueError: unknown value, or 'joint' for a backbone with BatchNorm before the head (the
@@ -90,14 +91,15 @@ def resolve_view_forward(view_forward: str, mixes: bool) -> bool:
         if view_forward == "joint":
             raise ValueError(
                 "--model.view_forward=joint would compute this backbone's BatchNorm statistics (ViT-BN blocks "
-                "or the conv stem) over both views at once, which changes the results; use auto or per_view"
+                "the conv stem or a ResNet) over both views at once, which changes the results; use auto or per_view"
             )
         return False
     return True
 
 
-def build_mlp(num_layers: int, input_dim: int, mlp_dim: int, output_dim: int) -> ViewwiseMLP:
-    """Projector / predictor: bias-free Linear, BN + ReLU after hidden layers, affine-free BN last.
+def build_mlp(num_layers: int, input_dim: int, mlp_dim: int, output_dim: int, last_bn: bool = True) -> ViewwiseMLP:
+    """Projector / predictor: bias-free Linear, BN + ReLU after hidden layers, affine-free BN last
+    (unless not `last_bn`: the authors' ResNet predictor).
 
     The module indices (0, 1, 2, ...) are the authors', so checkpoints load unchanged.
     """
@@ -108,19 +110,22 @@ def build_mlp(num_layers: int, input_dim: int, mlp_dim: int, output_dim: int) ->
         layers.append(nn.Linear(dim_in, dim_out, bias=False))
         if i < num_layers - 1:
             layers += [nn.BatchNorm1d(dim_out), nn.ReLU(inplace=True)]
-        else:
+        elif last_bn:
             layers.append(nn.BatchNorm1d(dim_out, affine=False))
     return ViewwiseMLP(*layers)
 
 
 class MoCoV3(nn.Module):
-    """Base encoder (backbone + 3-layer projector), 2-layer predictor, momentum encoder.
+    """Base encoder (backbone + projector), predictor, momentum encoder: the authors' `MoCo_ViT`
+    (3-layer projector, predictor ending in BatchNorm) or `MoCo_ResNet` (2-layer projector, predictor
+    without its last BatchNorm), by the backbone.
 
     Args:
-        backbone: a `VisionTransformer`; its `head` is replaced by the projector, as the authors.
+        backbone: a `VisionTransformer` or a `ResNet`; its head (`head`, a ResNet's `fc`) is
+            replaced by the projector, as the authors.
         dim: output feature dimension F of both heads (256).
         mlp_dim: hidden width of both heads (4096).
-        temperature: softmax temperature tau (0.2 for ViT).
+        temperature: softmax temperature tau (0.2 for ViT, 1.0 for ResNet).
         key_gather: cross-rank key gather (see `KeyGather`); `LocalKeys()` for one process.
         view_forward: 'auto' (joint views unless the backbone has BatchNorm before its head),
             'joint' or 'per_view' (the authors' order: one forward per view); see the module text.
@@ -128,7 +133,7 @@ class MoCoV3(nn.Module):
 
     def __init__(
         self,
-        backbone: VisionTransformer,
+        backbone: VisionTransformer | ResNet,
         dim: int = 256,
         mlp_dim: int = 4096,
         temperature: float = 0.2,
@@ -140,9 +145,11 @@ class MoCoV3(nn.Module):
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.temperature = temperature
         self.key_gather: KeyGather = key_gather or LocalKeys()
-        backbone.head = build_mlp(3, backbone.num_features, mlp_dim, dim)
+        resnet = isinstance(backbone, ResNet)  # MoCo_ResNet's heads, else MoCo_ViT's
+        setattr(backbone, getattr(backbone, "head_name", "head"), build_mlp(2 if resnet else 3, backbone.num_features,
+                                                                            mlp_dim, dim))  # fmt: skip
         self.base_encoder = backbone
-        self.predictor = build_mlp(2, dim, mlp_dim, dim)
+        self.predictor = build_mlp(2, dim, mlp_dim, dim, last_bn=not resnet)
         # The momentum encoder starts as an exact copy and is never trained by gradient.
         self.momentum_encoder = copy.deepcopy(backbone)
         for p in self.momentum_encoder.parameters():
@@ -256,6 +263,35 @@ class MoCoV3(nn.Module):
         return self.contrastive_loss(q1, k2) + self.contrastive_loss(q2, k1)
 
 
+def build_backbone(name: str, **overrides) -> VisionTransformer | ResNet:
+    """A ViT preset (`build_vit`) or a torchvision ResNet (`build_resnet`: 'resnet50', ...) by name;
+    a ResNet takes only `img_size` of the ViT options and refuses the others when they are set."""
+    if is_resnet(name):
+        return build_resnet(name, **resnet_overrides(name, overrides))
+    return build_vit(name, **overrides)
+
+
+def resolve_backbone_config(name: str, **overrides) -> ViTConfig | ResNetConfig:
+    """The backbone's config without building it; see `build_backbone`."""
+    if is_resnet(name):
+        return resolve_resnet_config(name, **resnet_overrides(name, overrides))
+    return resolve_vit_config(name, **overrides)
+
+
+# The ViT options and the values that mean "not set" for a ResNet (no patches, no tokens).
+_VIT_ONLY = {"patch_size": None, "use_bn": None, "embed_dim": None, "depth": None, "num_heads": None,
+             "pos_embed": "sincos", "pool": "cls", "conv_stem": False}  # fmt: skip
+
+
+def resnet_overrides(name: str, overrides: dict) -> dict:
+    """The ResNet options among ViT-style `overrides` (img_size); a ViT option set to anything but
+    its default is an error (it cannot apply), the random patch projection is moot (no patches)."""
+    given = [f"{k}={v!r}" for k, v in overrides.items() if k in _VIT_ONLY and v != _VIT_ONLY[k]]
+    if given:
+        raise ValueError(f"{', '.join(given)}: ViT options, which {name} does not have; drop them")
+    return {k: v for k, v in overrides.items() if k not in _VIT_ONLY and k != "random_patch_proj"}
+
+
 def build_moco(
     name: str,
     dim: int = 256,
@@ -265,8 +301,8 @@ def build_moco(
     view_forward: str = "auto",
     **vit_overrides,
 ) -> MoCoV3:
-    """`MoCoV3(build_vit(name, **vit_overrides), ...)`; builds on the default device (meta works)."""
+    """`MoCoV3(build_backbone(name, **vit_overrides), ...)`; builds on the default device (meta works)."""
     return MoCoV3(
-        build_vit(name, **vit_overrides), dim=dim, mlp_dim=mlp_dim, temperature=temperature, key_gather=key_gather,
+        build_backbone(name, **vit_overrides), dim=dim, mlp_dim=mlp_dim, temperature=temperature, key_gather=key_gather,
         view_forward=view_forward,
     )  # fmt: skip

@@ -28,41 +28,55 @@ def _move_channels(x: torch.Tensor, channels_last: bool, to_first: bool) -> torc
     return x.movedim(-1, 1) if to_first else x.movedim(1, -1)  # (B, N, D) <-> (B, D, N)
 
 
-class _ReplayedAllReduce(torch.autograd.Function):
-    """The sum over ranks of a recomputed forward, taken from the forward it repeats (no
-    communication); its backward is the all-reduce of the gradients, as the original's."""
+class _CrossRankNorm(torch.autograd.Function):
+    """Every view's BatchNorm output from statistics over all ranks: y_v = (x_v - mean_v) * invstd_v
+    * weight + bias, computed in `dtype` (fp32 at least). Keeps only the inputs (in their own dtype)
+    and the statistics for the backward, as torch's SyncBatchNorm: a ResNet keeps a quarter of the
+    bytes an autograd graph through the elementwise operations would. The gradient through the
+    statistics needs the sums over all ranks of dy and dy * xhat: one all-reduce for all views.
+
+    `meta` = (process group, broadcast shape, dims reduced, compute dtype, output dtypes)."""
 
     @staticmethod
-    def forward(ctx, local: torch.Tensor, total: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-        ctx.group = group
-        return total.clone()
+    def forward(ctx, weight, bias, stats, counts, meta, *xs):
+        group, shape, dims, dtype, out_dtypes = meta
+        ctx.meta, ctx.affine = meta, weight is not None
+        ctx.save_for_backward(stats, counts, *([weight] if weight is not None else []), *xs)
+        outs = []
+        for v, x in enumerate(xs):
+            y = (x.to(dtype) - stats[v, 0].view(shape)) * stats[v, 1].view(shape)
+            if weight is not None:
+                y = y * weight.to(dtype).view(shape) + bias.to(dtype).view(shape)
+            outs.append(y.to(out_dtypes[v]))
+        return tuple(outs)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None, None
-
-
-class _WideSums(torch.autograd.Function):
-    """Per channel, the sum and the sum of squares of `x` (fp32 or wider) in fp64, (2C,): the
-    products of fp32 values are exact in fp64. Keeps `x` itself for the backward, not its fp64 copy
-    (autograd through `x.double().square()` would keep 8 bytes per element instead of 4); the
-    gradient is the same fp64 arithmetic, cast back: d/dx = g_sum + 2 x g_sq."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, dims: list[int], shape: list[int]) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        ctx.dims, ctx.shape = dims, shape
-        wide = x.double()
-        return torch.cat([wide.sum(dims), wide.square().sum(dims)])
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (x,) = ctx.saved_tensors
-        g_sum, g_sq = grad.chunk(2)
-        out = g_sum.view(ctx.shape) + x.double() * 2 * g_sq.view(ctx.shape)
-        return out.to(x.dtype), None, None
+    def backward(ctx, *grads):
+        group, shape, dims, dtype, _ = ctx.meta
+        stats, counts, *xs = ctx.saved_tensors
+        weight = xs.pop(0) if ctx.affine else None
+        xhats, dys, local = [], [], []
+        for v, (x, dy) in enumerate(zip(xs, grads, strict=True)):
+            xhat = (x.to(dtype) - stats[v, 0].view(shape)) * stats[v, 1].view(shape)
+            dy = torch.zeros_like(xhat) if dy is None else dy.to(dtype)
+            xhats.append(xhat)
+            dys.append(dy)
+            local.append(torch.cat([dy.sum(dims), (dy * xhat).sum(dims)]))
+        local_sums = torch.stack(local)  # (V, 2C): this rank's sums of dy and dy * xhat, per channel
+        total = local_sums.clone()
+        dist.all_reduce(total, group=group)
+        C = stats.shape[-1]
+        dxs = []
+        for v, (x, xhat, dy) in enumerate(zip(xs, xhats, dys, strict=True)):
+            n = counts[v].to(dtype)
+            scale = stats[v, 1] if weight is None else stats[v, 1] * weight.to(dtype)
+            dx = (dy - (total[v, :C] / n).view(shape) - xhat * (total[v, C:] / n).view(shape)) * scale.view(shape)
+            dxs.append(dx.to(x.dtype))
+        grad_w = grad_b = None
+        if weight is not None:  # this rank's part: the backend reduces parameter gradients over ranks
+            grad_b = local_sums[:, :C].sum(0).to(weight.dtype)
+            grad_w = local_sums[:, C:].sum(0).to(weight.dtype)
+        return (grad_w, grad_b, None, None, None, *dxs)
 
 
 class CrossRankBatchNorm(_BatchNorm):
@@ -71,12 +85,13 @@ class CrossRankBatchNorm(_BatchNorm):
     all-gathers on every call, which would stop the CPU from running ahead of the GPU.
 
     Input is (B, C, ...) or, with `channels_last`, (B, ..., C). Outside training, or with one rank,
-    it is plain BatchNorm. One differentiable all-reduce per call carries the count, the sum and the
-    sum of squares (in fp64, which keeps the variance as exact as a centred two-pass one) of every
-    view given (a list: the heads' two views, each with its own statistics as in the paper's
-    Algorithm 1). Under activation recompute the recomputed forward
-    reuses the forward's sums (`scale.parallel.recompute`). The output is fp32 under autocast, as
-    torch's autocast gives BatchNorm's, else the input's dtype.
+    it is plain BatchNorm. One all-reduce per call carries the count, the sum and the sum of squares
+    (in fp64, which keeps the variance as exact as a centred two-pass one) of every view given (a
+    list: the heads' two views, each with its own statistics as in the paper's Algorithm 1), and one
+    in the backward the sums of the gradients the statistics need (`_CrossRankNorm`, which keeps
+    only the input for the backward). Under activation recompute the recomputed forward reuses the
+    forward's sums (`scale.parallel.recompute`). The output is fp32 under autocast (the heads, ViT-BN)
+    or, with `keep_input_dtype` (a convolution's BatchNorm2d), the input's dtype, as cuDNN's.
     """
 
     def __init__(
@@ -88,10 +103,14 @@ class CrossRankBatchNorm(_BatchNorm):
         track_running_stats: bool = True,
         process_group: dist.ProcessGroup | None = None,
         channels_last: bool = False,
+        keep_input_dtype: bool = False,
     ):
         super().__init__(num_features, eps, momentum, affine, track_running_stats)
         self.process_group = process_group
         self.channels_last = channels_last
+        self.keep_input_dtype = keep_input_dtype
+        """Output in the input's dtype under autocast too (a convolution's BatchNorm2d, as cuDNN's under
+        CUDA autocast: bf16 maps stay bf16); else fp32 under autocast (the heads' and ViT-BN's)."""
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
@@ -124,35 +143,38 @@ class CrossRankBatchNorm(_BatchNorm):
         C = x0.shape[1]
         dims = [0, *range(2, x0.dim())]
         shape = [1, C] + [1] * (x0.dim() - 2)  # broadcast per channel
-        dtype = torch.promote_types(x0.dtype, torch.float32)  # statistics in fp32 at least
+        dtype = torch.promote_types(x0.dtype, torch.float32)  # statistics and arithmetic in fp32 at least
         phase = recompute_phase()
-        total = phase[1].replay(self) if phase is not None and phase[0] == "recompute" else None
-        xf = [x.to(dtype) for x in xs]
-        # Sums in fp64 (the products of fp32 values are exact there): E[x^2] - E[x]^2 then keeps the
-        # precision of a centred two-pass variance, in one pass and one collective.
-        count = [torch.full((1,), x.numel() // C, dtype=torch.float64, device=x.device) for x in xs]
-        local = torch.stack([torch.cat([_WideSums.apply(x, dims, shape), c])
-                             for x, c in zip(xf, count, strict=True)])  # (V, 2C + 1)  # fmt: skip
-        if total is not None:  # the recompute of a forward: its sums, no collective (the backward's only)
-            totals = _ReplayedAllReduce.apply(local, total, self.process_group)
-        else:
-            totals = all_reduce_with_grad(local, self.process_group)
-            if phase is not None:  # the forward of a recomputed module: kept for its recompute
-                phase[1].record(self, totals.detach())
-        outs = []
-        for v, x in enumerate(xf):
-            n = totals[v, -1]
-            mean_wide = totals[v, :C] / n
-            mean = mean_wide.to(dtype)
-            var = (totals[v, C : 2 * C] / n - mean_wide.square()).clamp(min=0.0).to(dtype)  # biased, (C,)
-            y = (x - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
-            if self.affine:
-                y = y * self.weight.view(shape) + self.bias.view(shape)
-            if self.track_running_stats:
-                self._update_running_stats(mean.detach(), var.detach(), n.detach().to(dtype))
-            out_dtype = dtype if torch.is_autocast_enabled(y.device.type) else xs[v].dtype
-            outs.append(_move_channels(y.to(out_dtype), self.channels_last, to_first=False))
-        return outs
+        with torch.no_grad():  # the statistics' gradient is `_CrossRankNorm`'s backward
+            if phase is not None and phase[0] == "recompute":  # the forward's sums: no collective
+                totals = phase[1].replay(self)
+            else:
+                # Sums in fp64 (the products of fp32 values are exact there): E[x^2] - E[x]^2 then keeps
+                # the precision of a centred two-pass variance, in one pass and one collective.
+                local = torch.stack([self._sums(x, dims) for x in xs])  # (V, 2C + 1)
+                totals = all_reduce_with_grad(local, self.process_group)
+                if phase is not None:  # the forward of a recomputed module: kept for its recompute
+                    phase[1].record(self, totals)
+            n = totals[:, -1:]  # (V, 1)
+            mean = totals[:, :C] / n
+            var = (totals[:, C : 2 * C] / n - mean.square()).clamp(min=0.0)  # biased, (V, C)
+            stats = torch.stack([mean, torch.rsqrt(var + self.eps)], dim=1).to(dtype)  # (V, 2, C)
+        autocast = torch.is_autocast_enabled(x0.device.type)
+        out_dtypes = [x.dtype if self.keep_input_dtype or not autocast else dtype for x in xs]
+        meta = (self.process_group, shape, dims, dtype, out_dtypes)
+        weight, bias = (self.weight, self.bias) if self.affine else (None, None)
+        outs = _CrossRankNorm.apply(weight, bias, stats, totals[:, -1].clone(), meta, *xs)
+        if self.track_running_stats:
+            for v in range(len(xs)):
+                self._update_running_stats(mean[v].to(dtype), var[v].to(dtype), n[v, 0].to(dtype))
+        return [_move_channels(y, self.channels_last, to_first=False) for y in outs]
+
+    @staticmethod
+    def _sums(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
+        """Per channel: the sum and the sum of squares of `x` in fp64, and the count; (2C + 1,)."""
+        wide = x.double()
+        count = torch.full((1,), x.numel() // x.shape[1], dtype=torch.float64, device=x.device)
+        return torch.cat([wide.sum(dims), wide.square().sum(dims), count])
 
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:
@@ -178,9 +200,8 @@ def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup |
     def convert(m: nn.Module) -> nn.Module:
         if isinstance(m, _BatchNorm) and not isinstance(m, (CrossRankBatchNorm, nn.SyncBatchNorm)):
             channels_last = bool(getattr(m, "channels_last", False))
-            new = CrossRankBatchNorm(
-                m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, process_group, channels_last
-            )
+            new = CrossRankBatchNorm(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, process_group,
+                                     channels_last, keep_input_dtype=isinstance(m, nn.BatchNorm2d))  # fmt: skip
             new = new.to(device=next(iter(m.state_dict().values())).device) if m.state_dict() else new
             with torch.no_grad():
                 if m.affine:

@@ -12,6 +12,8 @@ import torch
 
 from scale.config import Config
 from scale.errors import BackendError
+from scale.models.flops import resnet_convs
+from scale.models.resnet import ResNetConfig
 from scale.models.vit import ViTConfig
 from scale.parallel.base import Backend
 from scale.parallel.recompute import recompute_mode
@@ -53,6 +55,48 @@ def available_bytes(device: torch.device, world_size: int) -> float:
 
 
 def activation_bytes(
+    backbone: ViTConfig | ResNetConfig, batch_per_device: int, precision: str, activation_checkpointing: bool | str
+) -> float:
+    """Bytes the base encoder keeps for the backward, both views of `batch_per_device` images: a
+    ViT's (`vit_activation_bytes`) or a ResNet's (`resnet_activation_bytes`)."""
+    if isinstance(backbone, ResNetConfig):
+        return resnet_activation_bytes(backbone, batch_per_device, precision, activation_checkpointing)
+    return vit_activation_bytes(backbone, batch_per_device, precision, activation_checkpointing)
+
+
+def resnet_activation_bytes(
+    cfg: ResNetConfig, batch_per_device: int, precision: str, activation_checkpointing: bool | str
+) -> float:
+    """Bytes a ResNet keeps for the backward, both views of `batch_per_device` images.
+
+    Per crop, in units of each convolution's output elements (`scale.models.flops.resnet_convs`) x
+    b bytes (2 in bf16/fp16, where cuDNN's BatchNorm and the cross-rank one keep the maps' dtype;
+    4 in fp32): a convolution followed by BatchNorm and ReLU keeps the BatchNorm's input and the
+    ReLU's output (the next convolution's input, the same tensor): 2; a block's last convolution
+    the same (its ReLU after the residual add): 2; the projection shortcut its BatchNorm's input: 1;
+    the stem 2, then the max pool's output (b) and its int64 indices (8), and the image (b). With
+    recompute each stage keeps its input and one stage is recomputed at a time; selective recompute
+    keeps every convolution's output (1) and recomputes one stage's BatchNorms and ReLUs at a time.
+    Equal to the saved tensors of the real forward within 1% (tests/unit/test_resnet.py)."""
+    b = 2 if precision in ("bf16", "fp16") else 4
+    convs = resnet_convs(cfg)
+    weight = {"stem": 2, "conv": 2, "last": 2, "shortcut": 1}
+    pool = convs[0].outputs // 4
+    stem = b * (2 * convs[0].outputs + pool + cfg.in_chans * cfg.img_size**2) + 8 * pool
+    stages = [sum(weight[c.kind] * c.outputs * b for c in convs if c.stage == s) for s in range(1, 5)]
+    inputs = [pool * b] + [[c.outputs for c in convs if c.stage == s and c.kind == "last"][-1] * b for s in (1, 2, 3)]
+    mode = recompute_mode(activation_checkpointing)
+    if mode == "full":
+        kept = stem + sum(inputs) + max(stages)
+    elif mode == "selective":
+        outputs = [sum(c.outputs * b for c in convs if c.stage == s) for s in range(1, 5)]
+        kept = stem + sum(inputs) + sum(outputs) + max(st - o for st, o in zip(stages, outputs, strict=True))
+    else:
+        kept = stem + sum(stages)
+    return 2 * batch_per_device * kept
+
+
+def vit_activation_bytes(
     vit_cfg: ViTConfig, batch_per_device: int, precision: str, activation_checkpointing: bool | str
 ) -> float:
     """Bytes the base encoder's blocks keep for the backward, both views of `batch_per_device` images.

@@ -6,7 +6,7 @@ gather) and the backend's typed settings. `parallelize` applies them in torchtit
 (recompute, then compilation, then sharding); the trainer calls it once.
 
 What depends on the backbone family lives in its `BackboneLayout` (`layout_of` picks it): a new
-family (e.g. ResNet-50) adds a layout here and touches no backend.
+family (ViTs, ResNets) has a layout here and touches no backend.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch import nn
 
 from scale.config import Config, Derived
 from scale.hardware.precision import autocast_dtype
-from scale.models import MoCoV3, build_moco, resolve_vit_config
+from scale.models import MoCoV3, ResNet, ResNetConfig, build_moco, resolve_backbone_config
 from scale.models.vit import VisionTransformer, ViTConfig, attention_backend
 from scale.optim import build_optimizer, param_groups
 from scale.parallel.base import Backend
@@ -40,17 +40,28 @@ def build_model(cfg: Config) -> MoCoV3:
                       **m.vit_overrides())  # fmt: skip
 
 
-def backbone_config(cfg: Config) -> ViTConfig:
+def backbone_config(cfg: Config) -> ViTConfig | ResNetConfig:
     """The backbone's configuration of `cfg` without building anything."""
-    return resolve_vit_config(cfg.model.name, **cfg.model.vit_overrides())
+    return resolve_backbone_config(cfg.model.name, **cfg.model.vit_overrides())
 
 
 class BackboneLayout:
     """What laying MoCo out needs to know about one backbone family: its repeated blocks (units of
     sharding, recompute and compilation) and its layers for the gradient monitor."""
 
+    low_precision = True
+    """Whether a sharded backend may gather the blocks (their normalisations aside: `norm_units`)
+    in the compute dtype: true where a block's own parameters only feed matmuls."""
+
     def blocks(self, encoder: nn.Module) -> list[nn.Module]:
         raise NotImplementedError
+
+    def norm_units(self, block: nn.Module) -> list[nn.Module]:
+        """The modules of `block` sharded as units of their own, before it (gathered in fp32)."""
+        return []
+
+    def prepare(self, model: MoCoV3, backend: Backend) -> None:
+        """Anything the family does to the model on `backend`'s device before it is wrapped."""
 
     def layers(self, model: MoCoV3) -> list[tuple[str, nn.Module]]:
         """(name, module) of the layers whose gradient norms the monitor follows, first layer first."""
@@ -66,6 +77,9 @@ class ViTLayout(BackboneLayout):
 
     def blocks(self, encoder: VisionTransformer) -> list[nn.Module]:
         return list(encoder.blocks)
+
+    def norm_units(self, block: nn.Module) -> list[nn.Module]:
+        return _norms(block)
 
     def layers(self, model: MoCoV3) -> list[tuple[str, nn.Module]]:
         """The patch projection (when it is learned), each block, the projector and the predictor; the
@@ -84,7 +98,48 @@ class ViTLayout(BackboneLayout):
                 f"tokens, head width {head_width}); both views through each encoder {views}")  # fmt: skip
 
 
-LAYOUTS: list[tuple[type[nn.Module], BackboneLayout]] = [(VisionTransformer, ViTLayout())]
+class ResNetLayout(BackboneLayout):
+    """ResNets: each of the four stages (`layer1` ... `layer4`) is a unit, the stem and the projector
+    stay with the encoder; everything is gathered in fp32 (the BatchNorms sit between the
+    convolutions, whose weights autocast casts). On CUDA the convolutions run channels-last."""
+
+    low_precision = False
+
+    def blocks(self, encoder: ResNet) -> list[nn.Module]:
+        return [encoder.layer1, encoder.layer2, encoder.layer3, encoder.layer4]
+
+    def layers(self, model: MoCoV3) -> list[tuple[str, nn.Module]]:
+        """The stem's convolution (the first layer, as the patch projection of a ViT), each residual
+        block, the projector and the predictor."""
+        enc = model.base_encoder
+        blocks = [(f"{stage}.{i}", b) for stage in ("layer1", "layer2", "layer3", "layer4")
+                  for i, b in enumerate(getattr(enc, stage))]  # fmt: skip
+        return [("conv1", enc.conv1), *blocks, ("projector", enc.fc), ("predictor", model.predictor)]
+
+    def prepare(self, model: MoCoV3, backend: Backend) -> None:
+        """Channels-last on CUDA (cuDNN's layout for tensor cores): the inputs always, the weights too
+        where the backend keeps them as they are (one process, DDP); sharded and DeepSpeed backends
+        flatten them into contiguous buffers, and cuDNN then converts the weights per call."""
+        if backend.device.type != "cuda":
+            return
+        weights = backend.name in ("single", "ddp")
+        for enc in (model.base_encoder, model.momentum_encoder):
+            if weights:
+                enc.to_channels_last()
+            else:
+                enc.channels_last = True
+        if backend.is_main:
+            kept = " and weights" if weights else f" ({backend.name} flattens the weights: cuDNN converts them)"
+            log.info("convolutions channels-last: inputs%s", kept)
+
+    def describe(self, model: MoCoV3, device: torch.device, precision: str) -> str:
+        enc = model.base_encoder
+        memory = "channels-last" if enc.channels_last else "channels-first"
+        return (f"convolutions {memory} ({precision}, {enc.cfg.name} at {enc.cfg.img_size} px); one view at a time "
+                "through each encoder (every BatchNorm needs per-view statistics)")  # fmt: skip
+
+
+LAYOUTS: list[tuple[type[nn.Module], BackboneLayout]] = [(VisionTransformer, ViTLayout()), (ResNet, ResNetLayout())]
 
 
 def layout_of(model: MoCoV3) -> BackboneLayout:
@@ -95,20 +150,21 @@ def layout_of(model: MoCoV3) -> BackboneLayout:
 
 
 def sharding_plan(model: MoCoV3) -> ShardingPlan:
-    """Shard every block of both encoders (its normalisation layers first, as units of their own
+    """Shard every block of both encoders (a ViT's normalisation layers first, as units of their own
     gathered in fp32: the precision policy of docs/training.md keeps them fp32; the rest of a block
-    only feeds matmuls and may be gathered in bf16), then the encoders and the predictor; the
-    momentum encoder gets exactly the base encoder's layout (its EMA then runs on local shards)."""
+    only feeds matmuls and may be gathered in bf16; a ResNet's stages whole, in fp32), then the
+    encoders and the predictor; the momentum encoder gets exactly the base encoder's layout (its EMA
+    then runs on local shards)."""
     layout = layout_of(model)
     enc, mom = model.base_encoder, model.momentum_encoder
     blocks = [*layout.blocks(enc), *layout.blocks(mom)]
-    units = [u for block in blocks for u in (*_norms(block), block)]
+    units = [u for block in blocks for u in (*layout.norm_units(block), block)]
     return ShardingPlan(
         units=[*units, enc, mom, model.predictor],
-        low_precision=blocks,
+        low_precision=blocks if layout.low_precision else [],
         forward_methods=[(enc, "pooled_features"), (mom, "pooled_features")],
-        forward_only=[*(u for b in layout.blocks(mom) for u in (*_norms(b), b)), mom],
-        sequences=[[[block, *_norms(block)] for block in layout.blocks(e)] for e in (enc, mom)],
+        forward_only=[*(u for b in layout.blocks(mom) for u in (*layout.norm_units(b), b)), mom],
+        sequences=[[[block, *layout.norm_units(block)] for block in layout.blocks(e)] for e in (enc, mom)],
     )
 
 
@@ -200,6 +256,7 @@ def parallelize(cfg: Config, backend: Backend, derived: Derived, model: MoCoV3 |
         if backend.is_main:
             log.info("torch.compile: %d regions (every block of both encoders, the two projectors and the "
                      "predictor), one graph per kind, compiled at the first step", regions)  # fmt: skip
+    layout_of(model).prepare(model, backend)
     described: list[str] = []
     backend.setup(model, optimizer_factory(cfg, derived.lr, described), backend_settings(cfg, derived),
                   sharding_plan(model))  # fmt: skip

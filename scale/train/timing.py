@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field, replace
 from scale.models import MoCoV3
 from scale.models.flops import moco_training_flops
 from scale.parallel.recompute import recompute_mode
+from scale.train.parallelize import layout_of
 from scale.train.traffic import (
     Traffic,
     Unit,
@@ -212,9 +213,8 @@ def _pipelined(comms: list[float], computes: list[float]) -> float:
 
 def step_time(model: MoCoV3, cfg, layout: Layout, cluster: Cluster) -> StepTime:
     """The step time of `layout` for MoCo v3 `model` (on meta) of `cfg` on `cluster`."""
-    vit = model.base_encoder.cfg
-    depth = vit.depth
-    flops = moco_training_flops(vit, cfg.model.dim, cfg.model.mlp_dim)
+    depth = len(layout_of(model).blocks(model.base_encoder))  # the repeated units: blocks, or a ResNet's stages
+    flops = moco_training_flops(model.base_encoder.cfg, cfg.model.dim, cfg.model.mlp_dim)
     per_flop = 1.0 / (cluster.peak_flops * cluster.mfu)
     views = 1 if model.joint_views else 2
     A, m, N = layout.accum, layout.micro_batch, cluster.gpus
@@ -284,7 +284,7 @@ def _sharded(model: MoCoV3, cfg, layout: Layout, cluster: Cluster, traffic: dict
     """GPU seconds of a step of FSDP2 or ZeRO-3: every encoder call a pass over the blocks with each
     block's gathers (and, in the backward, the previous block's reduce-scatter) prefetched under the
     current block's compute."""
-    N, A, depth = cluster.gpus, layout.accum, model.base_encoder.cfg.depth
+    N, A, depth = cluster.gpus, layout.accum, len(layout_of(model).blocks(model.base_encoder))
     views = 1 if model.joint_views else 2
     hsdp = layout.backend.startswith("hsdp")
     group, replicas = hsdp_groups(cluster) if hsdp else (cluster, None)

@@ -107,13 +107,13 @@ class Trainer:
 
         laid = parallelize(cfg, b, self.derived)  # the model, laid out on the devices, and its optimizer
         self.optimizer_description, self.compute_description = laid.optimizer, laid.compute
-        self.vit_cfg = laid.model.base_encoder.cfg
+        self.backbone_cfg = laid.model.base_encoder.cfg
         num_samples = len(self.loader) * per_device * b.world_size
         per_rank_images = per_device * self.derived.grad_accum_steps
         self.monitors = RunMonitors(cfg.monitor, b, b.module.base_encoder, grad_groups(b.module), num_samples,
                                     self.derived.global_batch_size, per_rank_images)  # fmt: skip
         self.metrics: MetricsLogger | None = None
-        self.flops_per_image = moco_training_flops(self.vit_cfg, cfg.model.dim, cfg.model.mlp_dim).total
+        self.flops_per_image = moco_training_flops(self.backbone_cfg, cfg.model.dim, cfg.model.mlp_dim).total
         self.peak_flops, self.peak_label = device_peak(b.device, b.compute_precision)
         self.step = 0
         self.skips = SkipCounter(b.device)

@@ -5,6 +5,7 @@
     scale-convert-checkpoint runs/vit_b_300ep vit_b_deit.pth --format deit            # DeiT's main.py --finetune
     scale-convert-checkpoint runs/vit_b_300ep vit_b_moco.pth.tar --format moco        # the authors' main_lincls.py
     scale-convert-checkpoint vit-b-300ep.pth.tar vit_b_timm.pth --model vit_base      # the authors' release
+    scale-convert-checkpoint r-50-1000ep.pth.tar r50_tv.pth --format torchvision      # torchvision's resnet50
 
 SRC: a run directory of this project (its newest checkpoint) or one of its checkpoint directories,
 from any backend (single, DDP, FSDP2, DeepSpeed ZeRO-1/2/3), the authors' release, or a timm state
@@ -13,6 +14,11 @@ dict. Formats:
   VisionTransformer; with `--num-classes N` a zero-initialised classifier (`head.*`) is added, so
   timm's train.py `--initial-checkpoint` (a strict load) takes it.
 - `deit`: `{'model': backbone}` without the head, as the authors' convert_to_deit.py writes it.
+- `torchvision` (ResNets): the backbone as torchvision's `resnet50` state dict, without `fc` (load it
+  into a model whose `fc` is `nn.Identity()`, or the authors' main_lincls.py way, non-strictly), or
+  with `--num-classes N` a zero-initialised `fc` that `resnet50(num_classes=N)` loads strictly; the
+  authors' conversion for fine-tuning and detection. timm's ResNets take the same keys, so `timm`
+  writes the same for a ResNet.
 - `moco`: the whole MoCo v3 model in the authors' layout (`{'epoch', 'arch', 'state_dict':
   {'module.base_encoder.*', 'module.momentum_encoder.*', 'module.predictor.*'}}`), for their
   main_lincls.py and main_moco.py --resume.
@@ -33,9 +39,10 @@ from scale.config import config_from_dict
 from scale.entry import run_cli
 from scale.errors import CheckpointError
 from scale.eval.backbone import architecture, resolve_run_checkpoint, run_model_state
-from scale.models import build_moco
+from scale.models import ResNet, build_backbone, build_moco
 from scale.models.formats import (
     backbone_state_dict,
+    export_torchvision_state_dict,
     load_backbone,
     load_moco_checkpoint,
     official_state,
@@ -43,10 +50,9 @@ from scale.models.formats import (
     save_atomic,
     timm_kwargs,
 )
-from scale.models.vit import build_vit
 
 log = logging.getLogger("scale.convert")
-FORMATS = ("timm", "deit", "moco")
+FORMATS = ("timm", "deit", "moco", "torchvision")
 
 
 def _source_state(src: Path, model: str | None) -> tuple[dict, str, dict | None, int]:
@@ -81,13 +87,19 @@ def convert(
     ckpt, name, config, epoch = _source_state(src, model)
     if config is not None:
         vit_overrides = {**config_from_dict(config).model.vit_overrides(), **vit_overrides}
-    backbone = build_vit(name, **vit_overrides)
+    backbone = build_backbone(name, **vit_overrides)
+    resnet = isinstance(backbone, ResNet)
+    if fmt in ("deit", "torchvision") and resnet == (fmt == "deit"):
+        raise ValueError(f"--format {fmt} is for {'ViTs' if fmt == 'deit' else 'ResNets'}; {name} takes "
+                         f"{'torchvision, timm or moco' if resnet else 'timm, deit or moco'}")  # fmt: skip
     if fmt == "moco":
         out = _moco(ckpt, name, config, epoch, vit_overrides)
     else:
         sd = backbone_state_dict(ckpt, encoder=encoder)
         load_backbone(backbone, sd)  # strict: names every missing and unexpected key
-        if fmt == "timm":
+        if resnet:
+            out = _torchvision(backbone, num_classes)
+        elif fmt == "timm":
             out = _timm(backbone, sd, num_classes)
         else:
             out = {"model": sd}
@@ -107,6 +119,19 @@ def _timm(backbone, sd: dict, num_classes: int) -> dict:
         TimmViT(**{**timm_kwargs(backbone.cfg), "num_classes": num_classes}).load_state_dict(out, strict=True)
     except ValueError as e:  # ViT-BN / conv stem: no timm equivalent
         log.warning("%s; written with timm names, load it with scale.models.build_vit", e)
+    return out
+
+
+def _torchvision(backbone: ResNet, num_classes: int) -> dict:
+    """torchvision's keys, verified by a strict load into torchvision's own architecture."""
+    import torchvision
+    from torch import nn
+
+    out = export_torchvision_state_dict(backbone, num_classes=num_classes)
+    model = getattr(torchvision.models, backbone.cfg.name)(num_classes=num_classes or 1000)
+    if not num_classes:
+        model.fc = nn.Identity()
+    model.load_state_dict(out, strict=True)
     return out
 
 
@@ -140,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--format", default="timm", choices=FORMATS)
     parser.add_argument("--model", help="backbone name (default: the run's, or the checkpoint's 'arch')")
     parser.add_argument("--encoder", default="base_encoder", choices=["base_encoder", "momentum_encoder"])
-    parser.add_argument("--num-classes", type=int, default=0, help="timm format: add a zero classifier of N classes")
+    parser.add_argument("--num-classes", type=int, default=0,
+                        help="timm / torchvision formats: add a zero classifier of N classes")  # fmt: skip
     parser.add_argument("--img-size", type=int, help="default: the run's, else 224")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -44,8 +44,11 @@ def parse(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--epochs", type=int, default=90)
     p.add_argument("--batch-size", type=int, default=1024, help="global batch")
-    p.add_argument("--lrs", help="comma-separated base lrs, one head each (lr = base x batch / 256); default: the "
-                   "authors' main_lincls.py, 3 for a ViT (their command line), 0.1 for a ResNet (their default)")
+    p.add_argument(
+        "--lrs",
+        help="comma-separated base lrs, one head each (lr = base x batch / 256); default: the "
+        "authors' main_lincls.py, 3 for a ViT (their command line), 0.1 for a ResNet (their default)",
+    )
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--bn", action="store_true", help="affine-free BatchNorm before the heads (MAE's probe)")

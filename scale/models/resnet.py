@@ -125,15 +125,21 @@ class ResNet(TorchvisionResNet):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
+    def forward_pool(self, maps: torch.Tensor) -> torch.Tensor:
+        """(B, D, h, w) -> globally average-pooled features (B, D)."""
+        return torch.flatten(self.avgpool(maps), 1)
+
     def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> globally average-pooled features (B, D), without the head: for kNN and
-        linear probes (the authors' linear classifier takes them)."""
-        return torch.flatten(self.avgpool(self.forward_features(x)), 1)
+        linear probes (the authors' linear classifier takes them). Its own method so that sharding
+        wrappers can gather parameters for it (`forward` does not call it: a wrapper would free them
+        before the head). A copy, not a view of the pooled maps: FSDP2 hooks its outputs."""
+        return self.forward_pool(self.forward_features(x)).clone()
 
     def forward(self, x: torch.Tensor, views: int = 1) -> torch.Tensor:
         """(V * B, C, H, W) -> head outputs (V * B, F). MoCo calls it once per view (BatchNorm mixes
         samples); with `views` > 1 the head still normalises each view on its own."""
-        pooled = self.pooled_features(x)
+        pooled = self.forward_pool(self.forward_features(x))
         if self.feature_sink is not None:
             for part in pooled.detach().chunk(views):
                 self.feature_sink(part)

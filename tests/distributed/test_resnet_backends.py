@@ -1,0 +1,74 @@
+"""MoCo v3 with a ResNet on 2 real gloo ranks, every backend, against one process with the
+concatenated batch: what makes a ResNet differ from a ViT here is that every BatchNorm's statistics
+are over the global batch (cross-rank, per view), so two ranks of 4 images must equal one of 8."""
+
+import pytest
+import torch
+
+from scale.train.trainer import Trainer
+from tests.distributed.test_ddp_trainer import backend_overrides
+from tests.helpers import FixedBatchLoader, read_metrics, run_ranks, tiny_config
+
+pytestmark = pytest.mark.distributed
+
+STEPS = 3
+
+
+def resnet_config(out_dir, name, **overrides):
+    """ResNet-18 at 32 px with the authors' R-50 recipe (LARS, tau 1.0), tiny heads."""
+    cfg = tiny_config(out_dir, name, **overrides)
+    m = cfg.model
+    m.name, m.patch_size, m.embed_dim, m.depth, m.num_heads, m.temperature = "resnet18", None, None, None, None, 1.0
+    if "optim.name" not in overrides:  # DeepSpeed ZeRO takes AdamW only (trust ratios need whole tensors)
+        cfg.optim.name, cfg.optim.base_lr, cfg.optim.weight_decay = "lars", 0.3, 1.5e-6
+    cfg.schedule.max_steps = STEPS
+    return cfg
+
+
+def _train(rank, world, out_dir, dtype, backends):
+    torch.set_default_dtype(dtype)
+    for backend in backends:
+        name = backend if world > 1 else f"single-{backend}"
+        overrides = backend_overrides(backend) if world > 1 else {}
+        if backend.startswith("zero"):
+            overrides["optim.name"] = "adamw"
+        trainer = Trainer(resnet_config(out_dir, name, **overrides),
+                          loader=FixedBatchLoader(4, 8, world=world, rank=rank, dtype=dtype))  # fmt: skip
+        trainer.fit()
+        full = trainer.backend.full_state_dict()  # a collective under FSDP
+        if rank == 0:
+            torch.save(full, f"{out_dir}/{name}-final.pt")
+
+
+def _compare(tmp_path, backends, dtype):
+    previous = torch.get_default_dtype()
+    try:  # one process, the same optimizer per backend
+        _train(0, 1, str(tmp_path), dtype, [b for b in backends if b.startswith("zero")][:1] + ["ddp"])
+    finally:
+        torch.set_default_dtype(previous)
+    loss_tol, rtol, atol = (1e-9, 1e-7, 1e-9) if dtype == torch.float64 else (1e-5, 1e-4, 1e-4)
+    for backend in backends:
+        ref = "single-zero1" if backend.startswith("zero") else "single-ddp"
+        got = [r["loss"] for r in read_metrics(tmp_path / backend)]
+        want = [r["loss"] for r in read_metrics(tmp_path / ref)]
+        assert len(got) == STEPS and got == pytest.approx(want, rel=loss_tol), (backend, got, want)
+        mine = torch.load(tmp_path / f"{backend}-final.pt", weights_only=True)
+        single = torch.load(tmp_path / f"{ref}-final.pt", weights_only=True)
+        stats = 0
+        for name, value in single.items():  # weights, momentum encoder and every BatchNorm's running statistics
+            torch.testing.assert_close(mine[name], value, rtol=rtol, atol=atol, msg=f"{backend}: {name}")
+            stats += "running_var" in name
+        assert stats >= 2 * 20  # both encoders' BatchNorms (and the heads') compared
+
+
+def test_resnet_on_ddp_and_fsdp2_equals_one_process_in_fp64(tmp_path):
+    backends = ["ddp", "fsdp"]
+    run_ranks(_train, 2, str(tmp_path), torch.float64, backends)
+    _compare(tmp_path, backends, torch.float64)
+
+
+@pytest.mark.slow
+def test_resnet_on_zero_1_2_3_equals_one_process(tmp_path):
+    backends = ["zero1", "zero2", "zero3"]
+    run_ranks(_train, 2, str(tmp_path), torch.float32, backends)
+    _compare(tmp_path, backends, torch.float32)

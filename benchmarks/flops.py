@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 
 from scale.entry import run_cli
-from scale.models import build_vit
-from scale.models.flops import PAPER_TABLE3_GMACS, counted_macs, moco_training_flops, vit_macs
-from scale.models.vit import count_params, resolve_vit_config
+from scale.models import ResNetConfig, build_backbone, resolve_backbone_config
+from scale.models.flops import PAPER_TABLE3_GMACS, backbone_macs, counted_macs, moco_training_flops, vit_macs
+from scale.models.vit import count_params
 
 ROWS = [
+    ("R-50", "resnet50"),  # Table 3's reference ("vs. R50": 4.1 G)
     ("ViT-S/16", "vit_small"),
     ("ViT-B/16", "vit_base"),
     ("ViT-L/16", "vit_large"),
@@ -32,23 +33,24 @@ RESULTS = Path(__file__).parent / "results" / "flops.md"
 def build_table(img_size: int = 224) -> list[dict]:
     rows = []
     for label, name in ROWS:
-        cfg = resolve_vit_config(name, img_size=img_size)
-        macs = vit_macs(cfg)
+        cfg = resolve_backbone_config(name, img_size=img_size)
+        total = backbone_macs(cfg)
+        resnet = isinstance(cfg, ResNetConfig)
         train = moco_training_flops(cfg)
         paper = PAPER_TABLE3_GMACS.get(name) if img_size == 224 else None
         with torch.device("meta"):
-            params = count_params(build_vit(name, img_size=img_size))
+            params = count_params(build_backbone(name, img_size=img_size))
         rows.append(
             dict(
                 model=label,
                 name=name,
                 params_m=params / 1e6,
-                tokens=cfg.num_tokens,
-                gmacs=macs.total / 1e9,
+                tokens=None if resnet else cfg.num_tokens,
+                gmacs=total / 1e9,
                 gmacs_counted=counted_macs(cfg) / 1e9,
                 gmacs_paper=paper,
-                diff_pct=None if paper is None else 100 * (macs.total / 1e9 / paper - 1),
-                attn_matmul_pct=100 * macs.attn_matmul / macs.total,
+                diff_pct=None if paper is None else 100 * (total / 1e9 / paper - 1),
+                attn_matmul_pct=None if resnet else 100 * vit_macs(cfg).attn_matmul / total,
                 train_gflops=train.backbone / 1e9,
                 heads_gflops=train.heads / 1e9,
             )
@@ -59,7 +61,8 @@ def build_table(img_size: int = 224) -> list[dict]:
 def to_markdown(rows: list[dict], img_size: int) -> str:
     header = (
         f"MACs per {img_size}x{img_size} crop (backbone) and FLOPs per MoCo v3 training image (2 crops: "
-        "16 x MACs for the backbone; heads = 16 x projector + 12 x predictor MACs).\n\n"
+        "16 x MACs for the backbone; heads = 16 x projector + 12 x predictor MACs; R-50's projector has 2 "
+        "layers, the ViTs' 3).\n\n"
         "| model | params (M) | tokens | GMACs analytic | GMACs FlopCounter | Table 3 | diff | "
         "QK/AV share | train GFLOPs/img backbone | + heads |\n"
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
@@ -68,9 +71,11 @@ def to_markdown(rows: list[dict], img_size: int) -> str:
     for r in rows:
         paper = "-" if r["gmacs_paper"] is None else f"{r['gmacs_paper']:.1f}"
         diff = "-" if r["diff_pct"] is None else f"{r['diff_pct']:+.2f}%"
+        tokens = "-" if r["tokens"] is None else r["tokens"]
+        attn = "-" if r["attn_matmul_pct"] is None else f"{r['attn_matmul_pct']:.1f}%"
         lines.append(
-            f"| {r['model']} | {r['params_m']:.1f} | {r['tokens']} | {r['gmacs']:.2f} | {r['gmacs_counted']:.2f} | "
-            f"{paper} | {diff} | {r['attn_matmul_pct']:.1f}% | {r['train_gflops']:.0f} | {r['heads_gflops']:.2f} |"
+            f"| {r['model']} | {r['params_m']:.1f} | {tokens} | {r['gmacs']:.2f} | {r['gmacs_counted']:.2f} | "
+            f"{paper} | {diff} | {attn} | {r['train_gflops']:.0f} | {r['heads_gflops']:.2f} |"
         )
     return header + "\n".join(lines) + "\n"
 

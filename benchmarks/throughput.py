@@ -48,6 +48,7 @@ from benchmarks.scaling import project_layout
 from scale.config import apply_overrides
 from scale.entry import run_cli
 from scale.hardware.peaks import measured_cpu_peak, peak_memory_gib
+from scale.models import is_resnet
 from scale.parallel.ds_config import zero_stage
 from scale.parallel.launch import init_distributed
 from scale.recipes import get_recipe
@@ -80,7 +81,8 @@ def build_config(args, world_size: int, out_dir: str):
         ]
     else:
         over.append(f"--parallel.backend={args.backend}")
-    return apply_overrides(get_recipe("vit_b_300ep"), over)
+    # the paper's recipe of the family: AdamW and tau 0.2 for a ViT, LARS and tau 1.0 for a ResNet
+    return apply_overrides(get_recipe("r50_100ep" if is_resnet(args.model) else "vit_b_300ep"), over)
 
 
 def measure(trainer, warmup: int, steps: int) -> dict:
@@ -304,7 +306,7 @@ def write_compare(result: dict, out: Path) -> Path:
 
 def add_step_args(parser: argparse.ArgumentParser, batch_size: int = 32, steps: int = 10, workers: int = 4) -> None:
     """The options that define the measured training step (shared with benchmarks.memory)."""
-    parser.add_argument("--model", default="vit_base", help="any build_vit name (vit_small ... vit_bn_large_p7)")
+    parser.add_argument("--model", default="vit_base", help="vit_small ... vit_bn_large_p7, resnet50")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=batch_size, help="images per device")
     zero = sorted(p.stem for p in (ROOT / "ds_configs").glob("zero*.json"))  # zero1 ... zero3_offload

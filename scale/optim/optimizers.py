@@ -187,8 +187,15 @@ class Lamb(torch.optim.Optimizer):
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS as the authors' `moco/optimizer.py`: tensors of dimension <= 1 (norms, biases) get no
-    weight decay and no trust-ratio scaling."""
+    """LARS as the authors' `moco/optimizer.py` (the same operations, bitwise): tensors of dimension
+    <= 1 (norms, biases) get no weight decay and no trust-ratio scaling.
+
+    Like `Lamb`, `step` reads `self.found_inf` (0-dim float32, 1 to skip) and `self.grad_scale` when
+    they are set: a non-finite step is skipped on the device, without a host synchronisation
+    (parameters and momentum buffers unchanged). Under FSDP2 the parameters are DTensors, whose norms
+    cover the whole tensor."""
+
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
                  nesterov: bool = False, trust_coefficient: float = 0.001):  # fmt: skip
@@ -199,11 +206,15 @@ class LARS(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
         for g in self.param_groups:
             for p in g["params"]:
                 dp = p.grad
                 if dp is None:
                     continue
+                if grad_scale is not None:
+                    dp = dp / grad_scale.to(dp.device)
                 if p.ndim > 1:
                     dp = dp.add(p, alpha=g["weight_decay"])
                     param_norm, update_norm = torch.norm(p), torch.norm(dp)
@@ -218,9 +229,15 @@ class LARS(torch.optim.Optimizer):
                 if "mu" not in state:
                     state["mu"] = torch.zeros_like(p)
                 mu = state["mu"]
-                mu.mul_(g["momentum"]).add_(dp)
-                dp = dp.add(mu, alpha=g["momentum"]) if g["nesterov"] else mu
-                p.add_(dp, alpha=-g["lr"])
+                if found_inf is None:
+                    mu.mul_(g["momentum"]).add_(dp)
+                    update = dp.add(mu, alpha=g["momentum"]) if g["nesterov"] else mu
+                else:  # the new buffer only where the step is kept; a skipped step adds 0 x the old one
+                    keep = found_inf.to(device=p.device) == 0
+                    mu.copy_(torch.where(keep, mu * g["momentum"] + dp, mu))
+                    update = dp.add(mu, alpha=g["momentum"]) if g["nesterov"] else mu
+                    update = torch.where(keep, update, torch.zeros_like(update))  # not x 0: NaN x 0 is NaN
+                p.add_(update, alpha=-g["lr"])
         return loss
 
 
@@ -349,12 +366,12 @@ def build_optimizer(
 
 def supports_device_skip(optimizer: torch.optim.Optimizer) -> bool:
     """True when `optimizer.step()` honours a `found_inf` tensor set on it (torch's fused Adam/AdamW,
-    scale's Lamb): a non-finite step is then skipped on the device, with no host sync."""
+    scale's Lamb and LARS): a non-finite step is then skipped on the device, with no host sync."""
     if not getattr(optimizer, "_step_supports_amp_scaling", False):
         return False
     if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
         return bool(optimizer.defaults.get("fused"))
-    return isinstance(optimizer, Lamb)
+    return isinstance(optimizer, Lamb | LARS)
 
 
 def set_lr_wd(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:

@@ -22,6 +22,7 @@ from scale.models.formats import (
 )
 from scale.models.resnet import resolve_resnet_config
 from scale.optim import LARS, lr_at, momentum_at, param_groups
+from scale.optim.optimizers import supports_device_skip
 from scale.preflight import preflight
 from scale.recipes import get_recipe
 from scale.train.memory import activation_bytes
@@ -212,6 +213,31 @@ def test_lars_equals_the_authors_step_for_step():
         assert torch.equal(p, q), name
     norms = [p for p in ours.parameters() if p.ndim == 1 and p.requires_grad]
     assert norms  # BatchNorm scales and shifts: no weight decay, no trust ratio (the plain momentum-SGD step)
+
+
+def test_lars_skips_a_non_finite_step_on_the_device():
+    """The trainer's device-side skip (`found_inf`, no host sync): a kept step is the plain one bit
+    for bit; a skipped one leaves the weights and momentum buffers as they were."""
+    torch.manual_seed(0)
+    w = [nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(3))]
+    twin = [nn.Parameter(t.detach().clone()) for t in w]
+    ours, plain = LARS(w, lr=0.5, weight_decay=0.1), LARS(twin, lr=0.5, weight_decay=0.1)
+    assert supports_device_skip(ours)
+    for skip in (0.0, 0.0, 1.0, 0.0):
+        grads = [torch.randn_like(t) for t in w]
+        if skip:
+            grads[0][0, 0] = float("nan")
+        before = [t.detach().clone() for t in w], [ours.state[t]["mu"].clone() for t in w if t in ours.state]
+        for t, u, gr in zip(w, twin, grads, strict=True):
+            t.grad, u.grad = gr.clone(), gr.clone()
+        ours.found_inf, ours.grad_scale = torch.tensor(skip), None
+        ours.step()
+        if skip:
+            assert all(torch.equal(a, b) for a, b in zip(w, before[0], strict=True))
+            assert all(torch.equal(ours.state[t]["mu"], m) for t, m in zip(w, before[1], strict=True))
+            continue
+        plain.step()
+        assert all(torch.equal(a, b) for a, b in zip(w, twin, strict=True))
 
 
 def test_schedules_equal_the_authors():

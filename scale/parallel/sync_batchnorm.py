@@ -86,7 +86,7 @@ class CrossRankBatchNorm(_BatchNorm):
 
     Input is (B, C, ...) or, with `channels_last`, (B, ..., C). Outside training, or with one rank,
     it is plain BatchNorm. One all-reduce per call carries the count, the sum and the sum of squares
-    (in fp64, which keeps the variance as exact as a centred two-pass one) of every view given (a
+    (in fp64, from each rank's centred mean and variance: as exact as a centred one) of every view given (a
     list: the heads' two views, each with its own statistics as in the paper's Algorithm 1), and one
     in the backward the sums of the gradients the statistics need (`_CrossRankNorm`, which keeps
     only the input for the backward). Under activation recompute the recomputed forward reuses the
@@ -149,8 +149,8 @@ class CrossRankBatchNorm(_BatchNorm):
             if phase is not None and phase[0] == "recompute":  # the forward's sums: no collective
                 totals = phase[1].replay(self)
             else:
-                # Sums in fp64 (the products of fp32 values are exact there): E[x^2] - E[x]^2 then keeps
-                # the precision of a centred two-pass variance, in one pass and one collective.
+                # Sums in fp64 from each rank's centred statistics: E[x^2] - E[x]^2 over all ranks then
+                # keeps the precision of a centred variance, in one collective.
                 local = torch.stack([self._sums(x, dims) for x in xs])  # (V, 2C + 1)
                 totals = all_reduce_with_grad(local, self.process_group)
                 if phase is not None:  # the forward of a recomputed module: kept for its recompute
@@ -171,10 +171,16 @@ class CrossRankBatchNorm(_BatchNorm):
 
     @staticmethod
     def _sums(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
-        """Per channel: the sum and the sum of squares of `x` in fp64, and the count; (2C + 1,)."""
-        wide = x.double()
-        count = torch.full((1,), x.numel() // x.shape[1], dtype=torch.float64, device=x.device)
-        return torch.cat([wide.sum(dims), wide.square().sum(dims), count])
+        """Per channel, in fp64: the sum and the sum of squares of `x`, and the count; (2C + 1,).
+        From this rank's mean and variance (`torch.var_mean`: one pass, no temporary the size of `x`
+        in fp32 inputs; a ResNet's largest maps would need two fp64 copies otherwise), so the sums
+        over ranks give the global variance without cancellation: E[x^2] - E[x]^2 with E[x^2] =
+        var + mean^2 per rank, exact in fp64."""
+        var, mean = torch.var_mean(x if x.dtype in (torch.float32, torch.float64) else x.float(), dims, correction=0)
+        n = x.numel() // x.shape[1]
+        mean, var = mean.double(), var.double()
+        count = torch.full((1,), n, dtype=torch.float64, device=x.device)
+        return torch.cat([mean * n, (var + mean.square()) * n, count])
 
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:

@@ -12,7 +12,7 @@ from torch import nn
 
 from scale.config import Config, ConfigError, apply_overrides
 from scale.models import MoCoV3, build_backbone, build_moco
-from scale.models.flops import PAPER_TABLE3_GMACS, counted_macs, moco_training_flops, resnet_macs
+from scale.models.flops import PAPER_TABLE3_GMACS, counted_macs, moco_training_flops, resnet_convs, resnet_macs
 from scale.models.formats import (
     export_timm_state_dict,
     export_torchvision_state_dict,
@@ -305,11 +305,15 @@ def test_activation_memory_is_what_the_forward_keeps(name, size):
     model = build_backbone(name, img_size=size)
     batch = 8
     measured = _saved_bytes(model, views(batch, size))
-    planned = activation_bytes(model.cfg, batch, "fp32", False)
+    transient = (
+        batch * (14 + 2 * 4) * max(c.outputs for c in resnet_convs(model.cfg))
+    )  # the peak's BatchNorm arithmetic
+    planned = activation_bytes(model.cfg, batch, "fp32", False) - transient
     assert measured == pytest.approx(planned, rel=0.02)
-    assert planned / 2 < activation_bytes(model.cfg, batch, "bf16", False) < 0.56 * planned  # the pool's int64 indices
+    bf16 = activation_bytes(model.cfg, batch, "bf16", False) - transient * 18 / 22
+    assert planned / 2 < bf16 < 0.56 * planned  # the pool's int64 indices
     assert activation_bytes(model.cfg, batch, "fp32", True) < activation_bytes(model.cfg, batch, "fp32", "selective")
-    assert activation_bytes(model.cfg, batch, "fp32", "selective") < planned
+    assert activation_bytes(model.cfg, batch, "fp32", "selective") < planned + transient
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -154,6 +154,8 @@ def candidates(cfg: Config, cluster: Cluster, backends: tuple[str, ...] = BACKEN
             continue  # one GPU: nothing to shard (ddp stands for the single process)
         if backend.startswith("hsdp") and cluster.gpus_per_node >= N:
             continue  # one node: HSDP is FSDP2
+        if backend.startswith("zero") and cfg.optim.name != "adamw":
+            continue  # ZeRO's flattened partitions refuse LAMB's and LARS's per-tensor trust ratios
         for ac in recompute:
             if ac == "selective" and backend.startswith(("fsdp", "hsdp", "zero3")):
                 continue  # not under the sharded backends' per-block gathers (`selective_recompute_problem`)
@@ -225,6 +227,8 @@ def choose_backend(cfg: Config, world: int, memory_bytes: float, gpus_per_node: 
     ranked = candidates(plan_cfg, cluster, backends, (cfg.parallel.activation_checkpointing,), (per_device,))
     best, runner = best_and_runner_up(ranked)
     note = "" if deepspeed else " (DeepSpeed not installed: ZeRO not considered; pip install deepspeed)"
+    if deepspeed and cfg.optim.name != "adamw":
+        note = f" (ZeRO not considered: it takes AdamW, not {cfg.optim.name})"
     if best is None:
         least = min(ranked, key=lambda c: c.memory["total"])
         raise BackendError(

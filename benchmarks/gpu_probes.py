@@ -115,7 +115,14 @@ def _best(fn, work: float, repeats: int = 10) -> float:
 def step(out: Path, model: str = "vit_b_300ep", batch: int = 128, steps: int = 20) -> dict:
     """ViT-B/16 through the real training step (the trainer's `train_step`, bf16, synthetic pinned
     batches): GPU time per step (CUDA events), CPU time per step (the host's dispatch, no sync),
-    kernels per step, host syncs per step, and a 2-step profiler trace (Chrome format)."""
+    kernels per step, host syncs per step, and a 2-step profiler trace (Chrome format); then
+    ResNet-50 (its recipe: LARS, channels-last) the same way at 128 images, under "r50"."""
+    result = _step(out, model, batch, steps, "trace-step.json")
+    result["r50"] = _step(out, "r50_100ep", 128, 10, "trace-step-r50.json")
+    return result
+
+
+def _step(out: Path, model: str, batch: int, steps: int, trace_name: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(_config(model, tmp, "step", batch))
         batch_ = next(iter(trainer.loader))
@@ -141,7 +148,7 @@ def step(out: Path, model: str = "vit_b_300ep", batch: int = 128, steps: int = 2
             for _ in range(2):
                 trainer.train_step([batch_])
             torch.cuda.synchronize()
-        trace = out / "trace-step.json"
+        trace = out / trace_name
         prof.export_chrome_trace(str(trace))
         with open(trace, "rb") as f, gzip.open(f"{trace}.gz", "wb") as g:
             shutil.copyfileobj(f, g)

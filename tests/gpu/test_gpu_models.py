@@ -71,3 +71,46 @@ def test_flop_counter_sees_fused_attention_on_cuda():
     with FlopCounterMode(display=False) as fc, torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         model(torch.randn(1, 3, 224, 224, device="cuda"))
     assert fc.get_total_flops() // 2 == vit_macs(model.cfg).total
+
+
+def _syncbn2d_agree(rank: int, world: int) -> None:
+    """A convolution's BatchNorm2d (a ResNet's): ours keeps bf16 maps bf16 under autocast, as torch's
+    SyncBatchNorm (cuDNN) does, and agrees with it in values and gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(world * 4, 8, 6, 6, device="cuda") * 3 + 1
+    mine = x[rank * 4 : (rank + 1) * 4].clone().to(memory_format=torch.channels_last).requires_grad_(True)
+    theirs_in = mine.detach().clone().requires_grad_(True)
+    ours = CrossRankBatchNorm(8, keep_input_dtype=True).cuda()
+    theirs = torch.nn.SyncBatchNorm(8).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y_ours, y_theirs = ours(mine.bfloat16()), theirs(theirs_in.bfloat16())
+    assert y_ours.dtype == y_theirs.dtype == torch.bfloat16
+    torch.testing.assert_close(y_ours.float(), y_theirs.float(), rtol=2e-2, atol=2e-2)
+    w = torch.randn_like(y_ours.float())
+    (y_ours.float() * w).sum().backward()
+    (y_theirs.float() * w).sum().backward()
+    torch.testing.assert_close(mine.grad, theirs_in.grad, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-3, atol=1e-3)
+
+
+def test_cross_rank_batchnorm2d_keeps_bf16_maps_and_agrees_with_torch_syncbn_on_cuda():
+    run_ranks(_syncbn2d_agree, 2)
+
+
+def test_resnet50_channels_last_and_bf16_on_cuda():
+    """ResNet-50 MoCo: channels-last (what the layout sets on CUDA) computes what channels-first does
+    (fp32, TF32 off), and the bf16 autocast loss is within 2% of fp32's."""
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    model = build_moco("resnet50", temperature=1.0, **TINY_HEADS).cuda()
+    twin = build_moco("resnet50", temperature=1.0, **TINY_HEADS).cuda()
+    twin.load_state_dict(model.state_dict())
+    for enc in (twin.base_encoder, twin.momentum_encoder):
+        enc.to_channels_last()
+    assert twin.base_encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    x1, x2 = torch.randn(8, 3, 64, 64, device="cuda"), torch.randn(8, 3, 64, 64, device="cuda")
+    ref, cl = model(x1, x2), twin(x1, x2)
+    torch.testing.assert_close(cl, ref, rtol=1e-4, atol=1e-4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        low = twin(x1, x2)
+    assert abs(low.item() - ref.item()) < 0.02 * abs(ref.item())

@@ -104,7 +104,7 @@ def test_converter_cli_writes_a_timm_loadable_backbone(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(timm_model(x), base.forward_head(base.forward_features(x), pre_logits=True))
     with pytest.raises(ValueError, match="pass --model"):
-        save_atomic(official_state(model, arch="resnet50"), src)
+        save_atomic(official_state(model, arch="convnext_tiny"), src)
         convert(src, dst)
 
 

@@ -71,8 +71,9 @@ def generate_cases(tmp: Path) -> list[tuple[list[str], str]]:
     cases.append((["--batch.global_batch_size=1048576"], "memory"))
     cases.append((["--batch.global_batch_size=1048576", "--parallel.skip_memory_check=true"], "global_batch_size"))
     # 5. Names resolved elsewhere.
-    for name in ("vit_gigantic", "vit_b32", "resnet50", ""):
+    for name in ("vit_gigantic", "vit_b32", "resnet51", ""):
         cases.append(([f"--model.name={name}"], "model"))
+    cases.append((["--model.name=resnet50"], "ViT options, which resnet50 does not have"))  # the demo's ViT sizes
     for argv in (["--model.embed_dim=100"], ["--model.img_size=30"], ["--model.embed_dim=36", "--model.num_heads=6"]):
         cases.append((argv, "model"))
     cases += [(["--model.name=vit_bn_l7", "--model.view_forward=joint"], "view_forward=joint"),

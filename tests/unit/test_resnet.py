@@ -381,3 +381,25 @@ def test_vit_options_and_unknown_names_are_one_line_errors():
     with pytest.raises(ValueError, match="unknown ViT model 'resnt50'"):
         build_backbone("resnt50")
     assert isinstance(build_moco("r50", **HEADS), MoCoV3)
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_recomputed_stages_give_the_same_loss_gradients_and_statistics(mode):
+    """Activation recompute of the four stages (`ResNetLayout.blocks`): the same loss and gradients,
+    and the BatchNorms' running statistics move once per forward, not again in the recompute."""
+    from scale.parallel.recompute import apply_activation_checkpointing
+    from scale.train.parallelize import recomputed_blocks
+
+    torch.manual_seed(0)
+    plain = build_moco("resnet18", temperature=1.0, **HEADS)
+    recomputed = build_moco("resnet18", temperature=1.0, **HEADS)
+    recomputed.load_state_dict(plain.state_dict())
+    assert apply_activation_checkpointing(recomputed_blocks(recomputed), selective=mode == "selective") == 4
+    x1, x2 = views(8, 32)
+    for model in (plain, recomputed):
+        model(x1, x2, momentum=0.99).backward()
+    for (name, a), b in zip(plain.named_parameters(), recomputed.parameters(), strict=True):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+    for (name, a), b in zip(plain.named_buffers(), recomputed.buffers(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)

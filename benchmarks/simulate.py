@@ -70,8 +70,8 @@ from scale.train.timing import Layout
 from scale.train.traffic import hsdp_shard, meta_model
 
 GIB = 2**30
-RECIPE_OF = {"resnet50": "r50_100ep", "vit_small": "vit_s_300ep", "vit_base": "vit_b_300ep",
-             "vit_large": "vit_l_300ep", "vit_huge": "vit_h_300ep", "vit_bn_large_p7": "vit_bn_l7_300ep"}  # fmt: skip
+RECIPE_OF = {"vit_small": "vit_s_300ep", "vit_base": "vit_b_300ep", "vit_large": "vit_l_300ep",
+             "vit_huge": "vit_h_300ep", "vit_bn_large_p7": "vit_bn_l7_300ep", "resnet50": "r50_100ep"}  # fmt: skip
 """The paper's models and their recipes (scale/recipes.py)."""
 SIMULATED = ("single", "ddp", "fsdp", "hsdp")
 ANALYTIC = ("zero1", "zero2", "zero3")

@@ -146,15 +146,18 @@ def fsdp_traffic(units: list[Unit], views: int, accum: int = 1, reshard: bool = 
 
 def batchnorm_traffic(model: MoCoV3, accum: int = 1) -> Traffic:
     """The cross-rank BatchNorms' all-reduces of one step: a head's BatchNorm takes both views in one
-    call (two rows) with joint views; per view (ViT-BN, the conv stem), every BatchNorm is called
-    once per view with one row. A trained one reduces again in its backward."""
+    call (two rows) with joint views; per view (ViT-BN, the conv stem, a ResNet), every BatchNorm is
+    called once per view with one row. The forward reduces each row's fp64 sums and count (2C + 1);
+    a trained one reduces again in its backward the sums of dy and dy x xhat in fp32 (2C)."""
     out = Traffic("all_reduce", 0, 0.0)
     calls, rows = (1, 2) if model.joint_views else (2, 1)
-    for part, passes in ((model.base_encoder, 2), (model.predictor, 2), (model.momentum_encoder, 1)):
+    for part, trained in ((model.base_encoder, True), (model.predictor, True), (model.momentum_encoder, False)):
         for m in part.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = calls * passes * accum
+                n = calls * accum
                 out.add(n, n * rows * (2 * m.num_features + 1) * 8)
+                if trained:
+                    out.add(n, n * rows * 2 * m.num_features * 4)
     return out
 
 

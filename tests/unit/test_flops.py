@@ -11,7 +11,7 @@ from scale.models.flops import (
 )
 
 
-@pytest.mark.parametrize("name", sorted(PAPER_TABLE3_GMACS))
+@pytest.mark.parametrize("name", sorted(n for n in PAPER_TABLE3_GMACS if n.startswith("vit")))  # test_resnet.py
 def test_macs_within_half_a_percent_of_table3(name):
     macs = vit_macs(resolve_vit_config(name)).total
     assert abs(macs / (PAPER_TABLE3_GMACS[name] * 1e9) - 1) < 0.005
@@ -32,7 +32,7 @@ def test_patch7_is_about_six_times_patch16():
     assert 5.5 < ratio < 6.5  # paper Sec. 6: "increases FLOPs to ~6x"
 
 
-@pytest.mark.parametrize("name", sorted(PAPER_TABLE3_GMACS))
+@pytest.mark.parametrize("name", sorted(n for n in PAPER_TABLE3_GMACS if n.startswith("vit")))  # test_resnet.py
 def test_training_flops_are_16x_macs_plus_small_heads(name):
     cfg = resolve_vit_config(name)
     flops = moco_training_flops(cfg)

@@ -109,7 +109,8 @@ def vit_activation_bytes(
     with the residual stream in fp32 (no dropout, fused attention): the two LayerNorms' fp32 inputs
     8; the bf16 inputs of the qkv, proj and fc1 matmuls 2 + 2 + 2 and of fc2 8; attention's q, k, v
     and output 8; GELU's input 8: 38 in bf16/fp16, 68 in fp32 (Korthikanti et al. 2022 count 34 with
-    16-bit LayerNorm inputs and dropout masks); ViT-BN's cross-rank BatchNorm 8 more. With
+    16-bit LayerNorm inputs and dropout masks); ViT-BN's cross-rank BatchNorm keeps its fp32 input,
+    as the LayerNorm it replaces (`_CrossRankNorm`: no more). With
     checkpointing each block keeps its fp32 input (4) and one block is recomputed at a time (with
     joint views holding both, as counted here); selective recompute keeps the input and the outputs
     of the matmuls and attention (qkv 6, attention 2, proj 2, fc1 8, fc2 2: 20 in 16 bits) and
@@ -117,10 +118,7 @@ def vit_activation_bytes(
     0.97-1.02x of this plus `autocast_copy_bytes` and the layout's buffers (docs/scaling.md)."""
     low = precision in ("bf16", "fp16")
     s_h = vit_cfg.num_tokens * vit_cfg.embed_dim
-    # ViT-BN's cross-rank BatchNorm (norm2) keeps its fp32 input for the fp64 sums, the centred
-    # input and the normalised output (4 + 4 + 4) where a LayerNorm keeps its input (4)
-    bn = 8 if vit_cfg.use_bn else 0
-    per_block = (8 + (30 if low else 60) + bn) * s_h
+    per_block = (8 + (30 if low else 60)) * s_h
     mode = recompute_mode(activation_checkpointing)
     if mode == "full":
         kept = 4 * s_h * vit_cfg.depth + per_block

@@ -72,3 +72,21 @@ def test_resnet_on_zero_1_2_3_equals_one_process(tmp_path):
     backends = ["zero1", "zero2", "zero3"]
     run_ranks(_train, 2, str(tmp_path), torch.float32, backends)
     _compare(tmp_path, backends, torch.float32)
+
+
+def test_the_papers_monitors_follow_a_resnet(tmp_path):
+    """The dense kNN monitor (pooled features of the training forward) and the gradient monitor
+    (conv1, every residual block, the heads) on a ResNet, one process."""
+    import json
+
+    cfg = resnet_config(tmp_path, "monitors", **{"monitor.knn_every": 1, "monitor.knn_bank_size": 1,
+                                                  "monitor.knn_k": 4})  # fmt: skip
+    trainer = Trainer(cfg, loader=FixedBatchLoader(4, 8, classes=3))
+    trainer.fit()
+    rows = [json.loads(r) for r in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    dense = [r for r in rows if "knn_dense_queries" in r]
+    assert [r["step"] for r in dense] == [2, 3] and all(r["knn_dense_queries"] == 8 for r in dense)
+    grads = [json.loads(r) for r in (trainer.run_dir / "gradients.jsonl").read_text().splitlines()]
+    blocks = [f"layer{s}.{i}" for s, n in zip((1, 2, 3, 4), (2, 2, 2, 2), strict=True) for i in range(n)]
+    assert grads[0]["layers"] == ["conv1", *blocks, "projector", "predictor"]
+    assert [r["step"] for r in grads[1:]] == [1, 2, 3]

@@ -22,7 +22,8 @@ from scale.parallel.registry import BACKEND_CHOICES
 @dataclass
 class ModelConfig:
     name: str = "vit_base"
-    """Backbone preset (scale.models.VIT_PRESETS or an alias such as vit_h14)."""
+    """Backbone: a ViT preset (scale.models.VIT_PRESETS or an alias such as vit_h14) or a torchvision
+    ResNet (resnet50, ...; only img_size of the model options applies to it)."""
     img_size: int = setting(224, positive())
     """Crop size in pixels, for the model and the augmentation."""
     patch_size: int | None = setting(None, positive())
@@ -34,7 +35,7 @@ class ModelConfig:
     pool: str = setting("cls", one_of("cls", "avg"))
     """'cls' or 'avg'."""
     random_patch_proj: bool = True
-    """Freeze the random patch projection (paper Sec. 4.2)."""
+    """Freeze the random patch projection (paper Sec. 4.2); ViTs only (a ResNet has no patches)."""
     embed_dim: int | None = setting(None, positive())
     """Width override, for small models (None: the preset's)."""
     depth: int | None = setting(None, positive())
@@ -46,7 +47,7 @@ class ModelConfig:
     mlp_dim: int = setting(4096, positive())
     """Hidden dimension of the projector and predictor."""
     temperature: float = setting(0.2, positive())
-    """Softmax temperature tau (0.2 for ViT)."""
+    """Softmax temperature tau (0.2 for ViT, 1.0 for ResNet-50: the r50_* recipes)."""
     view_forward: str = setting("auto", one_of("auto", "joint", "per_view"))
     """'auto': both views through each encoder as one batch (same math, one call per encoder) unless
     the backbone has BatchNorm before its head (ViT-BN, conv stem): then per view; 'joint'; 'per_view'

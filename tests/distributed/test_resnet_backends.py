@@ -90,3 +90,40 @@ def test_the_papers_monitors_follow_a_resnet(tmp_path):
     blocks = [f"layer{s}.{i}" for s, n in zip((1, 2, 3, 4), (2, 2, 2, 2), strict=True) for i in range(n)]
     assert grads[0]["layers"] == ["conv1", *blocks, "projector", "predictor"]
     assert [r["step"] for r in grads[1:]] == [1, 2, 3]
+
+
+def _channels_last(rank, world, out_dir):
+    """What `ResNetLayout.prepare` does on CUDA (channels-last inputs and, on DDP, weights), forced on
+    CPU tensors: DDP's buckets and the cross-rank BatchNorm take NHWC maps and give the same step."""
+    from scale.train import parallelize
+
+    torch.set_default_dtype(torch.float64)
+
+    def prepare(self, model, backend):
+        for enc in (model.base_encoder, model.momentum_encoder):
+            enc.to_channels_last()
+
+    for name, patch in (("nchw", None), ("nhwc", prepare)):
+        original = parallelize.ResNetLayout.prepare
+        if patch:
+            parallelize.ResNetLayout.prepare = patch
+        try:
+            trainer = Trainer(resnet_config(out_dir, name, **{"parallel.backend": "ddp"}),
+                              loader=FixedBatchLoader(4, 8, world=world, rank=rank, dtype=torch.float64))  # fmt: skip
+            if patch:
+                assert trainer.backend.module.base_encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+            trainer.fit()
+        finally:
+            parallelize.ResNetLayout.prepare = original
+        if rank == 0:
+            torch.save(trainer.backend.full_state_dict(), f"{out_dir}/{name}.pt")
+
+
+@pytest.mark.slow
+def test_channels_last_resnet_on_ddp_equals_channels_first(tmp_path):
+    run_ranks(_channels_last, 2, str(tmp_path))
+    losses = {n: [r["loss"] for r in read_metrics(tmp_path / n)] for n in ("nchw", "nhwc")}
+    assert losses["nhwc"] == pytest.approx(losses["nchw"], rel=1e-9)
+    a, b = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("nchw", "nhwc"))
+    for name, value in a.items():
+        torch.testing.assert_close(b[name], value, rtol=1e-7, atol=1e-9, msg=name)

@@ -20,6 +20,8 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.models.resnet import ResNet as TorchvisionResNet
 
+from scale.models.vit import head_views
+
 # torchvision's architectures: (block, blocks per stage). MoCo v3's reference is resnet50.
 RESNET_PRESETS: dict[str, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
     "resnet18": (BasicBlock, (2, 2, 2, 2)),
@@ -139,15 +141,7 @@ class ResNet(TorchvisionResNet):
     def forward(self, x: torch.Tensor, views: int = 1) -> torch.Tensor:
         """(V * B, C, H, W) -> head outputs (V * B, F). MoCo calls it once per view (BatchNorm mixes
         samples); with `views` > 1 the head still normalises each view on its own."""
-        pooled = self.forward_pool(self.forward_features(x))
-        if self.feature_sink is not None:
-            for part in pooled.detach().chunk(views):
-                self.feature_sink(part)
-        if views == 1:
-            return self.fc(pooled)
-        if getattr(self.fc, "per_view", False):
-            return self.fc(pooled, views=views)
-        return torch.cat([self.fc(part) for part in pooled.chunk(views)])
+        return head_views(self.fc, self.forward_pool(self.forward_features(x)), views, self.feature_sink)
 
 
 def build_resnet(name: str, **overrides) -> ResNet:

@@ -368,19 +368,26 @@ class VisionTransformer(nn.Module):
         samples, unless ViT-BN or the conv stem: see `scale.models.moco.mixes_samples`) and the head
         on each view in turn (its BatchNorm statistics stay per view)."""
         pooled = self.forward_head(self.forward_features(x), pre_logits=True)  # (V * B, D)
-        if self.feature_sink is not None:  # a monitor taps the class-token features (no copy, no grad)
-            for part in pooled.detach().chunk(views):  # one call per view, in order
-                self.feature_sink(part)
-        if views == 1:
-            return self.head(pooled)
-        if getattr(self.head, "per_view", False):
-            return self.head(pooled, views=views)
-        return torch.cat([self.head(part) for part in pooled.chunk(views)])
+        return head_views(self.head, pooled, views, self.feature_sink)
 
     def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> pooled backbone features (B, D), without the head: for kNN and linear
         probes. Its own method so that sharding wrappers can gather parameters for it."""
         return self.forward_head(self.forward_features(x), pre_logits=True)
+
+
+def head_views(head: nn.Module, pooled: torch.Tensor, views: int,
+               sink: Callable[[torch.Tensor], None] | None) -> torch.Tensor:  # fmt: skip
+    """A backbone's pooled features (V * B, D) through its head, each view's statistics on their own;
+    `sink` (a monitor's tap) first gets each view's detached features, in order (no copy, no grad)."""
+    if sink is not None:
+        for part in pooled.detach().chunk(views):
+            sink(part)
+    if views == 1:
+        return head(pooled)
+    if getattr(head, "per_view", False):
+        return head(pooled, views=views)
+    return torch.cat([head(part) for part in pooled.chunk(views)])
 
 
 def build_vit(name: str, **overrides) -> VisionTransformer:

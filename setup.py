@@ -40,6 +40,7 @@ setup(
             "scale-memory=benchmarks.memory:cli",
             "scale-make-shards=scale.make_shards:cli",
             "scale-pretrain=scale.pretrain:cli",
+            "scale-finetune=scale.finetune:cli",
             "scale-linear-probe=scale.linear_probe:cli",
             "scale-knn-eval=scale.knn_eval:cli",
             "scale-plot=scale.plot:cli",

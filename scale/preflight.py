@@ -60,6 +60,10 @@ def preflight(cfg: Config, world_size: int | None = None, data: bool = True) -> 
     if cfg.parallel.backend == "deepspeed":
         _check_deepspeed(cfg, per_device, precision)
     _check_run(cfg)
+    if cfg.task == "finetune":
+        _check_finetune(cfg, per_device)
+    elif cfg.task != "pretrain":
+        raise ConfigError(f"task {cfg.task!r} is neither pretrain nor finetune")
     if data:
         _check_data(cfg)
 
@@ -150,11 +154,36 @@ def _check_run(cfg: Config) -> None:
                 "use auto, none or a RUN/checkpoints/step-N directory"
             )
     d = cfg.data
-    if bool(d.eval_source) != bool(d.knn_train_source):
+    if cfg.task == "pretrain" and bool(d.eval_source) != bool(d.knn_train_source):
         raise ConfigError(
             "the kNN monitor needs both --data.eval_source and --data.knn_train_source (or neither); "
             f"got eval_source={d.eval_source!r}, knn_train_source={d.knn_train_source!r}"
         )
+
+
+def _check_finetune(cfg: Config, per_device: int) -> None:
+    """Fine-tuning's own fields: the checkpoint exists, the options suit the backbone and the data path."""
+    f, d = cfg.finetune, cfg.data
+    if f.pretrained:
+        path = Path(f.pretrained).expanduser()
+        if not path.exists():
+            raise ConfigError(f"--finetune.pretrained={f.pretrained!r} does not exist; give a run directory, a "
+                              "checkpoint directory or file, or leave it empty for random init")  # fmt: skip
+        if path.is_dir() and not (path / "client.pt").is_file() and not list(path.glob("checkpoints/step-*/client.pt")):
+            raise ConfigError(f"--finetune.pretrained={f.pretrained!r} is a directory without a complete checkpoint "
+                              "(checkpoints/step-*/client.pt); wait for one or give a checkpoint file")  # fmt: skip
+    backbone = resolve_backbone_config(cfg.model.name, **cfg.model.vit_overrides())
+    if isinstance(backbone, ResNetConfig) and f.layer_decay < 1:
+        raise ConfigError("--finetune.layer_decay is for ViTs (per transformer block); set it to 1 for a ResNet")
+    if (f.mixup > 0 or f.cutmix > 0) and per_device % 2:
+        raise ConfigError(f"mixup / cutmix mix each batch with its reverse: they need an even batch per device, got "
+                          f"{per_device}; change --batch.global_batch_size or set --finetune.mixup=0 "
+                          "--finetune.cutmix=0")  # fmt: skip
+    if d.backend != "torchvision":
+        raise ConfigError("fine-tuning's augmentation (RandAugment, random erasing, mixup) is timm's, on the CPU "
+                          "workers: use --data.backend=torchvision")  # fmt: skip
+    if d.source == "synthetic":
+        raise ConfigError("fine-tuning needs labelled data: --data.source=synthetic has no labels")
 
 
 def _check_data(cfg: Config) -> None:

@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run by path (`python scale/pretrain.py`, the De
 from scale.config import ConfigError, apply_overrides, describe  # noqa: E402
 from scale.entry import launch_rank as _rank  # noqa: E402
 from scale.entry import setup_logging, user_errors  # noqa: E402
-from scale.recipes import RECIPES, get_recipe  # noqa: E402
+from scale.recipes import FINETUNE_RECIPES, PRETRAIN_RECIPES, get_recipe  # noqa: E402
 from scale.train.preemption import Preempted, watch_signal  # noqa: E402  (torch-free, as everything above)
 
 log = logging.getLogger("scale")
@@ -37,7 +37,9 @@ def parse(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
-    parser.add_argument("--recipe", default="cpu_demo", help=f"one of: {', '.join(RECIPES)} (default cpu_demo)")
+    parser.add_argument(
+        "--recipe", default="cpu_demo", help=f"one of: {', '.join(PRETRAIN_RECIPES)} (default cpu_demo)"
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument(
         "--deepspeed",
@@ -91,6 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     args, overrides = parse(argv)
     try:
+        if args.recipe in FINETUNE_RECIPES:
+            raise ConfigError(f"--recipe {args.recipe} is a fine-tuning recipe: run it with scale-finetune "
+                              f"(python -m scale.finetune --recipe {args.recipe} --pretrained RUN)")  # fmt: skip
         cfg = get_recipe(args.recipe)
         # The shorthands come last: they win over the defaults a launcher script passes before them.
         cfg = apply_overrides(cfg, [*overrides, *shorthand_overrides(args)])

@@ -144,8 +144,8 @@ def config_from_dict(d: dict[str, Any]) -> Config:
     """A config from `Config.to_dict()`'s form (config.json, a checkpoint's), older forms included."""
     cfg = Config()
     for dotted, value in current_names(flatten(d)).items():
-        if dotted == "recipe":
-            cfg.recipe = value
+        if dotted in ("recipe", "task"):
+            setattr(cfg, dotted, value)
         else:
             set_field(cfg, dotted, value)
     return cfg

@@ -256,6 +256,57 @@ class MonitorConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """End-to-end fine-tuning (`scale-finetune`, `scale.train.finetune`): the DeiT recipe the authors
+    fine-tuned with (its main.py defaults), read only by fine-tuning runs. The schedule, optimizer
+    and batch sections apply as in pretraining; a fine-tuning recipe sets DeiT's values there."""
+
+    pretrained: str = ""
+    """Backbone to start from: a run directory or checkpoint of this project (any backend), the
+    authors' release (.pth.tar), a timm / torchvision state dict or an export folder; '' starts from
+    random init (the baseline)."""
+    encoder: str = setting("base_encoder", one_of("base_encoder", "momentum_encoder"))
+    """Which encoder of a MoCo v3 checkpoint to fine-tune (the authors: base_encoder)."""
+    num_classes: int = setting(0, non_negative())
+    """Classes of the classifier (0: from the training data's labels)."""
+    drop_path: float = setting(0.1, Rule(lo=0, hi=1, hi_open=True))
+    """Stochastic depth rate of the last block (ViTs; DeiT: 0.1)."""
+    layer_decay: float = setting(1.0, Rule(lo=0, lo_open=True, hi=1))
+    """Layer-wise lr decay (BEiT / MAE): block i's lr scaled by layer_decay^(depth + 1 - i); 1 (the
+    default, DeiT's) turns it off. ViTs only."""
+    warmup_lr: float = setting(1e-6, non_negative())
+    """Learning rate at step 0, rising linearly to the peak over the warmup (DeiT: 1e-6)."""
+    min_lr: float = setting(1e-5, non_negative())
+    """Learning rate at the end of the cosine (DeiT: 1e-5)."""
+    smoothing: float = setting(0.1, Rule(lo=0, hi=1, hi_open=True))
+    """Label smoothing."""
+    mixup: float = setting(0.8, non_negative())
+    """Mixup alpha (0: off)."""
+    cutmix: float = setting(1.0, non_negative())
+    """CutMix alpha (0: off)."""
+    mixup_prob: float = setting(1.0, Rule(lo=0, hi=1))
+    """Probability of mixing a batch at all."""
+    mixup_switch_prob: float = setting(0.5, Rule(lo=0, hi=1))
+    """Probability of CutMix rather than mixup when both are on."""
+    auto_augment: str = "rand-m9-mstd0.5-inc1"
+    """timm's RandAugment policy ('' for none)."""
+    color_jitter: float = setting(0.3, non_negative())
+    """Colour jitter (timm ignores it when auto_augment is set, as DeiT's runs)."""
+    interpolation: str = setting("bicubic", one_of("bicubic", "bilinear", "random"))
+    """Resizing in the training crops and the evaluation resize."""
+    reprob: float = setting(0.25, Rule(lo=0, hi=1))
+    """Random erasing probability (per image, pixel mode)."""
+    repeats: int = setting(3, positive())
+    """Repeated augmentation: copies of each sample per epoch (DeiT: 3; 1: off)."""
+    ema_decay: float = setting(0.99996, Rule(lo=0, hi=1))
+    """Model EMA decay per optimizer step (DeiT: 0.99996; 0: no EMA)."""
+    eval_every_epochs: int = setting(1, non_negative())
+    """Evaluate the model and its EMA on data.eval_source every this many epochs (0: at the end only)."""
+    eval_crop_pct: float = setting(0.875, Rule(lo=0, lo_open=True, hi=1))
+    """Evaluation: resize to img_size / crop_pct, then centre-crop img_size (DeiT: 0.875)."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -265,6 +316,10 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     run: RunConfig = field(default_factory=RunConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    task: str = "pretrain"
+    """'pretrain' (MoCo v3, `scale-pretrain`) or 'finetune' (a classifier end to end, `scale-finetune`):
+    set by the recipe."""
     recipe: str = ""
     """The recipe this config started from."""
 

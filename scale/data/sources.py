@@ -16,6 +16,7 @@ import braceexpand
 import numpy as np
 
 from scale.data.demo import ensure_demo_shards
+from scale.data.fashion import fashion_shards, is_fashion_spec
 from scale.data.shards import (
     IMAGE_EXTS,
     LABEL_BIN_EXT,
@@ -138,10 +139,13 @@ def expand_pattern(spec: str) -> list[Path]:
 
 
 def resolve_source(spec: str) -> ShardSource | FolderSource:
-    """`demo`, `demo:train`, `demo:val`, a shard pattern, a directory of shards, or an ImageFolder tree."""
+    """`demo`, `demo:train`, `demo:val`, `fashion`, `fashion:test`, `fashion:train@10%` (Fashion-MNIST,
+    `scale.data.fashion`), a shard pattern, a directory of shards, or an ImageFolder tree."""
     if spec in ("demo", "demo:train", "demo:val"):
         split = spec.split(":")[1] if ":" in spec else "train"
         return ShardSource(sorted(ensure_demo_shards().glob(f"{split}-*.tar")))
+    if is_fashion_spec(spec):
+        return ShardSource(fashion_shards(spec))
     if any(c in spec for c in "*?[{"):
         tars = expand_pattern(spec)
         if not tars:

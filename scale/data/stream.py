@@ -56,6 +56,7 @@ class TwoViewStream(IterableDataset):
         shuffle: bool = True,
         shuffle_buffer: int = 1000,
         resampled: bool = False,
+        repeats: int = 1,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -68,6 +69,12 @@ class TwoViewStream(IterableDataset):
         self.num_workers, self.seed, self.shuffle = num_workers, seed, shuffle
         self.shuffle_buffer = shuffle_buffer if shuffle else 0
         self.resampled = resampled
+        if repeats < 1:
+            raise ValueError(f"repeats must be at least 1, got {repeats}")
+        self.repeats = repeats
+        """Repeated augmentation (Hoffer et al.; DeiT's 3): each sample read is handed out this many
+        times in a row, each time augmented anew, and an epoch reads 1 / repeats of the samples
+        (its length is unchanged, as timm's RASampler)."""
         self.num_samples = int(sum(source.counts))
         self.batches_per_epoch = batches_per_rank(self.num_samples, world_size, batch_size)
         self.epoch, self.skip_batches = 0, 0
@@ -134,6 +141,8 @@ class TwoViewStream(IterableDataset):
         stream = self._raw(plan, k)
         if self.shuffle_buffer > 1:
             stream = _shuffled(stream, self.shuffle_buffer, random.Random(hash((self.seed, self.epoch, self.rank, k))))
+        if self.repeats > 1:
+            stream = _repeated(stream, self.repeats)
         self._replaying = True  # to the resume position: positions only, no reading, no decoding
         for _ in range(skip * self.batch_size):
             next(stream)
@@ -174,6 +183,14 @@ class TwoViewStream(IterableDataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed)
             return self.transform(image)
+
+
+def _repeated(items: Iterator, repeats: int) -> Iterator:
+    """Each (uid, unit, index, payload) `repeats` times in a row, as uids uid * repeats + r (each copy
+    seeded on its own). A copy handed out after a resume's replay has no payload: it is read again."""
+    for uid, unit, i, payload in items:
+        for r in range(repeats):
+            yield uid * repeats + r, unit, i, payload
 
 
 def worker_init(_: int) -> None:

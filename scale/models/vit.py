@@ -52,6 +52,9 @@ class ViTConfig:
     conv_stem: bool = False
     """Replace the patchify projection by 4 x (conv3x3-s2 + BN + ReLU) + conv1x1 (Xiao et al.);
     the presets then use one transformer block fewer, as the authors' `vit_conv_*`."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth for fine-tuning (DeiT: 0.1): block i drops its residual branches with
+    probability rate * i / (depth - 1) in training (timm's DropPath). 0 in pretraining (the authors')."""
 
     @property
     def grid_size(self) -> int:
@@ -138,6 +141,8 @@ def validate_vit_config(cfg: ViTConfig) -> None:
         raise ValueError(f"the 2-D sin-cos position embedding needs embed_dim divisible by 4, got {cfg.embed_dim}")
     if cfg.depth < 1:
         raise ValueError(f"depth must be at least 1, got {cfg.depth}")
+    if not 0 <= cfg.drop_path_rate < 1:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {cfg.drop_path_rate}")
     if cfg.conv_stem:
         if cfg.patch_size != 16:
             raise ValueError(f"conv_stem downsamples by 16; it needs patch_size=16, got {cfg.patch_size}")
@@ -260,18 +265,32 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; ViT-BN swaps only `norm2` (before the MLP) to BatchNorm."""
+    """Pre-norm transformer block; ViT-BN swaps only `norm2` (before the MLP) to BatchNorm. With
+    `drop_path` > 0 (fine-tuning), timm's DropPath on both residual branches (no parameters)."""
 
-    def __init__(self, cfg: ViTConfig):
+    def __init__(self, cfg: ViTConfig, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
         self.attn = Attention(cfg)
         self.norm2 = TokenBatchNorm(cfg.embed_dim) if cfg.use_bn else nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
         self.mlp = Mlp(cfg)
+        if drop_path > 0:
+            from timm.layers import DropPath  # fine-tuning only
+
+            self.drop_path = DropPath(drop_path)
+        else:
+            self.drop_path = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def drop_path_rates(cfg: ViTConfig) -> list[float]:
+    """Each block's stochastic-depth probability: linear from 0 to `drop_path_rate` (timm, DeiT)."""
+    if cfg.depth == 1:
+        return [0.0]
+    return [cfg.drop_path_rate * i / (cfg.depth - 1) for i in range(cfg.depth)]
 
 
 class VisionTransformer(nn.Module):
@@ -293,7 +312,7 @@ class VisionTransformer(nn.Module):
             self.pos_embed = nn.Parameter(
                 torch.zeros(1, cfg.num_tokens, cfg.embed_dim), requires_grad=cfg.pos_embed == "learned"
             )
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(Block(cfg, rate) for rate in drop_path_rates(cfg))
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps) if cfg.pool == "cls" else nn.Identity()
         self.head: nn.Module = nn.Identity()
         self.feature_sink: Callable[[torch.Tensor], None] | None = None

@@ -1,6 +1,14 @@
 """Optimizers, parameter groups and schedules."""
 
-from scale.optim.optimizers import LARS, Lamb, build_optimizer, param_groups, set_lr_wd, supports_device_skip
+from scale.optim.optimizers import (
+    LARS,
+    Lamb,
+    build_optimizer,
+    layer_decay_scale,
+    param_groups,
+    set_lr_wd,
+    supports_device_skip,
+)
 from scale.optim.schedules import cosine, lr_at, momentum_at, weight_decay_at
 
 __all__ = [
@@ -10,6 +18,7 @@ __all__ = [
     "cosine",
     "lr_at",
     "momentum_at",
+    "layer_decay_scale",
     "param_groups",
     "set_lr_wd",
     "supports_device_skip",

@@ -9,7 +9,7 @@ set a scheduled weight decay every step without undoing the exclusions.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -20,19 +20,43 @@ OPTIMIZERS = ("adamw", "lamb", "lars")
 IMPLEMENTATIONS = ("auto", "torch", "torch-fused", "apex", "deepspeed", "scale")
 
 
-def param_groups(model: nn.Module, exclude_norm_bias: bool = False) -> list[dict]:
+def param_groups(model: nn.Module, exclude_norm_bias: bool = False,
+                 lr_scale: Callable[[str], float] | None = None) -> list[dict]:  # fmt: skip
     """Trainable parameters in one group (the authors': weight decay on everything), or two with
-    norms, biases, the class token and position embeddings excluded from weight decay."""
-    decay, no_decay = [], []
+    norms, biases, the class token and position embeddings excluded from weight decay; with
+    `lr_scale` (a parameter's name -> its lr multiplier: layer-wise decay), one group per
+    (multiplier, decay) pair, each with its `lr_scale`."""
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         is_token = name.endswith(("cls_token", "pos_embed"))
-        (no_decay if exclude_norm_bias and (p.ndim <= 1 or is_token) else decay).append(p)
-    groups = [{"params": decay, "wd_scale": 1.0}]
-    if no_decay:
-        groups.append({"params": no_decay, "wd_scale": 0.0})
-    return groups
+        wd = 0.0 if exclude_norm_bias and (p.ndim <= 1 or is_token) else 1.0
+        groups.setdefault((lr_scale(name) if lr_scale else 1.0, wd), []).append(p)
+    if not lr_scale:
+        out = [{"params": groups.get((1.0, 1.0), []), "wd_scale": 1.0}]
+        if (1.0, 0.0) in groups:
+            out.append({"params": groups[(1.0, 0.0)], "wd_scale": 0.0})
+        return out
+    return [{"params": ps, "wd_scale": wd, "lr_scale": scale} for (scale, wd), ps in sorted(groups.items())]
+
+
+def layer_decay_scale(depth: int, decay: float) -> Callable[[str], float]:
+    """BEiT's layer-wise lr decay for a ViT of `depth` blocks: the patch embedding, class token and
+    position table are layer 0, block i layer i + 1, the rest (final norm, classifier) layer
+    depth + 1; layer l's lr is scaled by decay^(depth + 1 - l)."""
+
+    def scale(name: str) -> float:
+        parts = name.split(".")
+        if "blocks" in parts:
+            layer = int(parts[parts.index("blocks") + 1]) + 1
+        elif any(p in ("patch_embed", "cls_token", "pos_embed") for p in parts):
+            layer = 0
+        else:
+            layer = depth + 1
+        return decay ** (depth + 1 - layer)
+
+    return scale
 
 
 # Foreach temporaries are bounded by processing a group's tensors in chunks of this many elements.
@@ -377,5 +401,5 @@ def supports_device_skip(optimizer: torch.optim.Optimizer) -> bool:
 def set_lr_wd(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
     """Set this step's lr and weight decay on every group (groups keep their wd exclusion)."""
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
         g["weight_decay"] = weight_decay * g.get("wd_scale", 1.0)

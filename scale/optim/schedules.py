@@ -17,11 +17,13 @@ def cosine(progress: float, start: float, end: float) -> float:
     return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def lr_at(step: int, lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Linear warmup from 0 to `lr` over `warmup_steps`, then a half-cycle cosine to 0 at `total_steps`."""
+def lr_at(step: int, lr: float, warmup_steps: int, total_steps: int, start_lr: float = 0.0,
+          end_lr: float = 0.0) -> float:  # fmt: skip
+    """Linear warmup from `start_lr` (0: the authors' pretraining) to `lr` over `warmup_steps`, then a
+    half-cycle cosine to `end_lr` at `total_steps` (fine-tuning: DeiT's 1e-6 and 1e-5)."""
     if step < warmup_steps:
-        return lr * step / warmup_steps
-    return cosine((step - warmup_steps) / max(1, total_steps - warmup_steps), lr, 0.0)
+        return start_lr + (lr - start_lr) * step / warmup_steps
+    return cosine((step - warmup_steps) / max(1, total_steps - warmup_steps), lr, end_lr)
 
 
 def weight_decay_at(step: int, weight_decay: float, final_weight_decay: float | None, total_steps: int) -> float:

@@ -428,11 +428,12 @@ class Backend:
         self.load_state_dict(state)
 
     @contextlib.contextmanager
-    def evaluation(self, module: nn.Module):
+    def evaluation(self, module: nn.Module, method: str = "pooled_features"):
         """Context in which `module` (a part of this backend's model) can run evaluation forwards
-        outside the training forward; yields a function x -> module.pooled_features(x) that
-        prepares the input as this backend needs. Call on every rank."""
-        yield module.pooled_features
+        outside the training forward; yields a function x -> module.<method>(x) (its pooled features,
+        or `forward`: a classifier's logits) that prepares the input as this backend needs. Call on
+        every rank."""
+        yield getattr(module, method)
 
     def eval_model(self) -> nn.Module:
         """The model to run evaluation forwards with, on every rank (sharded backends return their

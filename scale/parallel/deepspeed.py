@@ -216,13 +216,13 @@ class DeepSpeedBackend(Backend):
             torch.cuda.current_stream(self.device).synchronize()
 
     @contextlib.contextmanager
-    def evaluation(self, module: nn.Module):
+    def evaluation(self, module: nn.Module, method: str = "pooled_features"):
         """Evaluation forwards outside the engine: inputs in the module's dtype, and under ZeRO-3
         the module's parameters gathered for the duration (one encoder at a time)."""
         deepspeed = internals.require_deepspeed()
 
         def features(x: torch.Tensor) -> torch.Tensor:
-            return module.pooled_features(x.to(self.dtype))
+            return getattr(module, method)(x.to(self.dtype))
 
         if self.stage == 3:
             with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):

@@ -22,7 +22,7 @@ from scale.config import Config, Derived
 from scale.hardware.precision import autocast_dtype
 from scale.models import MoCoV3, ResNet, ResNetConfig, build_moco, resolve_backbone_config
 from scale.models.vit import VisionTransformer, ViTConfig, attention_backend
-from scale.optim import build_optimizer, param_groups
+from scale.optim import build_optimizer, layer_decay_scale, param_groups
 from scale.parallel.base import Backend
 from scale.parallel.compile import compile_regions
 from scale.parallel.dist import AllGatherKeys
@@ -86,16 +86,19 @@ class ViTLayout(BackboneLayout):
         class token, position table and final norm are left out (no layer of the paper's Fig. 4)."""
         enc = model.base_encoder
         return [("patch_embed", enc.patch_embed), *((f"block.{i}", b) for i, b in enumerate(enc.blocks)),
-                ("projector", enc.head), ("predictor", model.predictor)]  # fmt: skip
+                *_heads(model)]  # fmt: skip
 
     def describe(self, model: MoCoV3, device: torch.device, precision: str) -> str:
         vit = model.base_encoder.cfg
         kernel = attention_backend(vit, device, autocast_dtype(precision) or torch.float32)
+        head_width = vit.embed_dim // vit.num_heads
+        out = (f"attention: scaled_dot_product_attention with the {kernel} kernel ({precision}, {vit.num_tokens} "
+               f"tokens, head width {head_width})")  # fmt: skip
+        if not isinstance(model, MoCoV3):
+            return out
         views = ("as one batch (joint views)" if model.joint_views
                  else "one view at a time (BatchNorm before the head needs per-view statistics)")  # fmt: skip
-        head_width = vit.embed_dim // vit.num_heads
-        return (f"attention: scaled_dot_product_attention with the {kernel} kernel ({precision}, {vit.num_tokens} "
-                f"tokens, head width {head_width}); both views through each encoder {views}")  # fmt: skip
+        return f"{out}; both views through each encoder {views}"
 
 
 class ResNetLayout(BackboneLayout):
@@ -114,7 +117,7 @@ class ResNetLayout(BackboneLayout):
         enc = model.base_encoder
         blocks = [(f"{stage}.{i}", b) for stage in ("layer1", "layer2", "layer3", "layer4")
                   for i, b in enumerate(getattr(enc, stage))]  # fmt: skip
-        return [("conv1", enc.conv1), *blocks, ("projector", enc.fc), ("predictor", model.predictor)]
+        return [("conv1", enc.conv1), *blocks, *_heads(model)]
 
     def prepare(self, model: MoCoV3, backend: Backend) -> None:
         """Channels-last on CUDA (cuDNN's layout for tensor cores): the inputs always, the weights too
@@ -123,7 +126,7 @@ class ResNetLayout(BackboneLayout):
         if backend.device.type != "cuda":
             return
         weights = backend.name in ("single", "ddp")
-        for enc in (model.base_encoder, model.momentum_encoder):
+        for enc in _encoders(model):
             if weights:
                 enc.to_channels_last()
             else:
@@ -135,11 +138,25 @@ class ResNetLayout(BackboneLayout):
     def describe(self, model: MoCoV3, device: torch.device, precision: str) -> str:
         enc = model.base_encoder
         memory = "channels-last" if enc.channels_last else "channels-first"
-        return (f"convolutions {memory} ({precision}, {enc.cfg.name} at {enc.cfg.img_size} px); one view at a time "
-                "through each encoder (every BatchNorm needs per-view statistics)")  # fmt: skip
+        out = f"convolutions {memory} ({precision}, {enc.cfg.name} at {enc.cfg.img_size} px)"
+        if not isinstance(model, MoCoV3):
+            return out
+        return f"{out}; one view at a time through each encoder (every BatchNorm needs per-view statistics)"
 
 
 LAYOUTS: list[tuple[type[nn.Module], BackboneLayout]] = [(VisionTransformer, ViTLayout()), (ResNet, ResNetLayout())]
+
+
+def _encoders(model: nn.Module) -> list[nn.Module]:
+    """The base encoder and, where there is one, the momentum encoder (MoCo's, or a classifier's EMA)."""
+    return [e for e in (model.base_encoder, getattr(model, "momentum_encoder", None)) if e is not None]
+
+
+def _heads(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The gradient monitor's last layers: MoCo's projector and predictor, or a classifier's head."""
+    if isinstance(model, MoCoV3):
+        return [("projector", model.base_encoder.head), ("predictor", model.predictor)]
+    return [("classifier", model.base_encoder.head)]
 
 
 def layout_of(model: MoCoV3) -> BackboneLayout:
@@ -156,15 +173,17 @@ def sharding_plan(model: MoCoV3) -> ShardingPlan:
     encoders and the predictor; the momentum encoder gets exactly the base encoder's layout (its EMA
     then runs on local shards)."""
     layout = layout_of(model)
-    enc, mom = model.base_encoder, model.momentum_encoder
-    blocks = [*layout.blocks(enc), *layout.blocks(mom)]
+    encoders = _encoders(model)
+    mom = encoders[1:]  # forward only: MoCo's momentum encoder, a classifier's EMA
+    blocks = [b for e in encoders for b in layout.blocks(e)]
     units = [u for block in blocks for u in (*layout.norm_units(block), block)]
+    predictor = [model.predictor] if isinstance(model, MoCoV3) else []
     return ShardingPlan(
-        units=[*units, enc, mom, model.predictor],
+        units=[*units, *encoders, *predictor],
         low_precision=blocks if layout.low_precision else [],
-        forward_methods=[(enc, "pooled_features"), (mom, "pooled_features")],
-        forward_only=[*(u for b in layout.blocks(mom) for u in (*layout.norm_units(b), b)), mom],
-        sequences=[[[block, *layout.norm_units(block)] for block in layout.blocks(e)] for e in (enc, mom)],
+        forward_methods=[(e, "pooled_features") for e in encoders],
+        forward_only=[*(u for m in mom for b in layout.blocks(m) for u in (*layout.norm_units(b), b)), *mom],
+        sequences=[[[block, *layout.norm_units(block)] for block in layout.blocks(e)] for e in encoders],
     )
 
 
@@ -178,8 +197,9 @@ def compiled_regions(model: MoCoV3) -> list[nn.Module]:
     """What `--model.compile` compiles: each block of both encoders (one graph for all: the same
     code), both projectors and the predictor."""
     layout = layout_of(model)
-    enc, mom = model.base_encoder, model.momentum_encoder
-    return [*layout.blocks(enc), *layout.blocks(mom), enc.head, mom.head, model.predictor]
+    encoders = _encoders(model)
+    predictor = [model.predictor] if isinstance(model, MoCoV3) else []
+    return [*(b for e in encoders for b in layout.blocks(e)), *(e.head for e in encoders), *predictor]
 
 
 def recomputed_blocks(model: MoCoV3) -> list[nn.Module]:
@@ -216,7 +236,10 @@ def optimizer_factory(cfg: Config, lr: float, described: list[str]) -> Callable[
 
     def build(module: nn.Module) -> torch.optim.Optimizer:
         o = cfg.optim
-        groups = param_groups(module, o.exclude_norm_bias_from_wd)
+        lr_scale = None
+        if cfg.task == "finetune" and cfg.finetune.layer_decay < 1:  # fine-tuning's layer-wise lr decay (ViTs)
+            lr_scale = layer_decay_scale(module.base_encoder.cfg.depth, cfg.finetune.layer_decay)
+        groups = param_groups(module, o.exclude_norm_bias_from_wd, lr_scale)
         opt, description = build_optimizer(o.name, groups, lr, o.weight_decay, o.betas, o.eps, o.momentum,
                                            o.trust_coefficient, o.implementation)  # fmt: skip
         described.append(description)
@@ -243,7 +266,8 @@ def parallelize(cfg: Config, backend: Backend, derived: Derived, model: MoCoV3 |
     model = model if model is not None else build_model(cfg)
     if backend.world_size > 1:
         convert_sync_batchnorm(model)
-        model.key_gather = AllGatherKeys()
+        if isinstance(model, MoCoV3):
+            model.key_gather = AllGatherKeys()
     mode = recompute_mode(cfg.parallel.activation_checkpointing)
     if mode != "none":
         n = apply_activation_checkpointing(recomputed_blocks(model), selective=mode == "selective")

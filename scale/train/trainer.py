@@ -88,7 +88,33 @@ class Trainer:
         check_run_dir(self.run_dir, cfg)  # on every rank, before any work
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
 
-        self.loader = loader or build_loader(
+        self.loader = loader or self.build_loader(per_device)
+        self.derived: Derived = derive(cfg, b.world_size, len(self.loader) * per_device * b.world_size)
+
+        laid = parallelize(cfg, b, self.derived, self.build_model())  # the model laid out, and its optimizer
+        self.optimizer_description, self.compute_description = laid.optimizer, laid.compute
+        self.backbone_cfg = laid.model.base_encoder.cfg
+        num_samples = len(self.loader) * per_device * b.world_size
+        per_rank_images = per_device * self.derived.grad_accum_steps
+        self.monitors = RunMonitors(cfg.monitor, b, b.module.base_encoder, grad_groups(b.module), num_samples,
+                                    self.derived.global_batch_size, per_rank_images)  # fmt: skip
+        self.metrics: MetricsLogger | None = None
+        self.flops_per_image = self.training_flops()
+        self.peak_flops, self.peak_label = device_peak(b.device, b.compute_precision)
+        self.step = 0
+        self.skips = SkipCounter(b.device)
+        self.last_saved_step: int | None = None
+        self.ckpt_failures = FailurePolicy(self.run_dir, cfg.run.ckpt_failure, cfg.run.max_ckpt_failures)
+        self.heartbeat = Heartbeat(b.rank, b.world_size, cfg.parallel.timeout_minutes * 60)
+        b.barrier()  # every rank has checked the run directory before rank 0 writes into it
+
+    # ------------------------------------------------------------------ what a task defines
+    # Pretraining's (MoCo v3) here; fine-tuning overrides them (`scale.train.finetune.FinetuneTrainer`).
+
+    def build_loader(self, per_device: int):
+        """This rank's training batches: (view 1, view 2, labels) for MoCo."""
+        cfg, b = self.cfg, self.backend
+        return build_loader(
             cfg.data.source,
             batch_size=per_device,
             world_size=b.world_size,
@@ -103,24 +129,31 @@ class Trainer:
             device=b.device if b.device.type == "cuda" else None,
             device_id=b.device.index if b.device.type == "cuda" else None,
         )
-        self.derived: Derived = derive(cfg, b.world_size, len(self.loader) * per_device * b.world_size)
 
-        laid = parallelize(cfg, b, self.derived)  # the model, laid out on the devices, and its optimizer
-        self.optimizer_description, self.compute_description = laid.optimizer, laid.compute
-        self.backbone_cfg = laid.model.base_encoder.cfg
-        num_samples = len(self.loader) * per_device * b.world_size
-        per_rank_images = per_device * self.derived.grad_accum_steps
-        self.monitors = RunMonitors(cfg.monitor, b, b.module.base_encoder, grad_groups(b.module), num_samples,
-                                    self.derived.global_batch_size, per_rank_images)  # fmt: skip
-        self.metrics: MetricsLogger | None = None
-        self.flops_per_image = moco_training_flops(self.backbone_cfg, cfg.model.dim, cfg.model.mlp_dim).total
-        self.peak_flops, self.peak_label = device_peak(b.device, b.compute_precision)
-        self.step = 0
-        self.skips = SkipCounter(b.device)
-        self.last_saved_step: int | None = None
-        self.ckpt_failures = FailurePolicy(self.run_dir, cfg.run.ckpt_failure, cfg.run.max_ckpt_failures)
-        self.heartbeat = Heartbeat(b.rank, b.world_size, cfg.parallel.timeout_minutes * 60)
-        b.barrier()  # every rank has checked the run directory before rank 0 writes into it
+    def build_model(self):
+        """The model to lay out; None: `parallelize` builds MoCo v3 from the config."""
+        return None
+
+    def training_flops(self) -> float:
+        """FLOPs per training image (for MFU)."""
+        cfg = self.cfg
+        return moco_training_flops(self.backbone_cfg, cfg.model.dim, cfg.model.mlp_dim).total
+
+    def lr_at(self, step: int) -> float:
+        d = self.derived
+        return lr_at(step, d.lr, d.warmup_steps, d.total_steps)
+
+    def momentum_at(self, step: int) -> float:
+        """The momentum encoder's coefficient after `step` steps."""
+        s = self.cfg.schedule
+        return momentum_at(step, self.derived.total_steps, s.momentum, s.final_momentum)
+
+    def end_of_epoch(self, epoch: int, row: dict[str, Any], metrics: MetricsLogger) -> None:
+        """After each complete epoch but the last (its checkpoint written): the held-out kNN monitor."""
+        every = self.cfg.monitor.heldout_every_epochs
+        if every and epoch % every == 0:
+            row["knn_top1"] = self.knn_monitor()
+            metrics.log(self.step, {"knn_top1": row["knn_top1"]})
 
     # ------------------------------------------------------------------ helpers
 
@@ -143,7 +176,9 @@ class Trainer:
         log.info("backend: %s; optimizer: %s", b.describe(), self.optimizer_description)
         log.info("%s", self.compute_description)
         log.info("derived: %s", d.summary())
-        if d.grad_accum_steps > 1 and cfg.batch.keys == "global":
+        if d.grad_accum_steps > 1 and cfg.task != "pretrain":
+            pass  # no contrastive keys: each micro-batch's loss is its own
+        elif d.grad_accum_steps > 1 and cfg.batch.keys == "global":
             log.info("gradient accumulation: every micro-batch's keys first, so each loss contrasts the global "
                      "batch's %d keys (the heads' BatchNorm statistics stay per micro-batch)",
                      d.negatives_per_loss)  # fmt: skip
@@ -230,7 +265,7 @@ class Trainer:
         loss-scale overflow (expected); anything else counts as non-finite.
         """
         b, cfg, d = self.backend, self.cfg, self.derived
-        lr = lr_at(self.step, d.lr, d.warmup_steps, d.total_steps)
+        lr = self.lr_at(self.step)
         wd = weight_decay_at(self.step, cfg.optim.weight_decay, cfg.optim.final_weight_decay, d.total_steps)
         saved = b.snapshot_buffers()
         keys = self._global_keys(micro_batches)
@@ -241,7 +276,7 @@ class Trainer:
         ]  # fmt: skip
         result = b.step(lr, wd, cfg.optim.clip_grad, measure_groups=self.monitors.measure_grads(self.step + 1))
         loss = torch.stack(losses).double().mean()
-        next_momentum = momentum_at(self.step + 1, d.total_steps, cfg.schedule.momentum, cfg.schedule.final_momentum)
+        next_momentum = self.momentum_at(self.step + 1)
         b.restore_buffers(saved, result.applied)
         b.momentum_update(next_momentum, result.applied)
         self.skips.add(self.step, result.applied, b.scaler_overflow(loss))
@@ -251,7 +286,7 @@ class Trainer:
 
     def _global_keys(self, micro_batches: list) -> list[tuple[torch.Tensor, torch.Tensor, int]] | None:
         """`global_keys` with accumulation and `batch.keys=global`; None otherwise."""
-        if len(micro_batches) == 1 or self.cfg.batch.keys != "global":
+        if len(micro_batches) == 1 or self.cfg.batch.keys != "global" or self.cfg.task != "pretrain":
             return None
         return global_keys(self.backend, micro_batches)
 
@@ -339,10 +374,8 @@ class Trainer:
                 epoch = self.step // d.steps_per_epoch  # epochs completed
                 if not cfg.run.ckpt_every and self.step < stop:
                     self.save()
-                every = cfg.monitor.heldout_every_epochs
-                if every and epoch % every == 0 and self.step < stop:
-                    row["knn_top1"] = self.knn_monitor()
-                    metrics.log(self.step, {"knn_top1": row["knn_top1"]})
+                if self.step < stop:
+                    self.end_of_epoch(epoch, row, metrics)
                 window.restart()
                 continue
             batches.close()  # stopped mid-epoch: release the workers

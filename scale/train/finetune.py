@@ -1,0 +1,293 @@
+"""End-to-end fine-tuning through pretraining's trainer and backends (`FinetuneTrainer`).
+
+The trainer's loop, checkpoints, exact resume, preemption and requeue, non-finite skips, progress,
+metrics.jsonl and TensorBoard are pretraining's (`scale.train.trainer.Trainer`); this module
+defines what differs: the model (a backbone from a checkpoint with a linear classifier and its
+EMA, `scale.models.classifier`), the input (DeiT's augmentation, repeated augmentation and mixup,
+`scale.data.finetune`), the schedules (DeiT's warmup from 1e-6 and cosine to 1e-5; the EMA's
+constant decay in place of the momentum schedule) and the evaluation after epochs: top-1 / top-5 of
+the model and of its EMA on `data.eval_source`, written to metrics.jsonl and, at the end, to
+`results.json` in the run directory (the linear probe's form).
+
+Every backend lays the classifier out as it lays MoCo out (`scale.train.parallelize`): DDP
+replicates it, FSDP2 and ZeRO-3 shard the EMA exactly like the model (its update runs on local
+shards, in fp32), activation checkpointing recomputes the backbone's blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2 as T
+
+from scale.config import Config
+from scale.data.augment import Normalize
+from scale.data.finetune import FinetuneAugment, FinetuneLoader
+from scale.data.labelled import check_labels
+from scale.data.sources import ShardSource, resolve_source
+from scale.errors import ConfigError, DataError
+from scale.models import build_backbone, is_resnet
+from scale.models.classifier import Classifier
+from scale.models.flops import backbone_macs
+from scale.optim import lr_at
+from scale.train.knn import _share
+from scale.train.metrics import MetricsLogger
+from scale.train.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def num_classes_of(source: str) -> int:
+    """The classes of a labelled training source: its `<prefix>-classes.json` (written by
+    `scale-make-shards` beside the shards), an image folder's class folders, or else the largest
+    label among the first sample of each shard (logged: set --finetune.num_classes to be sure)."""
+    src = resolve_source(source)
+    if isinstance(src, ShardSource):
+        first = src.tars[0]
+        classes = first.parent / f"{first.name.rsplit('-', 1)[0]}-classes.json"
+        if classes.is_file():
+            return len(json.loads(classes.read_text()))
+    n = check_labels(src, f"--data.source={source}")
+    if isinstance(src, ShardSource):
+        log.warning("%s has no classes file: %d classes guessed from the first sample of each shard; set "
+                    "--finetune.num_classes to be sure", source, n)  # fmt: skip
+    return n
+
+
+def finetune_overrides(cfg: Config, name: str) -> dict[str, Any]:
+    """The backbone options fine-tuning sets: the crop size, and for ViTs the stochastic depth."""
+    out: dict[str, Any] = {"img_size": cfg.model.img_size}
+    if not is_resnet(name):
+        out["drop_path_rate"] = cfg.finetune.drop_path
+    return out
+
+
+def run_config(path: str) -> dict[str, Any] | None:
+    """The resolved config of a run (or checkpoint) directory of this project; None for anything else."""
+    from scale.eval.backbone import resolve_run_checkpoint
+
+    p = Path(path).expanduser()
+    ckpt = resolve_run_checkpoint(p) if p.is_dir() else None
+    if ckpt is None:
+        return None
+    return torch.load(ckpt / "client.pt", map_location="cpu", weights_only=False).get("config")
+
+
+def build_classifier(cfg: Config, num_classes: int) -> Classifier:
+    """The backbone of `cfg.finetune.pretrained` (or of `cfg.model` at random init, seeded by
+    `run.seed` as pretraining seeds its model) with a classifier of `num_classes`, every parameter
+    trainable (the frozen patch projection and position table of pretraining too, as DeiT's timm
+    model trains them), and its EMA."""
+    from scale.eval.backbone import load_frozen_backbone  # the checkpoint readers of every format
+
+    f = cfg.finetune
+    torch.manual_seed(cfg.run.seed)
+    if f.pretrained:
+        run = run_config(f.pretrained)
+        if run is not None:  # a run of this project: its architecture, recorded in this run's config
+            for key in ("name", "patch_size", "use_bn", "embed_dim", "depth", "num_heads", "pool", "pos_embed"):
+                if key in run["model"]:
+                    setattr(cfg.model, key, run["model"][key])
+        name = cfg.model.name
+        loaded = load_frozen_backbone(f.pretrained, model=None if run is not None else name, encoder=f.encoder,
+                                      **finetune_overrides(cfg, name))  # fmt: skip
+        backbone = loaded.model
+    else:
+        name = cfg.model.name
+        backbone = build_backbone(name, **{**cfg.model.vit_overrides(), **finetune_overrides(cfg, name)})
+    backbone.train().requires_grad_(True)
+    return Classifier(backbone, num_classes, ema=f.ema_decay > 0)
+
+
+class FinetuneTrainer(Trainer):
+    """Pretraining's trainer with fine-tuning's model, data, schedules and evaluation."""
+
+    def __init__(self, cfg: Config, loader=None, backend=None):
+        if cfg.task != "finetune":
+            raise ConfigError(f"the recipe {cfg.recipe!r} is a pretraining recipe; fine-tune with a *_finetune recipe")
+        self.num_classes = cfg.finetune.num_classes or num_classes_of(cfg.data.source)
+        self.results: dict[str, Any] = {}
+        self.evaluated_at: int | None = None
+        super().__init__(cfg, loader, backend)
+
+    # ------------------------------------------------------------------ the task
+
+    def augment(self) -> FinetuneAugment:
+        f, m = self.cfg.finetune, self.cfg.model
+        return FinetuneAugment(
+            img_size=m.img_size, num_classes=self.num_classes, auto_augment=f.auto_augment,
+            interpolation=f.interpolation, reprob=f.reprob, color_jitter=f.color_jitter, mixup=f.mixup,
+            cutmix=f.cutmix, mixup_prob=f.mixup_prob, mixup_switch_prob=f.mixup_switch_prob,
+            smoothing=f.smoothing, repeats=f.repeats,
+        )  # fmt: skip
+
+    def build_loader(self, per_device: int):
+        cfg, b = self.cfg, self.backend
+        return FinetuneLoader(cfg.data.source, self.augment(), batch_size=per_device, world_size=b.world_size,
+                              rank=b.rank, num_workers=cfg.data.num_workers, seed=cfg.run.seed,
+                              shuffle_buffer=cfg.data.shuffle_buffer,
+                              device=b.device if b.device.type == "cuda" else None)  # fmt: skip
+
+    def build_model(self) -> Classifier:
+        return build_classifier(self.cfg, self.num_classes)
+
+    def training_flops(self) -> float:
+        """One crop's forward and backward: 3 x 2 x MACs (the EMA runs no forward in training)."""
+        return 6.0 * backbone_macs(self.backbone_cfg)
+
+    def lr_at(self, step: int) -> float:
+        d, f = self.derived, self.cfg.finetune
+        return lr_at(step, d.lr, d.warmup_steps, d.total_steps, start_lr=min(f.warmup_lr, d.lr), end_lr=f.min_lr)
+
+    def momentum_at(self, step: int) -> float:
+        """The EMA's decay: constant (DeiT's ModelEma)."""
+        return self.cfg.finetune.ema_decay if self.cfg.finetune.ema_decay > 0 else 1.0
+
+    def end_of_epoch(self, epoch: int, row: dict[str, Any], metrics: MetricsLogger) -> None:
+        every = self.cfg.finetune.eval_every_epochs
+        if every and epoch % every == 0 and self.cfg.data.eval_source:
+            row.update(self.evaluate_and_log(metrics))
+
+    def _log_start(self) -> None:
+        super()._log_start()
+        if self.backend.is_main:
+            f = self.cfg.finetune
+            log.info("fine-tuning %s from %s: %d classes; drop path %g, layer decay %g, EMA %g; mixup %g, cutmix %g, "
+                     "smoothing %g, %s, random erasing %g, %d repeat(s)", self.cfg.model.name,
+                     f.pretrained or "random init", self.num_classes, f.drop_path, f.layer_decay, f.ema_decay,
+                     f.mixup, f.cutmix, f.smoothing, f.auto_augment or "no RandAugment", f.reprob,
+                     f.repeats)  # fmt: skip
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate_and_log(self, metrics: MetricsLogger | None) -> dict[str, float]:
+        """Top-1 / top-5 (%) of the model and its EMA on `data.eval_source`, logged as a metrics row."""
+        t0 = time.perf_counter()
+        out = self.evaluate()
+        if metrics is not None:
+            metrics.log(self.step, out)
+        if self.backend.is_main:
+            ema = f", EMA {out['ema_top1']:.2f} / {out['ema_top5']:.2f}" if "ema_top1" in out else ""
+            log.info("step %d: top-1 / top-5 on %s: %.2f / %.2f%s (%.0f s)", self.step, self.cfg.data.eval_source,
+                     out["top1"], out["top5"], ema, time.perf_counter() - t0)  # fmt: skip
+        self.results, self.evaluated_at = out, self.step
+        return out
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        model = self.backend.eval_model()
+        out = {}
+        for prefix, encoder in (("", model.base_encoder), ("ema_", model.momentum_encoder)):
+            if encoder is None:
+                continue
+            if prefix:
+                model.sync_buffers()  # the EMA evaluated with the model's BatchNorm statistics (timm's exclude_buffers)
+            top1, top5 = self._accuracy(encoder)
+            out[f"{prefix}top1"], out[f"{prefix}top5"] = top1, top5
+        return out
+
+    def _accuracy(self, encoder: torch.nn.Module) -> tuple[float, float]:
+        """Top-1 and top-5 (%) of `encoder`'s logits over every sample of `data.eval_source`: each rank
+        its contiguous share (padded: every rank runs the same forwards), counts all-reduced."""
+        b, cfg = self.backend, self.cfg
+        size, pct = cfg.model.img_size, cfg.finetune.eval_crop_pct
+        modes = T.InterpolationMode
+        interp = modes.BILINEAR if cfg.finetune.interpolation == "bilinear" else modes.BICUBIC
+        resize = T.Compose([T.Resize(math.floor(size / pct), interpolation=interp, antialias=True), T.CenterCrop(size)])
+        src = resolve_source(cfg.data.eval_source)
+        runs, per_rank = _share(src.counts, b.rank, b.world_size)
+        batch_size = max(1, self.derived.batch_size_per_device)
+        normalize = Normalize()
+        counts = torch.zeros(3, dtype=torch.float64, device=b.device)  # top-1, top-5, samples
+        was_training = encoder.training
+        encoder.eval()
+        with b.evaluation(encoder, "forward") as forward:
+
+            def flush(images: list[torch.Tensor], labels: list[int]) -> None:
+                x = normalize(torch.stack(images).to(b.device))
+                with b.autocast():
+                    logits = forward(x).float()
+                y = torch.tensor(labels, device=b.device)
+                top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+                hit = (top == y[:, None]) & (y[:, None] >= 0)
+                counts.add_(torch.stack([hit[:, 0].sum(), hit.any(1).sum(), (y >= 0).sum()]).double())
+
+            forwards, images, labels = 0, [], []
+            for unit, lo, hi in runs:
+                reader = src.read(unit, lo, hi) if isinstance(src, ShardSource) else [src.read_one(unit, 0)]
+                for key, data, label in reader:
+                    try:
+                        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                             mode=ImageReadMode.RGB)  # fmt: skip
+                    except Exception:
+                        log.warning("evaluation: skipping undecodable sample %s", key)
+                        continue
+                    images.append(resize(image))
+                    labels.append(label)
+                    if len(images) == batch_size:
+                        flush(images, labels)
+                        forwards, images, labels = forwards + 1, [], []
+            if images:
+                flush(images, labels)
+                forwards += 1
+            for _ in range(-(-per_rank // batch_size) - forwards):  # padding forwards, not counted
+                flush([torch.zeros(3, size, size, dtype=torch.uint8)], [-1])
+        encoder.train(was_training)
+        if b.world_size > 1:
+            c = counts.to(b.comm_device())
+            dist.all_reduce(c)
+            counts = c
+        top1, top5, n = counts.tolist()
+        if not n:
+            raise DataError(f"--data.eval_source={cfg.data.eval_source} holds no labelled samples to evaluate on")
+        return 100.0 * top1 / n, 100.0 * top5 / n
+
+    # ------------------------------------------------------------------ the run
+
+    def fit(self) -> dict[str, Any]:
+        """Train, then evaluate the final model and its EMA (a row of metrics.jsonl) and write
+        results.json."""
+        result = super().fit()
+        if self.cfg.data.eval_source:
+            if self.evaluated_at != self.step:
+                metrics = MetricsLogger(self.run_dir, self.backend.is_main, self.cfg.run.tensorboard)
+                try:
+                    self.evaluate_and_log(metrics)
+                finally:
+                    metrics.close()
+            result.update(self.results)
+            if self.backend.is_main:
+                self.write_results(result)
+        return result
+
+    def write_results(self, result: dict[str, Any]) -> Path:
+        """`results.json` in the run directory, written atomically: the final accuracies and what
+        produced them."""
+        f = self.cfg.finetune
+        out = {
+            "task": "finetune",
+            "recipe": self.cfg.recipe,
+            "pretrained": f.pretrained or "random init",
+            "model": self.cfg.model.name,
+            "train": self.cfg.data.source,
+            "val": self.cfg.data.eval_source,
+            "num_classes": self.num_classes,
+            "step": self.step,
+            "epochs": self.step / self.derived.steps_per_epoch,
+            **{k: result[k] for k in ("top1", "top5", "ema_top1", "ema_top5") if k in result},
+        }
+        path = self.run_dir / "results.json"
+        tmp = path.with_name(f".results.json.{os.getpid()}")
+        tmp.write_text(json.dumps(out, indent=1))
+        os.replace(tmp, path)
+        log.info("results: %s", path)
+        return path

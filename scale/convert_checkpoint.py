@@ -1,29 +1,34 @@
 """Convert a MoCo v3 checkpoint for the tools that fine-tune or probe it.
 
-    scale-convert-checkpoint runs/vit_b_300ep vit_b_timm.pth                          # timm backbone
-    scale-convert-checkpoint runs/vit_b_300ep vit_b_timm1k.pth --num-classes 1000     # + a zero classifier
-    scale-convert-checkpoint runs/vit_b_300ep vit_b_deit.pth --format deit            # DeiT's main.py --finetune
-    scale-convert-checkpoint runs/vit_b_300ep vit_b_moco.pth.tar --format moco        # the authors' main_lincls.py
-    scale-convert-checkpoint vit-b-300ep.pth.tar vit_b_timm.pth --model vit_base      # the authors' release
-    scale-convert-checkpoint r-50-1000ep.pth.tar r50_tv.pth --format torchvision      # torchvision's resnet50
+    scale-convert-checkpoint runs/vit_b_300ep vit_b_timm                          # timm export folder
+    scale-convert-checkpoint runs/vit_b_300ep vit_b_timm1k --num-classes 1000     # + a zero classifier
+    scale-convert-checkpoint runs/fashion_finetune fashion_vit                    # a fine-tuned classifier
+    scale-convert-checkpoint runs/vit_b_300ep vit_b_deit.pth --format deit        # DeiT's main.py --finetune
+    scale-convert-checkpoint runs/vit_b_300ep vit_b_moco.pth.tar --format moco    # the authors' main_lincls.py
+    scale-convert-checkpoint vit-b-300ep.pth.tar vit_b_timm --model vit_base      # the authors' release
+    scale-convert-checkpoint r-50-1000ep.pth.tar r50_tv.pth --format torchvision  # torchvision's resnet50
 
 SRC: a run directory of this project (its newest checkpoint) or one of its checkpoint directories,
-from any backend (single, DDP, FSDP2, DeepSpeed ZeRO-1/2/3), the authors' release, or a timm state
-dict. Formats:
-- `timm`: the backbone alone (no projector, predictor or momentum encoder), keyed as timm's
-  VisionTransformer; with `--num-classes N` a zero-initialised classifier (`head.*`) is added, so
-  timm's train.py `--initial-checkpoint` (a strict load) takes it.
-- `deit`: `{'model': backbone}` without the head, as the authors' convert_to_deit.py writes it.
+from any backend (single, DDP, FSDP2, DeepSpeed ZeRO-1/2/3), pretraining or fine-tuning, the authors'
+release, or a timm state dict. Formats:
+- `timm` (default): an export folder that carries its architecture (`scale.models.export`):
+  config.json with timm's architecture and every model argument (MoCo v3's ViT-S has 12 heads,
+  timm's vit_small_patch16_224 6) and model.safetensors. `timm.create_model("local-dir:OUT",
+  pretrained=True[, num_classes=N])` builds the right model; timm's train.py takes `--model
+  local-dir:OUT --pretrained`. A fine-tuning run's export keeps its classifier; `--num-classes N`
+  adds a zero-initialised one to a backbone. ViT-BN and the conv stem, which timm cannot build,
+  get scale's description only (`load_export`, `scale-finetune --pretrained OUT`).
+- `deit`: `{'model': backbone, 'arch', 'model_args'}` without the head, as the authors'
+  convert_to_deit.py writes it; refused where DeiT's models differ (ViT-S's 12 heads, ViT-BN).
 - `torchvision` (ResNets): the backbone as torchvision's `resnet50` state dict, without `fc` (load it
   into a model whose `fc` is `nn.Identity()`, or the authors' main_lincls.py way, non-strictly), or
   with `--num-classes N` a zero-initialised `fc` that `resnet50(num_classes=N)` loads strictly; the
-  authors' conversion for fine-tuning and detection. timm's ResNets take the same keys, so `timm`
-  writes the same for a ResNet.
+  authors' conversion for fine-tuning and detection.
 - `moco`: the whole MoCo v3 model in the authors' layout (`{'epoch', 'arch', 'state_dict':
   {'module.base_encoder.*', 'module.momentum_encoder.*', 'module.predictor.*'}}`), for their
   main_lincls.py and main_moco.py --resume.
-Each output is verified before it is written: strictly into scale's own model, and into timm's
-equivalent as the consumer loads it.
+Each output is verified before it is written: strictly into scale's own model, and as the consumer
+loads it (timm's model built from the export folder alone gives the same outputs).
 """
 
 from __future__ import annotations
@@ -40,15 +45,20 @@ from scale.entry import run_cli
 from scale.errors import CheckpointError
 from scale.eval.backbone import architecture, resolve_run_checkpoint, run_model_state
 from scale.models import ResNet, build_backbone, build_moco
+from scale.models.export import export_backbone, timm_model_args
 from scale.models.formats import (
     backbone_state_dict,
+    check_keys,
+    describe_backbone,
     export_torchvision_state_dict,
+    head_prefix,
     load_backbone,
     load_moco_checkpoint,
     official_state,
     read_checkpoint,
     save_atomic,
     timm_kwargs,
+    unwrap_state_dict,
 )
 
 log = logging.getLogger("scale.convert")
@@ -94,32 +104,41 @@ def convert(
                          f"{'torchvision, timm or moco' if resnet else 'timm, deit or moco'}")  # fmt: skip
     if fmt == "moco":
         out = _moco(ckpt, name, config, epoch, vit_overrides)
+    elif fmt == "timm":
+        finetuned = config is not None and config.get("task") == "finetune"
+        _load_for_export(backbone, ckpt, encoder, finetuned)
+        meta = {"model": name, "source": str(src), "encoder": encoder, "epoch": epoch,
+                "task": config.get("task", "pretrain") if config else None}  # fmt: skip
+        export_backbone(backbone, dst, num_classes, meta)
+        return {"folder": str(dst)}
     else:
         sd = backbone_state_dict(ckpt, encoder=encoder)
         load_backbone(backbone, sd)  # strict: names every missing and unexpected key
         if resnet:
             out = _torchvision(backbone, num_classes)
-        elif fmt == "timm":
-            out = _timm(backbone, sd, num_classes)
         else:
-            out = {"model": sd}
             _verify_deit(backbone, sd)
+            out = {"model": sd, "arch": name, "model_args": timm_model_args(backbone.cfg)[1]}
     save_atomic(out, dst)
     log.info("wrote %s (%s format, %s) to %s", name, fmt, encoder if fmt != "moco" else "whole model", dst)
     return out
 
 
-def _timm(backbone, sd: dict, num_classes: int) -> dict:
-    out = dict(sd)
-    if num_classes:
-        dim = backbone.cfg.embed_dim
-        out["head.weight"] = torch.zeros(num_classes, dim)
-        out["head.bias"] = torch.zeros(num_classes)
-    try:
-        TimmViT(**{**timm_kwargs(backbone.cfg), "num_classes": num_classes}).load_state_dict(out, strict=True)
-    except ValueError as e:  # ViT-BN / conv stem: no timm equivalent
-        log.warning("%s; written with timm names, load it with scale.models.build_vit", e)
-    return out
+def _load_for_export(backbone, ckpt: dict, encoder: str, finetuned: bool) -> None:
+    """The backbone's weights, strictly; a fine-tuning run's with its classifier."""
+    if not finetuned:
+        load_backbone(backbone, backbone_state_dict(ckpt, encoder=encoder))
+        return
+    from scale.models.classifier import attach_classifier
+
+    prefix = f"{encoder}."
+    sd = {k[len(prefix) :]: v for k, v in unwrap_state_dict(ckpt).items() if k.startswith(prefix)}
+    head = head_prefix(sd)
+    if f"{head}weight" not in sd:
+        raise CheckpointError(f"the fine-tuning checkpoint has no {prefix}{head}weight (its classifier)")
+    attach_classifier(backbone, sd[f"{head}weight"].shape[0])
+    check_keys(backbone.state_dict(), sd, describe_backbone(backbone))
+    backbone.load_state_dict(sd, strict=True)
 
 
 def _torchvision(backbone: ResNet, num_classes: int) -> dict:
@@ -135,14 +154,26 @@ def _torchvision(backbone: ResNet, num_classes: int) -> dict:
     return out
 
 
+# Heads of timm's ViT models by width (DeiT-Ti/S/B, ViT-L/H): DeiT's main.py builds one of these by name.
+TIMM_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
+
+
 def _verify_deit(backbone, sd: dict) -> None:
-    """As DeiT's main.py --finetune loads it: non-strictly into a model with a classifier, which
-    must then miss exactly the classifier."""
-    try:
-        model = TimmViT(**{**timm_kwargs(backbone.cfg), "num_classes": 1000})
-    except ValueError as e:
-        log.warning("%s; written in DeiT's layout", e)
-        return
+    """DeiT's main.py builds its model by name (`--model deit_small_patch16_224`), which must have the
+    backbone's architecture: ViT-BN and the conv stem have none, and MoCo v3's ViT-S (12 heads) is
+    not DeiT-S (6 heads, the same weight shapes: it would load and compute something else). Then as
+    main.py --finetune loads it: non-strictly into a model with a classifier, which must then miss
+    exactly the classifier."""
+    cfg = backbone.cfg
+    if timm_model_args(cfg) is None:
+        raise ValueError("--format deit: DeiT has no model for ViT-BN or the conv stem; use --format timm "
+                         "(an export folder that scale.models.export.load_export builds)")  # fmt: skip
+    if TIMM_HEADS.get(cfg.embed_dim, cfg.num_heads) != cfg.num_heads:
+        raise ValueError(f"--format deit: this backbone has {cfg.num_heads} heads but DeiT's and timm's "
+                         f"{cfg.embed_dim}-wide ViT has {TIMM_HEADS[cfg.embed_dim]} (same weight shapes: it would "
+                         "load and compute something else); use --format timm, a folder that timm builds with "
+                         "the right number of heads (timm.create_model('local-dir:OUT', pretrained=True))")  # fmt: skip
+    model = TimmViT(**{**timm_kwargs(cfg), "num_classes": 1000})
     msg = model.load_state_dict(sd, strict=False)
     if set(msg.missing_keys) != {"head.weight", "head.bias"} or msg.unexpected_keys:
         raise CheckpointError(f"DeiT layout check failed: missing {msg.missing_keys}, unexpected {msg.unexpected_keys}")
@@ -161,7 +192,7 @@ def _moco(ckpt: dict, name: str, config: dict | None, epoch: int, vit_overrides:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", type=Path, help="run / checkpoint directory, or a .pth.tar (the authors') / .pth file")
-    parser.add_argument("dst", type=Path, help="output file")
+    parser.add_argument("dst", type=Path, help="output folder (timm) or file (deit, torchvision, moco)")
     parser.add_argument("--format", default="timm", choices=FORMATS)
     parser.add_argument("--model", help="backbone name (default: the run's, or the checkpoint's 'arch')")
     parser.add_argument("--encoder", default="base_encoder", choices=["base_encoder", "momentum_encoder"])

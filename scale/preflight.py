@@ -30,6 +30,7 @@ from scale.data.sources import resolve_source
 from scale.errors import BackendError, DataError
 from scale.hardware.precision import resolve_precision
 from scale.models import ResNetConfig, resolve_backbone_config
+from scale.models.export import is_export
 from scale.models.moco import resolve_view_forward
 from scale.parallel.ds_config import load_ds_json, resolve_ds_config, zero_section
 from scale.parallel.ds_internals import require_deepspeed
@@ -169,7 +170,8 @@ def _check_finetune(cfg: Config, per_device: int) -> None:
         if not path.exists():
             raise ConfigError(f"--finetune.pretrained={f.pretrained!r} does not exist; give a run directory, a "
                               "checkpoint directory or file, or leave it empty for random init")  # fmt: skip
-        if path.is_dir() and not (path / "client.pt").is_file() and not list(path.glob("checkpoints/step-*/client.pt")):
+        complete = (path / "client.pt").is_file() or list(path.glob("checkpoints/step-*/client.pt"))
+        if path.is_dir() and not complete and not is_export(path):
             raise ConfigError(f"--finetune.pretrained={f.pretrained!r} is a directory without a complete checkpoint "
                               "(checkpoints/step-*/client.pt); wait for one or give a checkpoint file")  # fmt: skip
     backbone = resolve_backbone_config(cfg.model.name, **cfg.model.vit_overrides())

@@ -23,6 +23,7 @@ import torch
 from scale.config import config_from_dict
 from scale.errors import CheckpointError
 from scale.models import RESNET_PRESETS, ResNet, build_backbone, is_resnet
+from scale.models.export import is_export, load_export, read_export_meta
 from scale.models.formats import backbone_state_dict, load_backbone, read_checkpoint
 from scale.models.vit import VIT_ALIASES, VIT_PRESETS, VisionTransformer
 from scale.train.parallelize import build_model
@@ -156,6 +157,14 @@ def load_frozen_backbone(
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; give a run directory, a checkpoint "
                                 "directory or a .pth file")  # fmt: skip
     step, config = None, None
+    if is_export(path):  # an export folder: its own description builds the backbone
+        meta = read_export_meta(path)
+        backbone = load_export(path, with_head=False, **vit_overrides)
+        backbone.eval()
+        backbone.requires_grad_(False)
+        name = meta.get("model") or meta["config"].get("name") or model or "vit"
+        log.info("backbone %s (export) from %s", name, path)
+        return LoadedBackbone(backbone, str(path), "export", name, None, None)
     ckpt_dir = resolve_run_checkpoint(path)
     if ckpt_dir is not None:
         client = torch.load(ckpt_dir / "client.pt", map_location="cpu", weights_only=False)

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torchvision.io import ImageReadMode, decode_image
@@ -37,6 +38,7 @@ from scale.data.sources import ShardSource, resolve_source
 from scale.errors import ConfigError, DataError
 from scale.models import build_backbone, is_resnet
 from scale.models.classifier import Classifier
+from scale.models.export import is_export
 from scale.models.flops import backbone_macs
 from scale.optim import lr_at
 from scale.train.knn import _share
@@ -76,7 +78,7 @@ def run_config(path: str) -> dict[str, Any] | None:
     from scale.eval.backbone import resolve_run_checkpoint
 
     p = Path(path).expanduser()
-    ckpt = resolve_run_checkpoint(p) if p.is_dir() else None
+    ckpt = resolve_run_checkpoint(p) if p.is_dir() and not is_export(p) else None
     if ckpt is None:
         return None
     return torch.load(ckpt / "client.pt", map_location="cpu", weights_only=False).get("config")
@@ -152,6 +154,14 @@ class FinetuneTrainer(Trainer):
         """The EMA's decay: constant (DeiT's ModelEma)."""
         return self.cfg.finetune.ema_decay if self.cfg.finetune.ema_decay > 0 else 1.0
 
+    def train_step(self, micro_batches: list) -> dict[str, Any]:
+        """Pretraining's step, with torch's generator seeded from (seed, step, rank) first: the
+        model's own randomness (drop path) is then the same after a resume as without one (a
+        resumed DataLoader draws from the generator when it starts), and differs between ranks."""
+        seed = np.random.SeedSequence([self.cfg.run.seed, self.step, self.backend.rank]).generate_state(1)[0]
+        torch.manual_seed(int(seed))
+        return super().train_step(micro_batches)
+
     def end_of_epoch(self, epoch: int, row: dict[str, Any], metrics: MetricsLogger) -> None:
         every = self.cfg.finetune.eval_every_epochs
         if every and epoch % every == 0 and self.cfg.data.eval_source:
@@ -209,11 +219,14 @@ class FinetuneTrainer(Trainer):
         normalize = Normalize()
         counts = torch.zeros(3, dtype=torch.float64, device=b.device)  # top-1, top-5, samples
         was_training = encoder.training
+        float64 = next(encoder.parameters()).dtype == torch.float64
         encoder.eval()
         with b.evaluation(encoder, "forward") as forward:
 
             def flush(images: list[torch.Tensor], labels: list[int]) -> None:
                 x = normalize(torch.stack(images).to(b.device))
+                if float64:  # a float64 model (the equality tests): its input too
+                    x = x.double()
                 with b.autocast():
                     logits = forward(x).float()
                 y = torch.tensor(labels, device=b.device)

@@ -51,11 +51,13 @@ class Classifier(nn.Module):
         self.criterion = SoftTargetCrossEntropy()
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor, keys=None, keys_only: bool = False) -> torch.Tensor:
-        """Mean soft-target cross-entropy of the logits against `targets` (B, classes), in fp32."""
+        """Mean soft-target cross-entropy of the logits against `targets` (B, classes), in fp32 or wider."""
         if keys is not None or keys_only:
             raise ValueError("a classifier has no contrastive keys; fine-tune with --batch.keys=micro")
         logits = self.base_encoder(images)
-        return self.criterion(logits.float(), targets.float())
+        if logits.dtype in (torch.float16, torch.bfloat16):  # the loss in fp32 (at least) whatever the matmuls'
+            logits = logits.float()
+        return self.criterion(logits, targets.to(logits.dtype))
 
     def momentum_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(EMA params, model params) that the EMA moves, matched by name: the trainable ones (the

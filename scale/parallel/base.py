@@ -433,7 +433,7 @@ class Backend:
         outside the training forward; yields a function x -> module.<method>(x) (its pooled features,
         or `forward`: a classifier's logits) that prepares the input as this backend needs. Call on
         every rank."""
-        yield getattr(module, method)
+        yield module if method == "forward" else getattr(module, method)  # the module: its hooks run (FSDP2)
 
     def eval_model(self) -> nn.Module:
         """The model to run evaluation forwards with, on every rank (sharded backends return their

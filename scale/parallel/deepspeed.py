@@ -222,7 +222,8 @@ class DeepSpeedBackend(Backend):
         deepspeed = internals.require_deepspeed()
 
         def features(x: torch.Tensor) -> torch.Tensor:
-            return getattr(module, method)(x.to(self.dtype))
+            run = module if method == "forward" else getattr(module, method)
+            return run(x.to(self.dtype))
 
         if self.stage == 3:
             with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):

@@ -13,7 +13,8 @@
 #   SCALE_PYTHON     the Python (default: $SCALE_ROOT/.venv/bin/python if there, else python3)
 #   SCALE_SRUN_ARGS  extra srun options, e.g. a container: "--container-image=nvcr.io#nvidia/pytorch:25.01-py3"
 #   MASTER_PORT      default 20000 + job id % 20000 (the same after a requeue)
-#   SCALE_ENTRY      the module to run (default scale.pretrain; slurm/linear_probe.sh: scale.linear_probe)
+#   SCALE_ENTRY      the module to run (default scale.pretrain; slurm/finetune.sh: scale.finetune;
+#                    slurm/linear_probe.sh: scale.linear_probe)
 set -euo pipefail
 
 if [[ -z "${SLURM_JOB_ID:-}" ]]; then
@@ -35,7 +36,7 @@ cd "$root"
 echo "scale: job $SLURM_JOB_ID, restart ${SLURM_RESTART_COUNT:-0}, $nodes node(s), ${SLURM_NTASKS:-?} task(s)," \
   "launch $mode, rendezvous $MASTER_ADDR:$MASTER_PORT, $(date -u +%FT%TZ)"
 # A wrong recipe, key, value, data path or DeepSpeed config fails here, once, before any rank starts.
-if [[ "$entry" == scale.pretrain ]]; then "$py" -m scale.pretrain "$@" --check; fi
+if [[ "$entry" == scale.pretrain || "$entry" == scale.finetune ]]; then "$py" -m "$entry" "$@" --check; fi
 
 export SCALE_ENTRY=$entry
 case "$mode" in

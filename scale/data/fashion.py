@@ -65,8 +65,8 @@ def read_idx(path: Path) -> np.ndarray:
     return data.reshape(dims)
 
 
-def load_split(split: str, root: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(images (N, 28, 28) uint8, labels (N,) int64) of `split` ('train' / 'test')."""
+def split_paths(split: str, root: Path | None = None) -> list[Path]:
+    """The (images, labels) IDX files of `split`; a missing one is an error saying how to install them."""
     root = root or idx_dir()
     paths = [root / name for name in FILES[split]]
     missing = [p for p in paths if not p.is_file()]
@@ -75,6 +75,12 @@ def load_split(split: str, root: Path | None = None) -> tuple[np.ndarray, np.nda
             f"Fashion-MNIST not found ({missing[0]} is missing): install it with "
             "`apt-get install dataset-fashion-mnist`, or set SCALE_FASHION_IDX to a folder holding the IDX files"
         )
+    return paths
+
+
+def load_split(split: str, root: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(images (N, 28, 28) uint8, labels (N,) int64) of `split` ('train' / 'test')."""
+    paths = split_paths(split, root)
     images, labels = read_idx(paths[0]), read_idx(paths[1]).astype(np.int64)
     if len(images) != len(labels):
         raise DataError(f"{paths[0]} has {len(images)} images but {paths[1]} {len(labels)} labels")
@@ -161,8 +167,9 @@ def fashion_shards(spec: str) -> list[Path]:
     split, count, percent = m.group(1) or "train", m.group(2), m.group(3)
     if count and split != "train":
         raise DataError(f"{spec!r}: subsets are of the training set (fashion:train@{count}{percent})")
-    size = subset_size(count, percent, 60_000) if count else None
-    return ensure_fashion_shards(split, None if size == 60_000 else size)
+    total = len(read_idx(split_paths("train")[1])) if count else 0  # the labels file: 60 kB
+    size = subset_size(count, percent, total) if count else None
+    return ensure_fashion_shards(split, None if size == total else size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         out, root = Path(args.out_dir), Path(args.idx_dir) if args.idx_dir else None
-        sizes = [subset_size(s.rstrip("%"), "%" if s.endswith("%") else "", 60_000) for s in args.subset]
+        total = len(load_split("train", root)[1])
+        sizes = [subset_size(s.rstrip("%"), "%" if s.endswith("%") else "", total) for s in args.subset]
         for split in ("train", "test"):
             write_split(out, split, root=root, progress=True)
         for size in sizes:

@@ -11,6 +11,7 @@ a labelled set for evaluation passes and feature extraction.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 
@@ -47,16 +48,28 @@ class OneView:
 
 
 def check_labels(source, what: str) -> int:
-    """The number of classes of a labelled source; unlabelled data (-1) is a clear error."""
+    """The number of classes of a labelled source: an image folder's class folders, the
+    `<prefix>-classes.json` that `scale-make-shards` writes beside shards, or else one more than the
+    largest label among the first sample of each shard (logged once: a subset of few shards may not
+    show every class). Unlabelled data (-1) is a clear error."""
     if isinstance(source, FolderSource):
         return len(source.classes)
+    first = source.tars[0]
+    classes = first.parent / f"{first.name.rsplit('-', 1)[0]}-classes.json"
+    if classes.is_file():
+        try:
+            return len(json.loads(classes.read_text()))
+        except (OSError, ValueError) as e:
+            raise DataError(f"{classes} cannot be read ({e}); rewrite it or remove it") from None
     labels = set()
     for unit in range(len(source.counts)):
         if source.counts[unit]:
             labels.add(source.read_one(unit, 0)[2])
     if -1 in labels:
         raise DataError(f"{what} has no labels (webdataset .cls / .label.i32 entries); the probe needs labelled data")
-    return max(labels) + 1 if labels else 0
+    n = max(labels) + 1 if labels else 0
+    log.warning("%s has no classes file beside its shards: %d classes, from the first sample of each shard", what, n)
+    return n
 
 
 class LabelledLoader(EpochLoader):

@@ -49,20 +49,8 @@ log = logging.getLogger(__name__)
 
 
 def num_classes_of(source: str) -> int:
-    """The classes of a labelled training source: its `<prefix>-classes.json` (written by
-    `scale-make-shards` beside the shards), an image folder's class folders, or else the largest
-    label among the first sample of each shard (logged: set --finetune.num_classes to be sure)."""
-    src = resolve_source(source)
-    if isinstance(src, ShardSource):
-        first = src.tars[0]
-        classes = first.parent / f"{first.name.rsplit('-', 1)[0]}-classes.json"
-        if classes.is_file():
-            return len(json.loads(classes.read_text()))
-    n = check_labels(src, f"--data.source={source}")
-    if isinstance(src, ShardSource):
-        log.warning("%s has no classes file: %d classes guessed from the first sample of each shard; set "
-                    "--finetune.num_classes to be sure", source, n)  # fmt: skip
-    return n
+    """The classes of a labelled training source (`check_labels`: its classes file, or its folders)."""
+    return check_labels(resolve_source(source), f"--data.source={source}")
 
 
 def finetune_overrides(cfg: Config, name: str) -> dict[str, Any]:

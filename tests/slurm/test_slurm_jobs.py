@@ -147,3 +147,20 @@ def test_linear_probe_script_probes_a_run_on_two_ranks(slurm, tmp_path):
     assert out.returncode == 0, out.stderr + log[-3000:]
     result = json.loads((tmp_path / "probe" / "linear_probe.json").read_text())
     assert result["world_size"] == 2 and result["pretrain_step"] == 1 and "linear probe of" in log
+
+
+def test_finetune_script_finetunes_a_run_on_two_ranks(slurm, tmp_path):
+    """slurm/finetune.sh: a pretraining run fine-tuned end to end on 2 ranks (DDP), evaluated at the end."""
+    from scale.train.trainer import Trainer
+    from tests.helpers import FixedBatchLoader, tiny_config
+
+    Trainer(tiny_config(tmp_path, "run", **{"schedule.max_steps": 1}), loader=FixedBatchLoader(4, 8)).fit()
+    job, out = submit(slurm, tmp_path, "finetune.sh", "--pretrained", str(tmp_path / "run"), "--schedule.max_steps=3",
+                      "--data.eval_source=demo:val", "--finetune.repeats=1")  # fmt: skip
+    log = output(tmp_path, "finetune.sh", job)
+    assert out.returncode == 0, out.stderr + log[-3000:]
+    assert "ddp on cpu, 2 rank(s)" in log and "fine-tuned vit_small from" in log
+    run = tmp_path / "runs" / "vit_b_finetune"
+    assert [r["step"] for r in metrics(run) if "loss" in r] == [1, 2, 3]
+    result = json.loads((run / "results.json").read_text())
+    assert result["pretrained"] == str(tmp_path / "run") and 0 <= result["top1"] <= 100

@@ -106,7 +106,7 @@ def test_ema_is_timms_model_ema_over_optimizer_steps():
     reference = ModelEmaV3(model.base_encoder, decay=0.9)
     backend = SingleProcess(precision="fp32", device=torch.device("cpu"))
     backend.setup(model, lambda m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2))
-    for step in range(4):
+    for _ in range(4):
         x, t = torch.randn(4, 3, 16, 16), torch.softmax(torch.randn(4, 3), 1)
         backend.forward_backward(x, t)
         backend.step(1e-2, 0.0)

@@ -5,7 +5,6 @@ from scale.convert_checkpoint import convert
 from scale.errors import CheckpointError
 from scale.models import build_moco, build_vit
 from scale.models.formats import (
-    build_timm_vit,
     export_timm_state_dict,
     load_backbone,
     load_moco_checkpoint,
@@ -93,12 +92,13 @@ def test_wrong_checkpoint_names_missing_and_unexpected_keys(tmp_path):
 
 def test_converter_cli_writes_a_timm_loadable_backbone(tmp_path):
     model = trained_moco(0)
-    src, dst = tmp_path / "moco.pth.tar", tmp_path / "timm.pth"
+    import timm
+
+    src, dst = tmp_path / "moco.pth.tar", tmp_path / "timm"
     save_atomic(official_state(model, arch="vit_small"), src)
     convert(src, dst, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4)  # 'arch' names the model
-    sd = torch.load(dst, weights_only=True)
-    timm_model = build_timm_vit(model.base_encoder.cfg).eval()
-    timm_model.load_state_dict(sd, strict=True)
+    timm_model = timm.create_model(f"local-dir:{dst}", pretrained=True).eval()  # the folder alone builds it
+    assert timm_model.blocks[0].attn.num_heads == 4
     x = views()[0]
     base = model.base_encoder.eval()
     with torch.no_grad():
@@ -177,15 +177,21 @@ def test_converter_writes_each_format_as_its_consumer_loads_it(tmp_path):
     cfg = moco.base_encoder.cfg
     base = {k: v for k, v in moco.base_encoder.state_dict().items() if not k.startswith("head.")}
 
-    timm_sd = convert(run, tmp_path / "t.pth")
+    from scale.models.export import export_state_dict, read_export_meta
+
+    convert(run, tmp_path / "t")
+    timm_sd = export_state_dict(tmp_path / "t")
     assert set(timm_sd) == set(base) and all(torch.equal(timm_sd[k], base[k]) for k in base)
-    VisionTransformer(**timm_kwargs(cfg)).load_state_dict(torch.load(tmp_path / "t.pth", weights_only=True))
-    with_head = convert(run, tmp_path / "t10.pth", num_classes=10)
+    VisionTransformer(**timm_kwargs(cfg)).load_state_dict(timm_sd)
+    assert read_export_meta(tmp_path / "t")["source"] == str(run)
+    convert(run, tmp_path / "t10", num_classes=10)
+    with_head = export_state_dict(tmp_path / "t10")
     VisionTransformer(**{**timm_kwargs(cfg), "num_classes": 10}).load_state_dict(with_head, strict=True)
     assert torch.all(with_head["head.weight"] == 0)
 
     convert(run, tmp_path / "d.pth", fmt="deit")
     deit = torch.load(tmp_path / "d.pth", weights_only=True)
+    assert deit["arch"] == "vit_small" and deit["model_args"]["num_heads"] == cfg.num_heads
     msg = VisionTransformer(**{**timm_kwargs(cfg), "num_classes": 1000}).load_state_dict(deit["model"], strict=False)
     assert set(msg.missing_keys) == {"head.weight", "head.bias"} and not msg.unexpected_keys
 
@@ -202,6 +208,17 @@ def test_converter_writes_each_format_as_its_consumer_loads_it(tmp_path):
     assert all(torch.equal(state_dict[k], base[k]) for k in base)
     with pytest.raises(ValueError, match="--format"):
         convert(run, tmp_path / "x", fmt="onnx")
+
+
+def test_deit_format_refuses_a_vit_s_with_12_heads(tmp_path):
+    """MoCo v3's ViT-S has 12 heads; DeiT-S (and timm's vit_small) 6, with the same weight shapes: a
+    DeiT export would load and compute something else. The timm export folder carries the 12."""
+    model = build_moco("vit_small", img_size=32)
+    src = tmp_path / "moco.pth.tar"
+    save_atomic(official_state(model, arch="vit_small"), src)
+    with pytest.raises(ValueError, match="12 heads but DeiT"):
+        convert(src, tmp_path / "d.pth", fmt="deit", img_size=32)
+    assert not (tmp_path / "d.pth").exists()
 
 
 def test_a_universal_resume_restores_the_fp32_momentum_masters(tmp_path):

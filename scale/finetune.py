@@ -1,6 +1,6 @@
 """End-to-end fine-tuning entry point (`scale-finetune`): a pretrained backbone and a linear classifier
 trained together with the DeiT recipe the authors fine-tuned with, through pretraining's trainer and
-backends (`scale.train.finetune`).
+backends (`scale.eval.finetune`).
 
     python -m scale.finetune --pretrained runs/fashion_demo                 # the CPU demo (fashion_finetune)
     python -m scale.finetune --recipe fashion_finetune                      # the same backbone at random init
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def finetune(cfg) -> dict:
     """Fine-tune `cfg` (checked by `preflight`) to the end or to a preemption."""
-    from scale.train.finetune import FinetuneTrainer
+    from scale.eval.finetune import FinetuneTrainer
 
     try:
         trainer = FinetuneTrainer(cfg)

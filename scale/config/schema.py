@@ -257,7 +257,7 @@ class MonitorConfig:
 
 @dataclass
 class FinetuneConfig:
-    """End-to-end fine-tuning (`scale-finetune`, `scale.train.finetune`): the DeiT recipe the authors
+    """End-to-end fine-tuning (`scale-finetune`, `scale.eval.finetune`): the DeiT recipe the authors
     fine-tuned with (its main.py defaults), read only by fine-tuning runs. The schedule, optimizer
     and batch sections apply as in pretraining; a fine-tuning recipe sets DeiT's values there."""
 

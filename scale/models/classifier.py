@@ -5,7 +5,7 @@ It has the shape the backends and `scale.train.parallelize` already lay out for 
 (the trained backbone and its classifier), `momentum_encoder` (the EMA: a copy that the backends
 move after every applied optimizer step, sharded like the base encoder wherever that is sharded,
 in fp32), `model(images, targets)` returning the loss and `momentum_pairs()`. So fine-tuning runs
-through the same trainer and backends as pretraining (`scale.train.finetune`).
+through the same trainer and backends as pretraining (`scale.eval.finetune`).
 
 timm's ModelEmaV3 arithmetic: ema = decay * ema + (1 - decay) * model over the parameters; the
 buffers (BatchNorm statistics of ViT-BN or a ResNet) are copied from the model, not averaged

@@ -109,7 +109,7 @@ class Trainer:
         b.barrier()  # every rank has checked the run directory before rank 0 writes into it
 
     # ------------------------------------------------------------------ what a task defines
-    # Pretraining's (MoCo v3) here; fine-tuning overrides them (`scale.train.finetune.FinetuneTrainer`).
+    # Pretraining's (MoCo v3) here; fine-tuning overrides them (`scale.eval.finetune.FinetuneTrainer`).
 
     def build_loader(self, per_device: int):
         """This rank's training batches: (view 1, view 2, labels) for MoCo."""

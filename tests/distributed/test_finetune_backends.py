@@ -6,7 +6,7 @@ numbers."""
 import pytest
 import torch
 
-from scale.train.finetune import FinetuneTrainer
+from scale.eval.finetune import FinetuneTrainer
 from tests.distributed.test_ddp_trainer import backend_overrides
 from tests.helpers import FixedBatchLoader, read_metrics, run_ranks
 from tests.unit.test_finetune import tiny_finetune_config

@@ -106,6 +106,7 @@ def test_no_import_cycle_between_files():
         ("scale.optim", ("scale.models", "scale.parallel", "scale.train", "scale.data", "scale.config")),
         ("scale.data", ("scale.models", "scale.parallel", "scale.train", "scale.eval", "scale.entry")),
         ("scale.config", ("torch", "scale.models", "scale.train", "scale.data")),
+        ("scale.train", ("scale.eval",)),
         ("scale.errors", ("torch", "scale.")),
     ],
 )

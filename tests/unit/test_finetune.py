@@ -189,7 +189,7 @@ def test_finetuning_resumes_exactly_and_evaluates_model_and_ema(tmp_path):
     """4 steps in one go equal 2 steps, a stop, and 2 more from the checkpoint (RandAugment, random
     erasing, mixup / cutmix, repeated augmentation and drop path all on); then top-1 / top-5 of the
     model and its EMA on the validation set, in metrics.jsonl and results.json."""
-    from scale.train.finetune import FinetuneTrainer
+    from scale.eval.finetune import FinetuneTrainer
 
     straight = FinetuneTrainer(tiny_finetune_config(tmp_path, "straight", **{"schedule.max_steps": 4}))
     out = straight.fit()
@@ -212,7 +212,7 @@ def test_finetuning_resumes_exactly_and_evaluates_model_and_ema(tmp_path):
 def test_finetuning_from_a_pretraining_run_loads_its_backbone(tmp_path):
     """A pretraining run's base encoder becomes the classifier's backbone (architecture from the
     run's config), every parameter trainable; the EMA starts equal to it."""
-    from scale.train.finetune import build_classifier
+    from scale.eval.finetune import build_classifier
     from scale.train.trainer import Trainer
     from tests.helpers import tiny_config
 

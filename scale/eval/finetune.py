@@ -36,6 +36,7 @@ from scale.data.finetune import FinetuneAugment, FinetuneLoader
 from scale.data.labelled import check_labels
 from scale.data.sources import ShardSource, resolve_source
 from scale.errors import ConfigError, DataError
+from scale.eval.backbone import load_frozen_backbone, resolve_run_checkpoint
 from scale.models import build_backbone, is_resnet
 from scale.models.classifier import Classifier
 from scale.models.export import is_export
@@ -63,8 +64,6 @@ def finetune_overrides(cfg: Config, name: str) -> dict[str, Any]:
 
 def run_config(path: str) -> dict[str, Any] | None:
     """The resolved config of a run (or checkpoint) directory of this project; None for anything else."""
-    from scale.eval.backbone import resolve_run_checkpoint
-
     p = Path(path).expanduser()
     ckpt = resolve_run_checkpoint(p) if p.is_dir() and not is_export(p) else None
     if ckpt is None:
@@ -77,8 +76,6 @@ def build_classifier(cfg: Config, num_classes: int) -> Classifier:
     `run.seed` as pretraining seeds its model) with a classifier of `num_classes`, every parameter
     trainable (the frozen patch projection and position table of pretraining too, as DeiT's timm
     model trains them), and its EMA."""
-    from scale.eval.backbone import load_frozen_backbone  # the checkpoint readers of every format
-
     f = cfg.finetune
     torch.manual_seed(cfg.run.seed)
     if f.pretrained:

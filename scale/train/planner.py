@@ -280,6 +280,10 @@ def resolve_auto(cfg: Config) -> AutoChoice | None:
     if not torch.cuda.is_available():
         log.info("--parallel.backend=auto on %d CPU ranks: ddp (the planner models GPUs)", world)
         return None
+    if cfg.task != "pretrain":  # the planner models MoCo's step (two views, a momentum encoder)
+        log.info("--parallel.backend=auto when fine-tuning: ddp on %d ranks (--parallel.backend=fsdp or a DeepSpeed "
+                 "config for models whose state does not fit one GPU)", world)  # fmt: skip
+        return None
     index = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
     props = torch.cuda.get_device_properties(index)
     kind = gpu_kind(props.name)

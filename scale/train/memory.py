@@ -12,6 +12,7 @@ import torch
 
 from scale.config import Config
 from scale.errors import BackendError
+from scale.models import build_backbone
 from scale.models.flops import resnet_convs
 from scale.models.resnet import ResNetConfig
 from scale.models.vit import ViTConfig
@@ -142,7 +143,14 @@ def autocast_copy_bytes(trainable: int, precision: str, activation_checkpointing
 
 
 def count_params(cfg: Config) -> tuple[int, int]:
-    """(trainable, momentum-encoder) parameter counts of the MoCo v3 model of `cfg` (on meta)."""
+    """(trainable, momentum-encoder) parameter counts of the MoCo v3 model of `cfg` (on meta); when
+    fine-tuning, of the backbone with its classifier (every parameter trained) and of its EMA."""
+    if cfg.task == "finetune":
+        with torch.device("meta"):
+            backbone = build_backbone(cfg.model.name, **cfg.model.vit_overrides())
+        trainable = sum(p.numel() for n, p in backbone.named_parameters() if not n.startswith(("head.", "fc.")))
+        trainable += (cfg.finetune.num_classes or 1000) * (backbone.num_features + 1)
+        return trainable, trainable if cfg.finetune.ema_decay > 0 else 0
     with torch.device("meta"):
         model = build_model(cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -157,11 +165,12 @@ def _casts_weights(backend: Backend) -> bool:
 def estimate(cfg: Config, backend: Backend, batch_per_device: int) -> MemoryEstimate:
     trainable, momentum = count_params(cfg)
     ac = cfg.parallel.activation_checkpointing
+    crops = 0.5 if cfg.task == "finetune" else 1.0  # fine-tuning: one crop per image, not MoCo's two views
     return MemoryEstimate(
         model_state=sum(
             backend.state_bytes(trainable, momentum, cfg.batch.grad_accum_steps, cfg.parallel.shard_size).values()
         ),
-        activations=activation_bytes(backbone_config(cfg), batch_per_device, backend.precision, ac)
+        activations=activation_bytes(backbone_config(cfg), batch_per_device, backend.precision, ac) * crops
         + autocast_copy_bytes(trainable, backend.precision, ac, casts=_casts_weights(backend)),
         available=available_bytes(backend.device, backend.world_size),
     )

@@ -33,13 +33,18 @@ from scale.train.preemption import Preempted, watch_signal  # noqa: E402  (torch
 log = logging.getLogger("scale")
 
 
-def parse(argv: list[str] | None = None):
+def parse(argv: list[str] | None = None, task: str = "pretrain", doc: str | None = None):
+    """The command line of `scale.pretrain` or (`task='finetune'`) `scale.finetune`: the recipe,
+    the launcher and backend shorthands, the config actions, and `--section.field=value` overrides."""
+    recipes, default = (PRETRAIN_RECIPES, "cpu_demo") if task == "pretrain" else (FINETUNE_RECIPES, "fashion_finetune")
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+        description=doc or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
-    parser.add_argument(
-        "--recipe", default="cpu_demo", help=f"one of: {', '.join(PRETRAIN_RECIPES)} (default cpu_demo)"
-    )
+    parser.add_argument("--recipe", default=default, help=f"one of: {', '.join(recipes)} (default {default})")
+    if task == "finetune":
+        parser.add_argument("--pretrained", metavar="CHECKPOINT", default=None,
+                            help="backbone to fine-tune (run directory, checkpoint, release, state dict, export "
+                                 "folder); none: random init")  # fmt: skip
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument(
         "--deepspeed",
@@ -86,19 +91,26 @@ def shorthand_overrides(args) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, task: str = "pretrain", doc: str | None = None) -> dict:
     """Parse, check everything that can be checked before any process group or model exists
-    (`scale.preflight`), then train. A user error ends in one line and exit status 1 (`--debug`:
-    the traceback); nothing is written before the checks pass."""
+    (`scale.preflight`), then train (`task`: 'pretrain', or 'finetune' for `scale.finetune`). A
+    user error ends in one line and exit status 1 (`--debug`: the traceback); nothing is written
+    before the checks pass."""
     setup_logging()
-    args, overrides = parse(argv)
+    args, overrides = parse(argv, task, doc)
     try:
-        if args.recipe in FINETUNE_RECIPES:
+        wrong = FINETUNE_RECIPES if task == "pretrain" else PRETRAIN_RECIPES
+        if args.recipe in wrong and task == "pretrain":
             raise ConfigError(f"--recipe {args.recipe} is a fine-tuning recipe: run it with scale-finetune "
                               f"(python -m scale.finetune --recipe {args.recipe} --pretrained RUN)")  # fmt: skip
+        if args.recipe in wrong:
+            raise ConfigError(f"--recipe {args.recipe} is a pretraining recipe, not a fine-tuning recipe; choose one "
+                              f"of: {', '.join(FINETUNE_RECIPES)}")  # fmt: skip
         cfg = get_recipe(args.recipe)
+        pretrained = getattr(args, "pretrained", None)
+        extra = [f"--finetune.pretrained={pretrained}"] if pretrained is not None else []
         # The shorthands come last: they win over the defaults a launcher script passes before them.
-        cfg = apply_overrides(cfg, [*overrides, *shorthand_overrides(args)])
+        cfg = apply_overrides(cfg, [*overrides, *extra, *shorthand_overrides(args)])
     except ConfigError as e:
         if args.debug:
             raise
@@ -119,13 +131,17 @@ def main(argv: list[str] | None = None) -> dict:
 
         preflight(cfg)
         if args.check:
-            print(f"ok: recipe {cfg.recipe}, data {cfg.data.source}, backend {cfg.parallel.backend}")
+            start = f", pretrained {cfg.finetune.pretrained or '(random init)'}" if task == "finetune" else ""
+            print(f"ok: recipe {cfg.recipe}{start}, data {cfg.data.source}, backend {cfg.parallel.backend}")
             return {}
         return train(cfg)
 
 
 def train(cfg) -> dict:
-    """Train `cfg` (checked by `preflight`) to the end or to a preemption."""
+    """Train `cfg` (checked by `preflight`) to the end or to a preemption: MoCo v3 pretraining, or
+    fine-tuning when the recipe's task says so."""
+    if cfg.task == "finetune":
+        return finetune(cfg)
     from scale.train.trainer import Trainer  # the training stack, after the preemption handler (`main`)
 
     try:
@@ -142,6 +158,24 @@ def train(cfg) -> dict:
                 )
         return result
     except Preempted as e:  # a complete checkpoint was written; requeued under SLURM
+        if _rank() == 0:
+            log.warning("%s", e)
+        return {"step": e.step, "preempted": True, "requeued": e.requeued}
+
+
+def finetune(cfg) -> dict:
+    """Fine-tune `cfg` (checked by `preflight`) to the end or to a preemption (`scale.eval.finetune`)."""
+    from scale.eval.finetune import FinetuneTrainer
+
+    try:
+        trainer = FinetuneTrainer(cfg)
+        result = trainer.fit()
+        if trainer.backend.is_main and "top1" in result:
+            ema = f"; EMA {result['ema_top1']:.2f}% / {result['ema_top5']:.2f}%" if "ema_top1" in result else ""
+            print(f"fine-tuned {cfg.model.name} from {cfg.finetune.pretrained or 'random init'}: top-1 / top-5 on "
+                  f"{cfg.data.eval_source} {result['top1']:.2f}% / {result['top5']:.2f}%{ema}")  # fmt: skip
+        return result
+    except Preempted as e:
         if _rank() == 0:
             log.warning("%s", e)
         return {"step": e.step, "preempted": True, "requeued": e.requeued}

@@ -8,41 +8,27 @@ import numpy as np
 import pytest
 import torch
 
-from scale.config import Config, apply_overrides
+from scale.config import Config
 from scale.data.finetune import BatchMixer, FinetuneAugment, FinetuneLoader
 from scale.models import build_backbone, build_vit
 from scale.models.classifier import Classifier
 from scale.optim import layer_decay_scale, param_groups, set_lr_wd
 from scale.parallel.base import SingleProcess
-from tests.helpers import read_metrics
+from tests.helpers import read_metrics, tiny_config
 
 
 def tiny_finetune_config(out_dir, name="ft", **overrides) -> Config:
-    """A tiny ViT fine-tuned on the bundled digits (32 px) with the DeiT recipe's parts all on."""
-    cfg = Config(recipe="test", task="finetune")
-    m = cfg.model
-    m.name, m.img_size, m.patch_size, m.embed_dim, m.depth, m.num_heads = "vit_small", 32, 8, 32, 2, 4
-    cfg.data.source = "demo"
-    cfg.data.eval_source = "demo:val"
-    cfg.data.num_workers = 0
-    cfg.data.shuffle_buffer = 50
-    cfg.batch.global_batch_size = 16
-    cfg.optim.base_lr = 1e-3
-    cfg.optim.weight_decay = 0.05
-    cfg.optim.exclude_norm_bias_from_wd = True
-    cfg.schedule.epochs = 1
-    cfg.schedule.warmup_epochs = 0.1
-    cfg.finetune.ema_decay = 0.9
-    cfg.finetune.repeats = 2
-    cfg.finetune.eval_every_epochs = 0
-    cfg.monitor.knn_every = 0
-    cfg.parallel.precision = "fp32"
-    cfg.run.output_dir = str(out_dir)
-    cfg.run.name = name
-    cfg.run.log_every = 1
-    cfg.run.progress = False
-    cfg.run.tensorboard = False
-    return apply_overrides(cfg, [f"{k}={v}" for k, v in overrides.items()])
+    """The tests' tiny ViT (`tiny_config`) fine-tuned on the bundled digits (32 px) with the DeiT
+    recipe's parts all on."""
+    settings = {
+        "data.source": "demo", "data.eval_source": "demo:val", "data.num_workers": 0, "data.shuffle_buffer": 50,
+        "batch.global_batch_size": 16, "optim.weight_decay": 0.05, "optim.exclude_norm_bias_from_wd": True,
+        "schedule.epochs": 1, "schedule.warmup_epochs": 0.1, "finetune.ema_decay": 0.9, "finetune.repeats": 2,
+        "finetune.eval_every_epochs": 0, "monitor.knn_every": 0,
+    }  # fmt: skip
+    cfg = tiny_config(out_dir, name, **{**settings, **overrides})
+    cfg.task = "finetune"
+    return cfg
 
 
 # ----------------------------------------------------------------------------- the recipe's parts
@@ -214,7 +200,6 @@ def test_finetuning_from_a_pretraining_run_loads_its_backbone(tmp_path):
     run's config), every parameter trainable; the EMA starts equal to it."""
     from scale.eval.finetune import build_classifier
     from scale.train.trainer import Trainer
-    from tests.helpers import tiny_config
 
     run = Trainer(tiny_config(tmp_path, "pre", **{"schedule.max_steps": 1, "data.source": "demo",
                                                   "data.num_workers": 0}))  # fmt: skip

@@ -50,8 +50,8 @@ class Derived:
         return (
             f"world size {self.world_size} x batch per device {self.batch_size_per_device} x grad accumulation "
             f"{self.grad_accum_steps} = global batch {self.global_batch_size}; lr {self.lr:.3g}; "
-            f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, {self.warmup_steps} warmup steps; "
-            f"{self.negatives_per_loss} keys per loss"
+            f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, {self.warmup_steps} warmup steps"
+            + (f"; {self.negatives_per_loss} keys per loss" if self.negatives_per_loss else "")
         )
 
 
@@ -82,7 +82,8 @@ def derive(cfg: Config, world_size: int, num_samples: int) -> Derived:
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
         warmup_steps=round(s.warmup_epochs * steps_per_epoch),
-        negatives_per_loss=per_device * world_size * (b.grad_accum_steps if b.keys == "global" else 1),
+        negatives_per_loss=0 if cfg.task != "pretrain"  # no contrastive loss
+        else per_device * world_size * (b.grad_accum_steps if b.keys == "global" else 1),
     )
 
 

@@ -81,3 +81,29 @@ def test_finetuning_on_zero_1_2_3_equals_one_process(tmp_path):
     backends = ["zero1", "zero2", "zero3"]
     run_ranks(_train, 2, str(tmp_path), torch.float32, backends)
     _compare(tmp_path, backends, torch.float32)
+
+
+def _resume(rank, world, out_dir, backends):
+    """Per backend: 3 steps in one go, and 1 step + a resume to 3 (the EMA and the optimizer state
+    come back from the sharded checkpoint)."""
+    torch.set_default_dtype(torch.float64)
+    for backend in backends:
+        for name, steps in ((f"{backend}-straight", STEPS), (f"{backend}-split", 1), (f"{backend}-split", STEPS)):
+            cfg = _config(out_dir, name, **{**backend_overrides(backend), "schedule.max_steps": steps,
+                                            "data.eval_source": ""})  # fmt: skip
+            trainer = FinetuneTrainer(cfg, loader=SoftTargetLoader(4, 16, world=world, rank=rank))
+            trainer.fit()
+            full = trainer.backend.full_state_dict()
+            if rank == 0 and steps == STEPS:
+                torch.save(full, f"{out_dir}/{name}.pt")
+
+
+def test_finetuning_resumes_exactly_on_ddp_and_fsdp2(tmp_path):
+    backends = ["ddp", "fsdp"]
+    run_ranks(_resume, 2, str(tmp_path), backends)
+    for backend in backends:
+        straight, split = (read_metrics(tmp_path / f"{backend}-{k}") for k in ("straight", "split"))
+        assert [r["loss"] for r in split] == [r["loss"] for r in straight], backend
+        a, b = (torch.load(tmp_path / f"{backend}-{k}.pt", weights_only=True) for k in ("straight", "split"))
+        for name, value in a.items():
+            assert torch.equal(b[name], value), (backend, name)

@@ -82,7 +82,8 @@ def derive(cfg: Config, world_size: int, num_samples: int) -> Derived:
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
         warmup_steps=round(s.warmup_epochs * steps_per_epoch),
-        negatives_per_loss=0 if cfg.task != "pretrain"  # no contrastive loss
+        negatives_per_loss=0
+        if cfg.task != "pretrain"  # no contrastive loss
         else per_device * world_size * (b.grad_accum_steps if b.keys == "global" else 1),
     )
 

@@ -328,3 +328,47 @@ def test_a_finetuned_classifier_exports_with_its_head(tmp_path):
     want = model.base_encoder(x)
     torch.testing.assert_close(timm.create_model(f"local-dir:{folder}", pretrained=True).eval()(x), want)
     torch.testing.assert_close(load_export(folder).eval()(x), want)
+
+
+def _fixed_fit(tmp_path, name, **overrides):
+    """A few fine-tuning steps in fp64 on fixed batches of 16 with soft targets; with gradient
+    accumulation the same batches in halves of 8."""
+    from scale.eval.finetune import FinetuneTrainer
+    from tests.distributed.test_finetune_backends import SoftTargetLoader
+
+    class Halves(SoftTargetLoader):
+        def _batch(self, epoch, i):
+            whole = super()._batch(epoch, i // 2)
+            return tuple(t[(i % 2) * 8 : (i % 2 + 1) * 8] for t in whole)
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        cfg = tiny_finetune_config(tmp_path, name, **{"schedule.max_steps": 3, "finetune.num_classes": 5,
+                                                      "data.eval_source": "", **overrides})  # fmt: skip
+        accumulate = cfg.batch.grad_accum_steps == 2
+        loader = Halves(8, 16) if accumulate else SoftTargetLoader(4, 16)
+        trainer = FinetuneTrainer(cfg, loader=loader)
+        trainer.fit()
+        return [r["loss"] for r in read_metrics(tmp_path / name)], trainer.backend.full_state_dict()
+    finally:
+        torch.set_default_dtype(previous)
+
+
+VARIANTS = {"recompute": {"parallel.activation_checkpointing": "true"},
+            "selective": {"parallel.activation_checkpointing": "selective"},
+            "accumulation": {"batch.grad_accum_steps": 2}}  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_recompute_and_accumulation_give_the_plain_step(tmp_path, variant):
+    """Recomputed blocks draw the same drop-path masks as the forward (torch's preserved RNG state),
+    and two accumulated micro-batches of 8 give one batch of 16's step (no BatchNorm in the ViT)."""
+    overrides = {"finetune.drop_path": 0.3}
+    if variant == "accumulation":
+        overrides = {"finetune.drop_path": 0.0}  # masks drawn per micro-batch: another draw, not another step
+    plain_loss, plain = _fixed_fit(tmp_path, "plain", **overrides)
+    loss, state = _fixed_fit(tmp_path, variant, **overrides, **VARIANTS[variant])
+    assert loss == pytest.approx(plain_loss, rel=1e-10)
+    for name, value in plain.items():
+        torch.testing.assert_close(state[name], value, rtol=1e-9, atol=1e-11, msg=name)

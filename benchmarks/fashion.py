@@ -36,6 +36,7 @@ from typing import Any
 from scale.entry import run_cli
 
 RESULTS = Path(__file__).parent / "results"
+LRS = "0.01,0.03,0.1,0.3,1,3,10"  # base lrs of the probes' heads, all in one pass (the best is reported)
 
 
 def steps(run: str, out: Path, smoke: bool, probe_epochs: int, fixed_epochs: int) -> list[dict[str, Any]]:
@@ -53,13 +54,13 @@ def steps(run: str, out: Path, smoke: bool, probe_epochs: int, fixed_epochs: int
         plan.append(dict(name="linear probe (paper protocol)", backbone=tag,
                          result=f"{out_s}/probe-{key}/linear_probe.json",
                          cmd=[*py, "scale.linear_probe", run, "--train", train, "--val", test, "--epochs",
-                              str(1 if smoke else probe_epochs), "--batch-size", "256", "--lrs", "0.3,1,3,10",
+                              str(1 if smoke else probe_epochs), "--batch-size", "256", "--lrs", LRS,
                               "--workers", "1", "--no-progress", "--no-tensorboard", "--out",
                               f"{out_s}/probe-{key}", *extra]))  # fmt: skip
         plan.append(dict(name="linear probe (fixed crop)", backbone=tag,
                          result=f"{out_s}/fixed-{key}/linear_probe.json",
                          cmd=[*py, "scale.linear_probe", run, "--train", train, "--val", test, "--epochs",
-                              str(2 if smoke else fixed_epochs), "--batch-size", "256", "--lrs", "0.3,1,3,10",
+                              str(2 if smoke else fixed_epochs), "--batch-size", "256", "--lrs", LRS,
                               "--no-augment", "--workers", "1", "--no-progress", "--no-tensorboard", "--out",
                               f"{out_s}/fixed-{key}", *extra]))  # fmt: skip
     for recipe, labels in (("fashion_finetune", "100%"), ("fashion_finetune_10pct", "10%")):

@@ -268,8 +268,8 @@ class FinetuneTrainer(Trainer):
         return result
 
     def write_results(self, result: dict[str, Any]) -> Path:
-        """`results.json` in the run directory, written atomically: the final accuracies and what
-        produced them."""
+        """`results.json` and `results.md` in the run directory, written atomically: the final
+        accuracies of the model and its EMA and what produced them."""
         f = self.cfg.finetune
         out = {
             "task": "finetune",
@@ -283,9 +283,15 @@ class FinetuneTrainer(Trainer):
             "epochs": self.step / self.derived.steps_per_epoch,
             **{k: result[k] for k in ("top1", "top5", "ema_top1", "ema_top5") if k in result},
         }
-        path = self.run_dir / "results.json"
-        tmp = path.with_name(f".results.json.{os.getpid()}")
-        tmp.write_text(json.dumps(out, indent=1))
-        os.replace(tmp, path)
-        log.info("results: %s", path)
-        return path
+        rows = [("model", out.get("top1"), out.get("top5")), ("EMA", out.get("ema_top1"), out.get("ema_top5"))]
+        lines = [f"# Fine-tuning: {out['model']} from {out['pretrained']}", "",
+                 f"recipe {out['recipe']}; train {out['train']}, val {out['val']} ({out['num_classes']} classes); "
+                 f"{out['step']} steps ({out['epochs']:g} epochs).", "", "| | top-1 | top-5 |", "|---|---:|---:|",
+                 *(f"| {name} | {a:.2f} | {b:.2f} |" for name, a, b in rows if a is not None)]  # fmt: skip
+        for name, text in (("results.json", json.dumps(out, indent=1)), ("results.md", "\n".join(lines) + "\n")):
+            path = self.run_dir / name
+            tmp = path.with_name(f".{name}.{os.getpid()}")
+            tmp.write_text(text)
+            os.replace(tmp, path)  # atomic: never a torn results file
+        log.info("results: %s (and .md)", self.run_dir / "results.json")
+        return self.run_dir / "results.json"

@@ -190,6 +190,7 @@ def test_finetuning_resumes_exactly_and_evaluates_model_and_ema(tmp_path):
         assert torch.equal(x, y), name
     assert 0 <= out["top1"] <= out["top5"] <= 100 and 0 <= out["ema_top1"] <= out["ema_top5"] <= 100
     results = json.loads((tmp_path / "straight" / "results.json").read_text())
+    assert f"| model | {out['top1']:.2f} |" in (tmp_path / "straight" / "results.md").read_text()
     assert results["top1"] == out["top1"] and results["num_classes"] == 10 and results["pretrained"] == "random init"
     rows = read_metrics(tmp_path / "straight")
     assert rows[-1]["top1"] == out["top1"] and rows[-1]["step"] == 4

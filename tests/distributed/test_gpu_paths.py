@@ -214,15 +214,23 @@ BF16_DRIFT = 5e-2
 one process (measured; 1e-6 in fp32), every backend alike."""
 
 
+ZERO_EXACT_STEPS = 12
+"""DeepSpeed ZeRO-1/2 step their flattened fp32 partitions: equal to DDP's losses to 1e-6 for 20
+steps on one CPU of this kind, for 16 on another (an AVX2-only one, also at the commit before
+fine-tuning landed), then 0.8% apart by step 20, within the bf16 drift asserted above. The first 12
+steps stay exact on both."""
+
+
 @pytest.mark.slow  # ~50 s: five backends on 2 ranks
 def test_every_backend_follows_one_precision_policy_in_bf16(tmp_path):
     """bf16 is one policy on every backend (docs/training.md): matmuls in bf16; normalisations,
     softmax, the loss and the residual stream in fp32; fp32 parameters, EMA and gradient reductions.
     FSDP2 cast every parameter to bf16 without autocast (LayerNorm, BatchNorm and the residual stream
     in 16 bits) and DeepSpeed its whole module: their first loss was 2e-3 off one process's (the same
-    forward), 15x the batch split's rounding. Now FSDP2 and ZeRO-1/2 compute DDP's exact numbers for
-    20 steps (two ranks: every sum of two is exact), ZeRO-3 until its partitioned updates round in
-    another order (step 3), and all stay within the bf16 drift of one process."""
+    forward), 15x the batch split's rounding. Now FSDP2 computes DDP's exact numbers for 20 steps (two
+    ranks: every sum of two is exact), ZeRO-1/2 for at least 12 (`ZERO_EXACT_STEPS`), ZeRO-3 until its
+    partitioned updates round in another order (step 3), and all stay within the bf16 drift of one
+    process."""
     _bf16_run(0, 1, str(tmp_path), "single")
     losses = {"single": [r["loss"] for r in read_metrics(tmp_path / "bf16-single")]}
     for backend in ("ddp", "fsdp", "zero1", "zero2", "zero3"):
@@ -235,8 +243,9 @@ def test_every_backend_follows_one_precision_policy_in_bf16(tmp_path):
         assert got[0] == pytest.approx(one[0], rel=BF16_BATCH_SPLIT), (backend, got[0], one[0])
         assert got[0] == pytest.approx(ddp[0], rel=1e-7) or backend == "single", backend
         assert got == pytest.approx(one, rel=BF16_DRIFT), backend
-    for backend in ("fsdp", "zero1", "zero2"):
-        assert losses[backend] == pytest.approx(ddp, rel=1e-6), backend
+    assert losses["fsdp"] == pytest.approx(ddp, rel=1e-6)
+    for backend in ("zero1", "zero2"):
+        assert losses[backend][:ZERO_EXACT_STEPS] == pytest.approx(ddp[:ZERO_EXACT_STEPS], rel=1e-6), backend
     assert losses["zero3"][:2] == pytest.approx(ddp[:2], rel=1e-6)
 
 

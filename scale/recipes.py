@@ -271,8 +271,11 @@ def transfer(dataset: str, model: str) -> Config:
 def fashion_finetune() -> Config:
     """Fine-tune the fashion_demo backbone (`--pretrained runs/fashion_demo`; without it, the same
     architecture at random init) on all 60,000 Fashion-MNIST labels with the DeiT recipe, scaled to
-    28 px and this CPU: 1 epoch at batch 256 (234 steps, about 5 minutes alone), 0.1 warmup epochs,
-    RandAugment at magnitude 5, no repeated augmentation, EMA decay 0.99; top-1 on the 10,000 test
+    28 px and a schedule this CPU runs in minutes: 1 epoch at batch 256 (234 steps, about 5 minutes
+    alone), 0.1 warmup epochs, crops from 20% of the image (as fashion_demo), RandAugment at magnitude
+    5, label smoothing, drop path and the EMA (decay 0.99); no mixup, cutmix, random erasing or
+    repeated augmentation: regularisation for hundreds of epochs that 234 steps cannot absorb (with
+    them: 71.3% top-1 from the pretrained backbone, below its linear probe). Top-1 on the 10,000 test
     images at the end."""
     cfg = _finetune("fashion_finetune", "vit_small", 1, 256, 1e-3, 0.05, 0.1, 0.1)
     m = cfg.model
@@ -281,7 +284,9 @@ def fashion_finetune() -> Config:
     cfg.data.eval_source = "fashion:test"
     cfg.data.num_workers = 1
     cfg.data.shuffle_buffer = 500
+    cfg.data.crop_min = 0.2
     cfg.finetune.auto_augment = "rand-m5-mstd0.5-inc1"
+    cfg.finetune.mixup = cfg.finetune.cutmix = cfg.finetune.reprob = 0.0
     cfg.finetune.repeats = 1
     cfg.finetune.ema_decay = 0.99  # 234 steps: DeiT's 0.99996 would leave the EMA at its start
     cfg.parallel.precision = "fp32"

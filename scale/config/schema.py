@@ -82,7 +82,7 @@ class DataConfig:
     resampled: bool = False
     """Draw shards with replacement (very large runs)."""
     crop_min: float = setting(0.08, Rule(lo=0, lo_open=True, hi=1))
-    """Smallest RandomResizedCrop area fraction (0.08 for ViT)."""
+    """Smallest RandomResizedCrop area fraction (0.08 for ViT; fine-tuning's crops too: DeiT's 0.08)."""
     eval_source: str = ""
     """Labelled held-out data for the kNN monitor ('' for none; the demo uses 'demo:val')."""
     knn_train_source: str = ""

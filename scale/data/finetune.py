@@ -42,6 +42,8 @@ class FinetuneAugment:
 
     img_size: int = 224
     num_classes: int = 1000
+    crop_min: float = 0.08
+    """Smallest RandomResizedCrop area (DeiT: 0.08)."""
     auto_augment: str = "rand-m9-mstd0.5-inc1"
     interpolation: str = "bicubic"
     reprob: float = 0.25
@@ -74,6 +76,7 @@ class SeededTimmTransform:
             aug.img_size, is_training=True, color_jitter=aug.color_jitter,
             auto_augment=aug.auto_augment or None, interpolation=aug.interpolation, re_prob=aug.reprob,
             re_mode=aug.remode, re_count=aug.recount, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+            scale=(aug.crop_min, 1.0),
         )  # fmt: skip
 
     def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor]:

@@ -111,7 +111,8 @@ class FinetuneTrainer(Trainer):
     def augment(self) -> FinetuneAugment:
         f, m = self.cfg.finetune, self.cfg.model
         return FinetuneAugment(
-            img_size=m.img_size, num_classes=self.num_classes, auto_augment=f.auto_augment,
+            img_size=m.img_size, num_classes=self.num_classes, crop_min=self.cfg.data.crop_min,
+            auto_augment=f.auto_augment,
             interpolation=f.interpolation, reprob=f.reprob, color_jitter=f.color_jitter, mixup=f.mixup,
             cutmix=f.cutmix, mixup_prob=f.mixup_prob, mixup_switch_prob=f.mixup_switch_prob,
             smoothing=f.smoothing, repeats=f.repeats,

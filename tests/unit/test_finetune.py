@@ -224,7 +224,7 @@ def test_finetune_cli_errors_are_one_line(tmp_path, capsys):
         (["--recipe", "cpu_demo"], "not a fine-tuning recipe"),
         (["--pretrained", str(tmp_path / "nope")], "does not exist"),
         (["--finetune.layer_decay=0"], "finetune.layer_decay"),
-        (["--batch.global_batch_size=15"], "even batch"),
+        (["--batch.global_batch_size=15", "--finetune.mixup=0.8"], "even batch"),
         (["--data.backend=dali"], "torchvision"),
     ]:
         with pytest.raises(SystemExit) as e:

@@ -1,7 +1,7 @@
 """Fashion-MNIST end to end: does MoCo v3 pretraining help? `python -m benchmarks.fashion RUN`.
 
 RUN is a pretraining run on Fashion-MNIST (`python -m scale.pretrain --recipe fashion_demo`: the
-CPU demo's ViT, 7 epochs, about 30 minutes on 2 cores). Each evaluation runs twice, on RUN's
+CPU demo's ViT, 7 epochs, about 35 minutes on 2 cores). Each evaluation runs twice, on RUN's
 backbone and on the same architecture at the initial weights RUN started from (`--random-init`,
 the same seed), through the project's own commands:
 

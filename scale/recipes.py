@@ -166,7 +166,7 @@ def cpu_demo_r50() -> Config:
 
 def fashion_demo() -> Config:
     """Fashion-MNIST (`scale.data.fashion`: 60,000 real 28 px images, 10 classes) with the CPU demo's
-    ViT (4 blocks, 128 wide, patch 4: 49 patches), 7 epochs at batch 256: about 30 minutes on 2
+    ViT (4 blocks, 128 wide, patch 4: 49 patches), 7 epochs at batch 256: about 35 minutes on 2
     CPU cores. The held-out kNN monitor classifies the 10,000 test images against a 10% labelled
     subset of the training set every 2 epochs. docs/evaluation.md gives its kNN, linear-probe and
     fine-tuning results beside the same backbone at random init."""

@@ -37,7 +37,6 @@ import argparse
 import logging
 from pathlib import Path
 
-import torch
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
 from scale.config import config_from_dict
@@ -60,6 +59,7 @@ from scale.models.formats import (
     timm_kwargs,
     unwrap_state_dict,
 )
+from scale.safe_load import load_safely
 
 log = logging.getLogger("scale.convert")
 FORMATS = ("timm", "deit", "moco", "torchvision")
@@ -69,7 +69,7 @@ def _source_state(src: Path, model: str | None) -> tuple[dict, str, dict | None,
     """(checkpoint mapping, architecture name, the run's config or None, epoch) of `src`."""
     ckpt_dir = resolve_run_checkpoint(src) if src.is_dir() else None
     if ckpt_dir is not None:
-        client = torch.load(ckpt_dir / "client.pt", map_location="cpu", weights_only=False)
+        client = load_safely(ckpt_dir / "client.pt")
         sd, _ = run_model_state(ckpt_dir)
         config = client["config"]
         steps_per_epoch = max(1, int(client.get("derived", {}).get("steps_per_epoch", 1)))

@@ -26,6 +26,7 @@ from scale.models import RESNET_PRESETS, ResNet, build_backbone, is_resnet
 from scale.models.export import is_export, load_export, read_export_meta
 from scale.models.formats import backbone_state_dict, load_backbone, read_checkpoint
 from scale.models.vit import VIT_ALIASES, VIT_PRESETS, VisionTransformer
+from scale.safe_load import load_safely
 from scale.train.parallelize import build_model
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def resolve_run_checkpoint(path: Path) -> Path | None:
 def run_model_state(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], str]:
     """The full MoCoV3 state dict (fp32 on CPU) of a run checkpoint directory, any backend."""
     if (ckpt_dir / "model.pt").is_file():
-        state = torch.load(ckpt_dir / "model.pt", map_location="cpu", weights_only=False)
+        state = load_safely(ckpt_dir / "model.pt")
         return state["model"], "run (single/ddp)"
     if (ckpt_dir / "dcp").is_dir():
         return _dcp_model_state(ckpt_dir / "dcp"), "run (fsdp)"
@@ -167,7 +168,7 @@ def load_frozen_backbone(
         return LoadedBackbone(backbone, str(path), "export", name, None, None)
     ckpt_dir = resolve_run_checkpoint(path)
     if ckpt_dir is not None:
-        client = torch.load(ckpt_dir / "client.pt", map_location="cpu", weights_only=False)
+        client = load_safely(ckpt_dir / "client.pt")
         config, step = client.get("config"), int(client.get("step", 0))
         sd, kind = run_model_state(ckpt_dir)
         backbone = _backbone_from_config(config, model, vit_overrides)

@@ -42,6 +42,7 @@ from scale.models.classifier import Classifier
 from scale.models.export import is_export
 from scale.models.flops import backbone_macs
 from scale.optim import lr_at
+from scale.safe_load import load_safely
 from scale.train.knn import _share
 from scale.train.metrics import MetricsLogger
 from scale.train.trainer import Trainer
@@ -68,7 +69,7 @@ def run_config(path: str) -> dict[str, Any] | None:
     ckpt = resolve_run_checkpoint(p) if p.is_dir() and not is_export(p) else None
     if ckpt is None:
         return None
-    return torch.load(ckpt / "client.pt", map_location="cpu", weights_only=False).get("config")
+    return load_safely(ckpt / "client.pt").get("config")
 
 
 def build_classifier(cfg: Config, num_classes: int) -> Classifier:

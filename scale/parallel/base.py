@@ -36,6 +36,7 @@ from scale.parallel.ema import ema_
 from scale.parallel.memory import state_bytes
 from scale.parallel.placement import plan_placement
 from scale.parallel.settings import BackendSettings, ShardingPlan
+from scale.safe_load import load_safely
 from scale.views import views_to
 
 log = logging.getLogger(__name__)
@@ -424,7 +425,7 @@ class Backend:
             torch.save(self.state_dict(), directory / "model.pt")
 
     def load(self, directory: Path) -> None:
-        state = torch.load(directory / "model.pt", map_location=self.device, weights_only=False)
+        state = load_safely(directory / "model.pt", map_location=self.device)
         self.load_state_dict(state)
 
     @contextlib.contextmanager

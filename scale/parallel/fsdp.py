@@ -51,6 +51,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 from scale.errors import BackendError
 from scale.parallel.base import Backend
 from scale.parallel.memory import state_bytes
+from scale.safe_load import load_safely
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ class FSDPBackend(Backend):
         set_model_state_dict(self.module, state["model"])
         set_optimizer_state_dict(self.module, self.optimizer, state["optimizer"])
         if self.scaler and (directory / "scaler.pt").is_file():
-            self.scaler.load_state_dict(torch.load(directory / "scaler.pt", weights_only=False))
+            self.scaler.load_state_dict(load_safely(directory / "scaler.pt"))
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)

@@ -24,6 +24,7 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from scale.errors import CheckpointWriteError, is_write_failure
+from scale.safe_load import load_safely
 from scale.train.faults import fault_point
 
 MANIFEST = "manifest.json"
@@ -271,10 +272,10 @@ def clean_leftovers(run_dir: Path) -> None:
 def load_checkpoint(backend, path: Path) -> dict[str, Any]:
     """Restore `backend` from `path`; returns the client state (RNG restored for this rank)."""
     backend.load(path)
-    client = torch.load(path / "client.pt", map_location="cpu", weights_only=False)
+    client = load_safely(path / "client.pt")
     rng = path / f"rng-rank{backend.rank}.pt"
     if rng.is_file():
-        set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
+        set_rng_state(load_safely(rng))
     else:
         log.warning("no RNG state for rank %d in %s (different world size?); RNG not restored", backend.rank, path)
     return client

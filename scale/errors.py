@@ -27,6 +27,10 @@ class LaunchError(ValueError):
     """A launch environment that cannot work (half-set variables, a rank outside the world)."""
 
 
+class RunDirInUseError(ValueError):
+    """Another live job holds the run directory (`scale.train.run_owner`)."""
+
+
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (disk full, I/O error); the previous one is intact."""
 

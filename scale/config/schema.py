@@ -220,6 +220,10 @@ class RunConfig:
     """Under SLURM, requeue the job (scontrol requeue) after the preemption checkpoint."""
     max_requeues: int = setting(50, non_negative())
     """Do not requeue a job SLURM has already restarted this many times (SLURM_RESTART_COUNT)."""
+    stale_owner_minutes: float = setting(10.0, Rule(lo=0, lo_open=True))
+    """A run directory is held by one job at a time (`RUN/owner.json`, `scale.train.run_owner`); a
+    holder on another host whose heartbeat is older than this, and whose SLURM job squeue cannot
+    vouch for, is taken to be gone and replaced (one on this host: when its process is gone)."""
     progress: bool = True
     """A progress bar on rank 0 (else periodic log lines)."""
     tensorboard: bool = True

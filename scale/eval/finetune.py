@@ -253,10 +253,8 @@ class FinetuneTrainer(Trainer):
 
     # ------------------------------------------------------------------ the run
 
-    def fit(self) -> dict[str, Any]:
-        """Train, then evaluate the final model and its EMA (a row of metrics.jsonl) and write
-        results.json."""
-        result = super().fit()
+    def after_training(self, result: dict[str, Any]) -> dict[str, Any]:
+        """Evaluate the final model and its EMA (a row of metrics.jsonl) and write results.json."""
         if self.cfg.data.eval_source:
             if self.evaluated_at != self.step:
                 metrics = MetricsLogger(self.run_dir, self.backend.is_main, self.cfg.run.tensorboard)

@@ -23,7 +23,7 @@ import torch
 from scale.config import Config, Derived, default_run_name, derive, split_batch
 from scale.data.augment import AugmentConfig
 from scale.data.loader import build_loader
-from scale.errors import CheckpointWriteError, DataError, StalledRankError, TrainingError
+from scale.errors import CheckpointWriteError, DataError, RunDirInUseError, StalledRankError, TrainingError
 from scale.hardware.cpu_malloc import tune_cpu_malloc
 from scale.hardware.peaks import device_peak, peak_memory_gib
 from scale.hardware.precision import configure_tf32
@@ -48,6 +48,7 @@ from scale.train.parallelize import build_model, grad_groups, parallelize
 from scale.train.planner import resolve_auto
 from scale.train.preemption import Preempted, PreemptionWatch, requeue_slurm_job, restart_count, watch_signal
 from scale.train.run_dir import check_run_dir, rewind, write_config
+from scale.train.run_owner import RunDirOwner, claim_run_dir
 from scale.train.step_stats import LogWindow, SkipCounter
 from scale.train.watchdog import Heartbeat, is_collective_failure
 
@@ -86,6 +87,34 @@ class Trainer:
         cfg.run.name = default_run_name(cfg)  # resolved once: config.json records the directory's name
         self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
         check_run_dir(self.run_dir, cfg)  # on every rank, before any work
+        self.owner = self._claim_run_dir()  # one job per run directory, before anything is written into it
+        try:
+            self._build(cfg, b, per_device, loader)
+        except BaseException:
+            self.release_run_dir()
+            raise
+
+    def _claim_run_dir(self) -> RunDirOwner | None:
+        """The main rank takes the run directory (`scale.train.run_owner`); every rank raises its
+        error when another live job holds it."""
+        b, owner, error = self.backend, None, None
+        if b.is_main:
+            try:
+                owner = claim_run_dir(self.run_dir, self.cfg.run.stale_owner_minutes)
+            except RunDirInUseError as e:
+                error = str(e)
+        error = b.broadcast_object(error)
+        if error:
+            raise RunDirInUseError(error)
+        return owner
+
+    def release_run_dir(self) -> None:
+        """Give the run directory back (at the end of `fit`, or when the start fails)."""
+        if self.owner is not None:
+            self.owner.release()
+            self.owner = None
+
+    def _build(self, cfg: Config, b, per_device: int, loader) -> None:
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
 
         self.loader = loader or self.build_loader(per_device)
@@ -310,7 +339,18 @@ class Trainer:
             )
 
     def fit(self) -> dict[str, Any]:
-        """Train to the end of the schedule (or `schedule.max_steps`); returns the final metrics."""
+        """Train to the end of the schedule (or `schedule.max_steps`), then `after_training`; returns
+        the final metrics. The run directory is given back at the end, whatever happened."""
+        try:
+            return self.after_training(self._train())
+        finally:
+            self.release_run_dir()
+
+    def after_training(self, result: dict[str, Any]) -> dict[str, Any]:
+        """What a task does after its last step (the run directory still held): nothing here."""
+        return result
+
+    def _train(self) -> dict[str, Any]:
         cfg, b, d = self.cfg, self.backend, self.derived
         self._prepare_run_dir()
         self._resume()

@@ -220,6 +220,10 @@ class RunConfig:
     """Under SLURM, requeue the job (scontrol requeue) after the preemption checkpoint."""
     max_requeues: int = setting(50, non_negative())
     """Do not requeue a job SLURM has already restarted this many times (SLURM_RESTART_COUNT)."""
+    trust_checkpoint_code: bool = False
+    """Read checkpoints (resume, `finetune.pretrained`) with pickle's full unpickler. Off: weights and
+    data only, a file asking for anything else is refused (`scale.safe_load`). Only for files from a
+    source you trust: they can then run code on this machine."""
     stale_owner_minutes: float = setting(10.0, Rule(lo=0, lo_open=True))
     """A run directory is held by one job at a time (`RUN/owner.json`, `scale.train.run_owner`); a
     holder on another host whose heartbeat is older than this, and whose SLURM job squeue cannot

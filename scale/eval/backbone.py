@@ -26,7 +26,13 @@ from scale.models import RESNET_PRESETS, ResNet, build_backbone, is_resnet
 from scale.models.export import is_export, load_export, read_export_meta
 from scale.models.formats import backbone_state_dict, load_backbone, read_checkpoint
 from scale.models.vit import VIT_ALIASES, VIT_PRESETS, VisionTransformer
-from scale.safe_load import load_safely
+from scale.safe_load import (
+    check_file,
+    check_files,
+    dcp_load_safely,
+    load_safely,
+    trust_checkpoint_code,
+)
 from scale.train.parallelize import build_model
 
 log = logging.getLogger(__name__)
@@ -79,18 +85,18 @@ def _dcp_model_state(dcp_dir: Path) -> dict[str, torch.Tensor]:
     """FSDP2's sharded files read whole, on one process (no process group needed)."""
     state: dict[str, Any] = {}
     try:  # in memory, as torch's own dcp_to_torch_save does it (private names: imported here, with a fallback)
-        from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
         from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-        _load_state_dict(state, storage_reader=FileSystemReader(str(dcp_dir)), planner=_EmptyStateDictLoadPlanner(),
-                         no_dist=True)  # fmt: skip
+        # DCP unpickles its metadata and non-tensor entries: checked first, so nothing in them can run.
+        dcp_load_safely(lambda **kw: _load_state_dict(state, no_dist=True, **kw), dcp_dir, _EmptyStateDictLoadPlanner)
     except ImportError:  # private names moved: the public converter, through a temporary file
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+        check_file(dcp_dir / ".metadata")
         with tempfile.TemporaryDirectory() as tmp:
             dcp_to_torch_save(str(dcp_dir), f"{tmp}/state.pt")
-            state = torch.load(f"{tmp}/state.pt", map_location="cpu", weights_only=False)
+            state = load_safely(f"{tmp}/state.pt")
     model = state.get("model")
     if not isinstance(model, dict):
         raise CheckpointError(f"{dcp_dir} has no 'model' entry (keys: {sorted(state)[:5]})")
@@ -103,6 +109,9 @@ def _deepspeed_model_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # optional dependency
     except ImportError:
         raise CheckpointError(f"{ckpt_dir} is a DeepSpeed checkpoint: reading it needs pip install deepspeed") from None
+    error = check_files(sorted((ckpt_dir / "engine").glob("*.pt")))  # DeepSpeed's tool unpickles them
+    if error:
+        raise CheckpointError(error)
     sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag="engine")
     # Parameters outside the optimizer (the frozen patch projection and position table, the momentum
     # encoder) have no fp32 master: under ZeRO-1/2 they are whole in the module file, in the training
@@ -111,7 +120,7 @@ def _deepspeed_model_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     module_file = ckpt_dir / "engine" / "mp_rank_00_model_states.pt"  # ZeRO-1/2 (ZeRO-3: one per rank)
     module = {}
     if module_file.is_file():
-        module = torch.load(module_file, map_location="cpu", weights_only=False).get("module") or {}
+        module = load_safely(module_file).get("module") or {}
     full = {k: v for k, v in module.items() if torch.is_tensor(v) and v.numel() > 0}
     full.update(sd)
     return {k: v.float() if v.is_floating_point() else v for k, v in full.items()}
@@ -136,9 +145,14 @@ def add_checkpoint_args(parser, train_help: str, val_help: str) -> None:
     parser.add_argument("--encoder", default="base_encoder", choices=["base_encoder", "momentum_encoder"])
     baseline = "the run's architecture at its initial weights (the baseline); needs a run checkpoint"
     parser.add_argument("--random-init", action="store_true", help=baseline)
+    trust = ("read checkpoint files with pickle's full unpickler: only for files from a source you trust, since "
+             "they can then run code on this machine (default: weights and data only)")  # fmt: skip
+    parser.add_argument("--trust-checkpoint-code", action="store_true", help=trust)
 
 
 def backbone_from_args(args) -> LoadedBackbone:
+    if getattr(args, "trust_checkpoint_code", False):
+        trust_checkpoint_code()
     loaded = load_frozen_backbone(args.checkpoint, model=args.model, encoder=args.encoder)
     return random_init_like(loaded) if args.random_init else loaded
 

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from scale.errors import CheckpointError
 from scale.hardware.precision import autocast_dtype, check_cpu_bf16, resolve_precision
 from scale.optim import set_lr_wd, supports_device_skip
 from scale.optim.optimizers import foreach_chunks
@@ -36,7 +37,7 @@ from scale.parallel.ema import ema_
 from scale.parallel.memory import state_bytes
 from scale.parallel.placement import plan_placement
 from scale.parallel.settings import BackendSettings, ShardingPlan
-from scale.safe_load import load_safely
+from scale.safe_load import check_files, load_safely
 from scale.views import views_to
 
 log = logging.getLogger(__name__)
@@ -387,6 +388,15 @@ class Backend:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def check_checkpoint_files(self, paths: list[Path]) -> None:
+        """Before a library reads these pickle-based files with pickle's full unpickler: each rank
+        checks its share (`scale.safe_load.check_files`: every file once over the ranks); every rank
+        raises the first error found."""
+        errors = self.all_gather_object(check_files(sorted(paths), self.rank, self.world_size))
+        error = next((e for e in errors if e), None)
+        if error:
+            raise CheckpointError(error)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         if self.world_size == 1:

@@ -48,6 +48,7 @@ from scale.parallel.base import Backend, StepResult, on_device
 from scale.parallel.ds_config import load_ds_json, resolve_ds_config, zero_stage
 from scale.parallel.memory import zero_bytes, zero_persistent_buffer_bytes
 from scale.parallel.placement import plan_placement
+from scale.safe_load import load_safely
 from scale.views import views_to
 
 log = logging.getLogger(__name__)
@@ -258,6 +259,7 @@ class DeepSpeedBackend(Backend):
         if saved and saved != self.world_size:
             self._load_universal(directory, saved)
             return
+        self.check_checkpoint_files(list((directory / "engine").glob("*.pt")))  # DeepSpeed unpickles them
         path, _ = self.model.load_checkpoint(str(directory), tag="engine", load_lr_scheduler_states=False)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed engine checkpoint in {directory}")
@@ -279,6 +281,7 @@ class DeepSpeedBackend(Backend):
                 f"`python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state --input_folder "
                 f"{directory / 'engine'} --output_folder {universal}` and run the same command again"
             )
+        self.check_checkpoint_files(list(universal.rglob("*.pt")))  # DeepSpeed unpickles them
         internals.set_universal_load(self.model, True)
         try:
             path, _ = self.model.load_checkpoint(str(directory), tag=universal.name, load_lr_scheduler_states=False)
@@ -293,8 +296,7 @@ class DeepSpeedBackend(Backend):
         """What DeepSpeed's universal load leaves out: it restores the trained parameters and their
         optimizer state only. The momentum encoder (frozen parameters), the BatchNorm statistics
         and the momentum encoder's fp32 masters come from the original checkpoint's files."""
-        states = torch.load(directory / "engine" / "mp_rank_00_model_states.pt", map_location="cpu",
-                            weights_only=False)["module"]  # fmt: skip
+        states = load_safely(directory / "engine" / "mp_rank_00_model_states.pt")["module"]
         trained = {name for name, p in self.module.named_parameters() if p.requires_grad}
         untrained = {k: v for k, v in states.items() if k not in trained}
         _, unexpected = self.module.load_state_dict(untrained, strict=False)
@@ -317,7 +319,7 @@ class DeepSpeedBackend(Backend):
         from another GPU layout: cuda:5 there can be cuda:0 here), checked against its partitions."""
         if not path.is_file():
             return None
-        masters = torch.load(path, map_location=self.device, weights_only=True)
+        masters = load_safely(path, map_location=self.device)
         ks, _ = self._momentum_pairs()
         if [tuple(m.shape) for m in masters] != [tuple(k.shape) for k in ks]:
             raise BackendError(

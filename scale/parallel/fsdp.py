@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -51,7 +52,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 from scale.errors import BackendError
 from scale.parallel.base import Backend
 from scale.parallel.memory import state_bytes
-from scale.safe_load import load_safely
+from scale.safe_load import dcp_load_safely, load_safely
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,8 @@ class FSDPBackend(Backend):
 
     def load(self, directory: Path) -> None:
         state = self._state()
-        dcp.load(state, checkpoint_id=str(directory / "dcp"))
+        # DCP unpickles its metadata and non-tensor entries: checked first, so nothing in them can run.
+        dcp_load_safely(lambda **kw: dcp.load(state, **kw), directory / "dcp", DefaultLoadPlanner)
         set_model_state_dict(self.module, state["model"])
         set_optimizer_state_dict(self.module, self.optimizer, state["optimizer"])
         if self.scaler and (directory / "scaler.pt").is_file():

@@ -23,6 +23,7 @@ RESUMABLE_CHANGES = {
     "run.preempt_signal", "run.preempt_check_every", "run.requeue", "run.max_requeues", "run.ckpt_failure",
     "run.max_ckpt_failures", "data.max_lost_fraction", "parallel.timeout_minutes", "model.view_forward",
     "model.compile", "parallel.tune_cpu_malloc", "run.stale_owner_minutes",
+    "run.trust_checkpoint_code",
 }  # fmt: skip
 """Fields that may differ between a run directory's config and a resumed run's (and every
 `monitor.*` field: the monitors change nothing in training)."""

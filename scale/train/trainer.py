@@ -31,6 +31,7 @@ from scale.models.flops import moco_training_flops
 from scale.optim import lr_at, momentum_at, weight_decay_at
 from scale.parallel.base import Backend
 from scale.parallel.launch import build_backend, init_distributed
+from scale.safe_load import trust_checkpoint_code
 from scale.train.checkpoint import (
     FailurePolicy,
     clean_leftovers,
@@ -73,6 +74,7 @@ class Trainer:
         # fatal (SIGUSR2's default action ends the process); acted on at the first check.
         self.preempt = watch_signal(cfg.run.preempt_signal, cfg.run.preempt_check_every)
         init_distributed(cfg.parallel.dist_backend, cfg.parallel.timeout_minutes)
+        trust_checkpoint_code(cfg.run.trust_checkpoint_code)  # the user's explicit choice, logged when on
         if backend is None:
             resolve_auto(cfg)  # --parallel.backend=auto on GPUs: the planner's backend, logged with the runner-up
         self.backend = b = backend or build_backend(

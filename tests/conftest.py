@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+pytest_plugins = ["tests.leftovers"]  # every test ends the processes it starts
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -9,6 +9,7 @@ fit. Nothing is written outside the folder; the daemons are stopped by their PID
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -136,6 +137,9 @@ class LocalSlurm:
                 except ProcessLookupError:
                     break
                 time.sleep(0.1)
+            else:  # it did not stop in 10 s
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ def slurm():
     # Not under pytest's tmp folders: munged refuses a socket below a folder without o+x (0700).
     root = Path(tempfile.mkdtemp(prefix="scale-slurm-", dir="/tmp"))
     cluster = LocalSlurm(root)
-    cluster.start()
-    try:
+    try:  # a start that fails half-way stops the daemons it started too
+        cluster.start()
         yield cluster
     finally:
         cluster.stop()

@@ -33,7 +33,8 @@ lint: install
 
 # The prepared GPU check (docs/benchmarks.md): on a GPU machine, with its own python3 (or .venv's here,
 # where every CUDA-only step reports itself skipped). `make gpu-wheels` (here) first puts the packages
-# a bare GPU image lacks into wheels/ (about 5 MB; the check installs them into /tmp, nothing else).
+# a bare GPU image lacks into wheels/ (about 5 MB; the check installs them into a new folder of its own,
+# mode 0700, nothing else: no fixed /tmp name another user of the node could plant).
 GPU_PY := $(shell test -x $(BIN)/python && echo $(BIN)/python || echo python3)
 
 gpu-check:

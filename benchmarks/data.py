@@ -24,12 +24,12 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_sample_image
 
+from benchmarks.paper import add_output_args, check_results, write_results
+from scale.arguments import POSITIVE, ExistingPath, Parser
 from scale.data.augment import AugmentConfig
 from scale.data.loader import build_loader
 from scale.data.shards import make_shards
 from scale.entry import run_cli
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def make_benchmark_images(root: Path, num_images: int, seed: int = 0) -> Path:
@@ -50,8 +50,12 @@ def make_benchmark_images(root: Path, num_images: int, seed: int = 0) -> Path:
 def time_loader(loader, max_batches: int, warmup: int = 2) -> dict:
     """Images/s over up to `max_batches` batches after `warmup` batches (which include start-up)."""
     it = iter(loader)
-    for _ in range(warmup):
-        next(it)
+    for i in range(warmup):
+        try:
+            next(it)
+        except StopIteration:
+            raise ValueError(f"the images make {i} batch(es), fewer than the {warmup} warm-up batches and one timed: "
+                             "give more images or a smaller --batch-size") from None  # fmt: skip
     n, start = 0, time.perf_counter()
     for _ in range(max_batches):
         try:
@@ -117,16 +121,26 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python -m benchmarks.data", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--images", type=ExistingPath("dir"), help="ImageFolder tree to use instead of the generated set")
+    p.add_argument("--num-images", type=POSITIVE, default=512, help="size of the generated set")
+    p.add_argument("--batch-size", type=POSITIVE, default=32)
+    p.add_argument("--crop-size", type=POSITIVE, default=224)
+    p.add_argument("--workers", type=POSITIVE, default=os.cpu_count() or 1, help="N for the N-worker rows")
+    p.add_argument("--max-batches", type=POSITIVE, default=12, help="timed batches per row")
+    add_output_args(p)
+    return p
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=Path, help="ImageFolder tree to use instead of the generated set")
-    parser.add_argument("--num-images", type=int, default=512, help="size of the generated set")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--crop-size", type=int, default=224)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="N for the N-worker rows")
-    parser.add_argument("--max-batches", type=int, default=12, help="timed batches per row")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory ('-' for none)")
-    args = parser.parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.images is None and args.num_images < 3 * args.batch_size:
+        p.error(f"argument --num-images: {args.num_images} images make fewer than the 2 warm-up batches and one "
+                f"timed batch of --batch-size {args.batch_size}: give at least {3 * args.batch_size}")  # fmt: skip
+    check_results(args.out, ["data.md", "data.json"], args.overwrite)
 
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     if torch.cuda.is_available():
@@ -142,11 +156,9 @@ def main(argv: list[str] | None = None) -> None:
     table = to_markdown(rows, meta)
     print(table)
     if str(args.out) != "-":
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "data.md").write_text(
-            "# Input pipeline throughput\n\nMade by `python -m benchmarks.data`.\n\n" + table
-        )
-        (args.out / "data.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        md = "# Input pipeline throughput\n\nMade by `python -m benchmarks.data`.\n\n" + table
+        files = {"data.md": md, "data.json": json.dumps({"meta": meta, "rows": rows}, indent=1)}
+        write_results(args.out, files, args.overwrite)
 
 
 def cli() -> None:

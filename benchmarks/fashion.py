@@ -33,6 +33,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from scale.arguments import POSITIVE, ExistingPath, Parser, refuse_existing, refuse_inside, write_atomic
 from scale.entry import run_cli
 
 RESULTS = Path(__file__).parent / "results"
@@ -114,7 +115,8 @@ def pretraining_summary(run: Path) -> dict[str, Any]:
             "epochs": config["schedule"]["epochs"], "batch": config["batch"]["global_batch_size"]}  # fmt: skip
 
 
-def write_report(run: Path, plan: list[dict[str, Any]], results: Path, seconds: dict[str, float]) -> None:
+def write_report(run: Path, plan: list[dict[str, Any]], results: Path, seconds: dict[str, float],
+                 overwrite: bool = False) -> None:  # fmt: skip
     rows: dict[str, dict[str, Any]] = {}
     for step in plan:
         rows.setdefault(step["name"], {})[step["backbone"]] = accuracy(step)
@@ -123,7 +125,7 @@ def write_report(run: Path, plan: list[dict[str, Any]], results: Path, seconds: 
             "pretraining_run": str(run), "pretraining": summary, "results": rows,
             "commands": [{"step": s["name"], "backbone": s["backbone"], "command": shlex.join(_shown(s["cmd"]))}
                          for s in plan], "seconds": seconds}  # fmt: skip
-    results.with_suffix(".json").write_text(json.dumps(data, indent=1))
+    json_text = json.dumps(data, indent=1)
     lines = ["# Fashion-MNIST: MoCo v3 pretraining against random init", "",
              f"{data['date']}, {data['machine']}, CPU only. Pretraining: `python -m scale.pretrain --recipe "
              f"fashion_demo` ({summary['epochs']:g} epochs at batch {summary['batch']}, {summary['steps']} steps, "
@@ -142,7 +144,8 @@ def write_report(run: Path, plan: list[dict[str, Any]], results: Path, seconds: 
         lines.append(f"| {name} | {cell[0]} | {cell[1]} | {pre.get('top1', 0) - rand.get('top1', 0):+.2f} |")
     lines += ["", "Commands (in this order; `python -m benchmarks.fashion RUN` runs them all):", "", "```"]
     lines += [shlex.join(_shown(s["cmd"])) for s in plan] + ["```"]
-    results.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_atomic(results.with_suffix(".json"), json_text, overwrite)
+    write_atomic(results.with_suffix(".md"), "\n".join(lines) + "\n", overwrite)
     print("\n".join(lines))
 
 
@@ -150,20 +153,26 @@ def _shown(cmd: list[str]) -> list[str]:
     return ["python", *cmd[1:]] if cmd and cmd[0] == sys.executable else cmd
 
 
+def parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python -m benchmarks.fashion", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("run", metavar="RUN", type=ExistingPath("dir"), help="the fashion_demo pretraining run directory")
+    p.add_argument("--out", type=Path, default=Path("runs/fashion_eval"), help="where each step writes")
+    p.add_argument("--results", type=Path, default=RESULTS / "fashion", help="report path (.md and .json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    p.add_argument("--probe-epochs", type=POSITIVE, default=5, help="linear probe with augmentation (paper protocol)")
+    p.add_argument("--fixed-epochs", type=POSITIVE, default=30, help="fixed-crop linear probe (cached features)")
+    p.add_argument("--smoke", action="store_true", help="every step in seconds on subsets (tests)")
+    return p
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", type=Path, help="the fashion_demo pretraining run directory")
-    parser.add_argument("--out", type=Path, default=Path("runs/fashion_eval"), help="where each step writes")
-    parser.add_argument("--results", type=Path, default=RESULTS / "fashion", help="report path (.md and .json)")
-    parser.add_argument("--probe-epochs", type=int, default=5, help="linear probe with augmentation (paper protocol)")
-    parser.add_argument("--fixed-epochs", type=int, default=30, help="fixed-crop linear probe (cached features)")
-    parser.add_argument("--smoke", action="store_true", help="every step in seconds on subsets (tests)")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     if not (args.run / "config.json").is_file():
         raise SystemExit(f"error: {args.run} is not a run directory (no config.json); pretrain it first: "
                          "python -m scale.pretrain --recipe fashion_demo")  # fmt: skip
-    if args.probe_epochs < 1 or args.fixed_epochs < 1:
-        raise SystemExit("error: --probe-epochs and --fixed-epochs must be at least 1")
+    refuse_inside(args.out, "--out", args.run, "RUN", replaced=False)
+    refuse_existing([args.results.with_suffix(".md"), args.results.with_suffix(".json")], args.overwrite)
     plan = steps(str(args.run), args.out, args.smoke, args.probe_epochs, args.fixed_epochs)
     seconds: dict[str, float] = {}
     for i, step in enumerate(plan, 1):
@@ -180,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         seconds[label] = round(time.time() - t0, 1)
         if done.returncode != 0 or not Path(step["result"]).is_file():
             raise SystemExit(f"error: {label} failed (exit {done.returncode}); see {log}")
-    write_report(args.run, plan, args.results, seconds)
+    write_report(args.run, plan, args.results, seconds, args.overwrite)
 
 
 def cli() -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from scale.arguments import POSITIVE, Parser, refuse_existing, write_atomic
 from scale.entry import run_cli
 from scale.models import ResNetConfig, build_backbone, resolve_backbone_config
 from scale.models.flops import PAPER_TABLE3_GMACS, backbone_macs, counted_macs, moco_training_flops, vit_macs
@@ -80,16 +81,27 @@ def to_markdown(rows: list[dict], img_size: int) -> str:
     return header + "\n".join(lines) + "\n"
 
 
+def parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python -m benchmarks.flops", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--img-size", type=POSITIVE, default=224, help="crop side in pixels (Table 3 is at 224)")
+    p.add_argument("--out", default=str(RESULTS), help="markdown file to write ('-' for none)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    return p
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--img-size", type=int, default=224, help="crop side in pixels (Table 3 is at 224)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write ('-' for none)")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
+    if args.out != "-":
+        out = Path(args.out)
+        if out.is_dir():
+            raise IsADirectoryError(f"--out {out} is a folder; give the markdown file to write")
+        refuse_existing([out], args.overwrite)
     table = to_markdown(build_table(args.img_size), args.img_size)
     print(table)
-    if str(args.out) != "-":
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("# FLOPs against the paper's Table 3\n\nMade by `python -m benchmarks.flops`.\n\n" + table)
+    if args.out != "-":
+        text = "# FLOPs against the paper's Table 3\n\nMade by `python -m benchmarks.flops`.\n\n" + table
+        write_atomic(args.out, text, args.overwrite)
         print(f"written to {args.out}")
 
 

@@ -6,7 +6,9 @@ and exits non-zero on any failure:
 
 1. environment: torch, CUDA, the device; the packages the machine lacks (deepspeed, webdataset,
    braceexpand and their needs) installed from a folder of wheels (`make gpu-wheels`, about 5 MB)
-   into a private folder, nothing else touched: a needed package missing with no wheel is a failure;
+   into a new folder of this run that only its user can read or write (never a fixed /tmp name that
+   another user of a shared node could plant first), nothing else touched: a needed package missing
+   with no wheel is a failure;
 2. ceilings: versions, the bf16 8192^3 matmul and the device and pinned host copies;
 3. step: ViT-B/16 through the real training step for 20 steps (CUDA-event times, CPU time per
    step, kernels per step, host syncs counted, a 2-step profiler trace), then ResNet-50 (LARS,
@@ -29,18 +31,20 @@ something that can run on a CPU failed.
 
     make gpu-wheels                     # here, once: the wheels the GPU machine lacks -> wheels/
     make gpu-check                      # on the GPU machine (python3 -m benchmarks.gpu_check)
-    python -m benchmarks.gpu_check --only step --only memory --out /tmp/check
+    python -m benchmarks.gpu_check --only step --only memory --out results/check
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
 import platform
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -52,7 +56,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "gpu-check"
-SITE = Path("/tmp/scale-gpu-site")
 NEEDED = ("deepspeed", "webdataset", "braceexpand", "hjson", "pydantic")
 
 # The measurements in order (most informative first) with their budgets in seconds; pytest takes the rest.
@@ -85,8 +88,45 @@ def cuda_device() -> str | None:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
-def install_wheels(wheels: Path) -> str:
-    """Install the wheels in `wheels` into SITE when a needed package is missing; returns what was done."""
+def unsafe_folder(path: Path) -> str | None:
+    """Why another user could change what is in `path` (None when nobody else can): it must be a
+    folder, not a link, owned by this user and writable by nobody else."""
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        return "not a folder (a link or a file)"
+    if st.st_uid != os.getuid():
+        return f"owned by uid {st.st_uid}, not by this user ({os.getuid()})"
+    if st.st_mode & 0o022:
+        return f"writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def private_dir(name: str) -> Path:
+    """`$XDG_CACHE_HOME/scale/NAME` (default `~/.cache/scale/NAME`), kept between runs, created
+    with mode 0700 and used only when it and its parent are this user's and writable by nobody
+    else; otherwise (someone else's folder, a link, a shared mode) a new private temporary folder
+    for this run, said once on the output."""
+    parent = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "scale"
+    path, problem = parent / name, None
+    for folder in (parent, path):
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            problem = f"{type(e).__name__}: {e}"
+        problem = problem or unsafe_folder(folder)
+        if problem:
+            fallback = Path(tempfile.mkdtemp(prefix=f"scale-{name}-"))
+            print(f"[gpu-check] not using {folder} ({problem}): {fallback} instead", flush=True)
+            return fallback
+    return path
+
+
+def install_wheels(wheels: Path, site: Path) -> str:
+    """Install the wheels in `wheels` into `site` (a new private folder of this run: nothing planted
+    there before can be imported) when a needed package is missing; returns what was done."""
     missing = [m for m in NEEDED if importlib.util.find_spec(m) is None]
     if not missing:
         return "all needed packages present"
@@ -94,18 +134,18 @@ def install_wheels(wheels: Path) -> str:
     if not found:
         raise RuntimeError(f"missing {', '.join(missing)} and no wheels in {wheels}: run `make gpu-wheels` here first")
     cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-           "--no-cache-dir", "--upgrade", "--target", str(SITE), *map(str, found)]  # fmt: skip
+           "--no-cache-dir", "--upgrade", "--target", str(site), *map(str, found)]  # fmt: skip
     subprocess.run(cmd, check=True)
-    sys.path.insert(0, str(SITE))
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(SITE), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    sys.path.insert(0, str(site))
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(site), str(ROOT), os.environ.get("PYTHONPATH", "")])
     importlib.invalidate_caches()
     still = [m for m in NEEDED if importlib.util.find_spec(m) is None]
     if still:
         raise RuntimeError(f"after installing {len(found)} wheels, still missing: {', '.join(still)}")
-    return f"installed {len(found)} wheels for {', '.join(missing)} into {SITE}"
+    return f"installed {len(found)} wheels for {', '.join(missing)} into {site}"
 
 
-def environment(check: Check, args) -> dict:
+def environment(check: Check, args, site: Path) -> dict:
     t = time.monotonic()
     import torch
 
@@ -113,7 +153,7 @@ def environment(check: Check, args) -> dict:
     info = {"date": date.today().isoformat(), "python": platform.python_version(), "torch": torch.__version__,
             "cuda": torch.version.cuda, "device": device}  # fmt: skip
     try:
-        info["packages"] = install_wheels(Path(args.wheels))
+        info["packages"] = install_wheels(Path(args.wheels), site)
     except (subprocess.CalledProcessError, RuntimeError) as e:
         check.add("environment", "failed", time.monotonic() - t, f"wheels: {e}")
         return info
@@ -128,10 +168,16 @@ def environment(check: Check, args) -> dict:
     return info
 
 
+@functools.cache
+def extensions_dir() -> str:
+    """Where torch builds its C++/CUDA extensions (and loads them from): `TORCH_EXTENSIONS_DIR`
+    when set, else this user's private cache folder (`private_dir`), kept between runs."""
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or str(private_dir("torch-extensions"))
+
+
 def _env() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-            "PYTHONUNBUFFERED": "1", "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                                            "/tmp/scale-torch-extensions")}  # fmt: skip
+            "PYTHONUNBUFFERED": "1", "TORCH_EXTENSIONS_DIR": extensions_dir()}  # fmt: skip
 
 
 def _run(check: Check, name: str, cmd: list[str], raw: Path, budget: float) -> bool:
@@ -301,21 +347,30 @@ def write_results(out: Path, raw: Path, info: dict, check: Check, results: dict)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--wheels", default=str(ROOT / "wheels"), help="folder of wheels for missing packages")
-    default_out = f"{RESULTS.relative_to(ROOT)} on a GPU, /tmp/scale-gpu-check without"
+    default_out = f"{RESULTS.relative_to(ROOT)} on a GPU, a new private temporary folder without"
     parser.add_argument("--out", default=None, help=f"results folder (default: {default_out})")
     parser.add_argument("--budget-s", type=float, default=540.0, help="wall-clock budget of the whole check")
     parser.add_argument("--only", action="append", choices=STEPS, help="run only these steps (repeatable)")
     args = parser.parse_args(argv)
     steps = set(args.only or STEPS) | {"environment"}
     check = Check(args.budget_s)
-    info = environment(check, args)
-    out = Path(args.out) if args.out else (RESULTS if cuda_device() else Path("/tmp/scale-gpu-check"))
-    out.mkdir(parents=True, exist_ok=True)
-    raw = Path(tempfile.mkdtemp(prefix="scale-gpu-check-"))
-    results = {name: run_probe(check, name, raw) for name in PROBES if name in steps}
-    if "pytest" in steps:
-        run_pytest(check, raw)
-    files = write_results(out, raw, info, check, results)
+    # This run's own folders (mode 0700, new names): the wheels' site and the raw measurements.
+    work = Path(tempfile.mkdtemp(prefix="scale-gpu-check-work-"))
+    try:
+        info = environment(check, args, work / "site")
+        if args.out:
+            out = Path(args.out)
+        else:
+            out = RESULTS if cuda_device() else Path(tempfile.mkdtemp(prefix="scale-gpu-check-"))
+        out.mkdir(parents=True, exist_ok=True)
+        raw = work / "raw"
+        raw.mkdir()
+        results = {name: run_probe(check, name, raw) for name in PROBES if name in steps}
+        if "pytest" in steps:
+            run_pytest(check, raw)
+        files = write_results(out, raw, info, check, results)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     print(f"[gpu-check] {len(check.failed)} failed; {', '.join(str(f) for f in files)}", flush=True)
     return 1 if check.failed else 0
 

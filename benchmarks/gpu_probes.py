@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from benchmarks.paper import ROOT
+from scale.arguments import POSITIVE, Parser
 from scale.config import apply_overrides
 from scale.errors import BackendError
 from scale.models.moco import build_mlp
@@ -314,14 +315,19 @@ def _env() -> dict:
             "PYTHONUNBUFFERED": "1"}  # fmt: skip
 
 
+def parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python -m benchmarks.gpu_probes", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("probe", choices=[*PROBES, "memory-one", "drift-one"])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--case", default="")
+    p.add_argument("--batch", type=POSITIVE, default=64)
+    p.add_argument("--steps", type=POSITIVE, default=50)
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("probe", choices=[*PROBES, "memory-one", "drift-one"])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--case", default="")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=50)
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     if not torch.cuda.is_available():
         print(f"{args.probe}: needs CUDA", file=sys.stderr)
         return 2

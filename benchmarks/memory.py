@@ -49,10 +49,12 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.memprobe import LivePeak, live_bytes, peak_bytes, reset_peak, rss_bytes
-from benchmarks.paper import ROOT
-from benchmarks.throughput import add_step_args, build_config
+from benchmarks.paper import ROOT, check_results, write_results
+from benchmarks.throughput import BACKENDS, add_step_args, build_config
+from scale.arguments import FILE_NAME, FRACTION, POSITIVE, Names, Parser
 from scale.config import apply_overrides
 from scale.entry import run_cli
+from scale.models import RESNET_PRESETS, VIT_ALIASES, VIT_PRESETS
 from scale.parallel.ds_config import load_ds_json, zero_section, zero_stage
 from scale.parallel.launch import init_distributed
 from scale.parallel.memory import state_bytes, zero_persistent_buffer_bytes
@@ -61,6 +63,7 @@ from scale.train.parallelize import backbone_config
 from scale.train.trainer import Trainer
 
 GIB = 2**30
+MODELS = (*sorted(VIT_PRESETS), *VIT_ALIASES, *RESNET_PRESETS)
 # Resident memory of one rank before its trainer is built (python, torch, deepspeed, gloo),
 # measured on this machine (about 0.6 GiB); used only to predict the peak before launching.
 RUNTIME_OVERHEAD = 1.0 * GIB
@@ -319,12 +322,10 @@ def step_argv(args) -> list[str]:
 # ---------------------------------------------------------------------------------- report
 
 
-def write(rows: list[dict], out: Path, name: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+def write(rows: list[dict], out: Path, name: str, overwrite: bool = False) -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     command = " ".join(["python -m benchmarks.memory", *sys.argv[1:]])
     meta = {"date": date.today().isoformat(), "device": device, "command": command}
-    (out / f"{name}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
     lines = [
         "# Memory per rank of the MoCo v3 training step",
         "",
@@ -358,7 +359,8 @@ def write(rows: list[dict], out: Path, name: str) -> None:
             f"| {r['theory_activations'] / GIB:.2f} / {x['activations'] / GIB:.2f} GiB "
             f"| {x['peak_live'] / GIB:.2f} GiB | {x['peak'] / GIB:.2f} GiB |"
         )
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    files = {f"{name}.json": json.dumps({**meta, "rows": rows}, indent=1), f"{name}.md": "\n".join(lines) + "\n"}
+    write_results(out, files, overwrite)
 
 
 def row_key(r: dict) -> tuple:
@@ -366,48 +368,77 @@ def row_key(r: dict) -> tuple:
             r["batch_per_device"], r.get("accum", 1))  # fmt: skip
 
 
-def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python -m benchmarks.memory", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     add_step_args(p, batch_size=2, steps=1, workers=0)
-    p.add_argument("--models", default="vit_base,vit_large", help="comma-separated build_vit names")
-    p.add_argument("--backends", default="ddp,zero1,zero2,zero3,fsdp", help="comma-separated: ddp zero1-3 fsdp")
+    p.add_argument("--models", type=Names(MODELS), default="vit_base,vit_large", help="comma-separated model names")
+    p.add_argument("--backends", type=Names([b for b in BACKENDS if b != "single"]),
+                   default="ddp,zero1,zero2,zero3,fsdp", help="comma-separated: ddp zero1-3 fsdp")  # fmt: skip
     p.add_argument("--ac", default="both", choices=["on", "off", "both"], help="activation checkpointing")
-    p.add_argument("--accum", type=int, default=1, help="micro-batches accumulated per step")
-    p.add_argument("--nproc", type=int, default=2, help="ranks on this machine")
-    p.add_argument("--headroom", type=float, default=0.9, help="fraction of available memory a run may use")
-    p.add_argument("--name", default="memory", help="results file name (without extension)")
-    p.add_argument("--keep", action="store_true", help="reuse the measured rows of an earlier run with the same --name")
+    p.add_argument("--accum", type=POSITIVE, default=1, help="micro-batches accumulated per step")
+    p.add_argument("--nproc", type=POSITIVE, default=2, help="ranks on this machine")
+    p.add_argument("--headroom", type=FRACTION, default=0.9, help="fraction of available memory a run may use")
+    p.add_argument("--name", type=FILE_NAME, default="memory", help="results file name (without extension)")
+    p.add_argument("--keep", action="store_true",
+                   help="reuse the measured rows of an earlier run of this --name (and replace its files)")  # fmt: skip
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def parse(argv):
+    args = parser().parse_args(argv)
     if args.precision == "auto":
         args.precision = "bf16" if torch.cuda.is_available() else "fp32"
     return args
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    """Every configuration, then the results. Exit status 1 when one failed (a refusal, predicted
+    not to fit, is a result, not a failure). Existing results are replaced only with --overwrite or
+    --keep, and never by a sweep with a failed configuration (its rows are printed as they run)."""
     args = parse(argv)
     if args.worker:
         worker(args)  # does not return
 
+    configs = [(m, b, ac) for m in args.models for b in args.backends
+               for ac in {"on": [True], "off": [False], "both": [False, True]}[args.ac]]  # fmt: skip
+    # Before any rank is launched: every configuration is valid, and the results may be written.
+    for model, backend, ac in configs:
+        a = argparse.Namespace(**{**vars(args), "model": model, "backend": backend, "activation_checkpointing": ac})
+        config(a, args.nproc, "/nonexistent")
+    names = [f"{args.name}.json", f"{args.name}.md"]
+    check_results(args.out, names, args.overwrite or args.keep)
     done = {}
     previous = Path(args.out) / f"{args.name}.json"
-    if args.keep and previous.exists():
-        done = {row_key(r): r for r in json.loads(previous.read_text())["rows"] if "ranks" in r}
+    if args.keep and args.out != "-" and previous.exists():
+        try:
+            done = {row_key(r): r for r in json.loads(previous.read_text())["rows"] if "ranks" in r}
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"--keep: {previous} is not a results file of benchmarks.memory ({e})") from None
     rows = []
-    for model in args.models.split(","):
+    for model, backend, ac in configs:
         args.model = model
-        for backend in args.backends.split(","):
-            for ac in {"on": [True], "off": [False], "both": [False, True]}[args.ac]:
-                key = (model, args.img_size, backend, ac, args.precision, args.nproc, args.batch_size, args.accum)
-                if key in done:
-                    print(f"[memory] {model} {backend} ac={ac}: kept from {previous}", flush=True)
-                    rows.append(done[key])
-                else:
-                    rows.append(run_one(args, backend, ac, args.precision))
+        key = (model, args.img_size, backend, ac, args.precision, args.nproc, args.batch_size, args.accum)
+        if key in done:
+            print(f"[memory] {model} {backend} ac={ac}: kept from {previous}", flush=True)
+            rows.append(done[key])
+        else:
+            rows.append(run_one(args, backend, ac, args.precision))
+    failed = [f"{r['model']} {r['backend']} ac={'on' if r['activation_checkpointing'] else 'off'}"
+              for r in rows if "error" in r]  # fmt: skip
     if args.out != "-":
-        write(rows, Path(args.out), args.name)
-        print(f"[memory] wrote {Path(args.out) / args.name}.md", flush=True)
+        target = Path(args.out) / f"{args.name}.md"
+        if failed and any((Path(args.out) / n).exists() for n in names):
+            print(f"[memory] not written: {target} and its .json are left as they were, since "
+                  f"{len(failed)} configuration(s) failed", flush=True)  # fmt: skip
+        else:
+            write(rows, Path(args.out), args.name, args.overwrite or args.keep)
+            print(f"[memory] wrote {target}", flush=True)
+    if failed:
+        raise SystemExit(f"error: {len(failed)} of {len(rows)} configurations failed: {', '.join(failed)} (their "
+                         "output is above)")  # fmt: skip
     return rows
 
 

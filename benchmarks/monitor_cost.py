@@ -16,6 +16,7 @@ import argparse
 import datetime
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -83,7 +84,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     setup_logging()
-    tmp = "/tmp/scale-monitor-cost"
+    # The two trainers' run folders: new, private (mode 0700) and removed at the end, never a fixed
+    # /tmp name that another user of a shared node could have made first.
+    with tempfile.TemporaryDirectory(prefix="scale-monitor-cost-", ignore_cleanup_errors=True) as tmp:
+        text = _measure(args, tmp)
+    print(text)
+    path = Path(args.out) / f"monitor-cost-{args.model}.md"
+    path.write_text(text)
+    print(f"wrote {path}")
+
+
+def _measure(args: argparse.Namespace, tmp: str) -> str:
     on, off = _trainer(args.model, args.batch, True, args.bank, tmp), _trainer(args.model, args.batch, False, 1, tmp)
     batch = on.loader.batches[0]
     times: dict[str, list[float]] = {"on": [], "off": []}
@@ -135,11 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         f"({100 * norms_s / mean_off:.2f}%). At the defaults (kNN every {knn_every} steps, norms every step): "
         f"{100 * (knn_s / knn_every + norms_s) / mean_off:.2f}% of the step.",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    path = Path(args.out) / f"monitor-cost-{args.model}.md"
-    path.write_text(text)
-    print(f"wrote {path}")
+    return "\n".join(lines) + "\n"
 
 
 def cli() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from scale.arguments import refuse_existing, write_atomic
 from scale.models.flops import PAPER_TABLE3_GMACS
 
 RESULTS = Path(__file__).parent / "results"
@@ -22,3 +23,26 @@ def paper_view(model: str) -> dict | None:
     img_per_s = IMAGENET_TRAIN * 100 / (hours * 3600 * cores)
     return {"tpu_cores": cores, "hours_per_100_epochs": hours, "img_per_s_per_core": img_per_s,
             "tflops_per_core": img_per_s * 16 * PAPER_TABLE3_GMACS[model] * 1e9 / 1e12}  # fmt: skip
+
+
+def add_output_args(parser, default: Path | str = RESULTS, what: str = "results directory") -> None:
+    """--out and --overwrite: every benchmark writes its results the same way (`write_results`)."""
+    parser.add_argument("--out", default=str(default), help=f"{what} ('-' for none)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing results of the same name")
+
+
+def check_results(out: str | Path, names: list[str], overwrite: bool) -> None:
+    """Before anything is measured: results that exist are replaced only with --overwrite, and the
+    folder can be written (`--out -`: nothing is written)."""
+    if str(out) == "-":
+        return
+    if Path(out).exists() and not Path(out).is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; give a results folder (or '-' for none)")
+    refuse_existing([Path(out) / n for n in names], overwrite)
+
+
+def write_results(out: str | Path, files: dict[str, str], overwrite: bool) -> list[Path]:
+    """Write `files` (name: text) into `out`, each whole (a temporary file renamed into place);
+    none is written if one of them exists and may not be replaced."""
+    check_results(out, list(files), overwrite)
+    return [write_atomic(Path(out) / name, text, overwrite) for name, text in files.items()]

@@ -17,16 +17,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from dataclasses import fields
 from datetime import date
 from pathlib import Path
 
-from benchmarks.paper import IMAGENET_TRAIN, RESULTS
+from benchmarks.paper import IMAGENET_TRAIN, add_output_args, check_results, write_results
 from benchmarks.simulate import RECIPE_OF, SIMULATED, sim_config, simulate
+from scale.arguments import FRACTION, POSITIVE, POSITIVE_FLOAT, ExistingPath, Names, Number, Parser
 from scale.entry import run_cli
 from scale.train.planner import GIB, HEADROOM, RESERVE_GIB, Candidate, best_and_runner_up, candidates
 from scale.train.timing import GPUS, Cluster
 from scale.train.traffic import BACKENDS, meta_model
+
+log = logging.getLogger("benchmarks.plan")
 
 SKIP = ("gpus", "memory_gib", "measured", "mfu", "gpu")
 
@@ -34,26 +38,43 @@ SKIP = ("gpus", "memory_gib", "measured", "mfu", "gpu")
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
     """The time model's constants as options (`scale.train.timing.Cluster`, where each is sourced)."""
     p.add_argument("--gpu", default="H100", choices=sorted(GPUS))
-    p.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU (default: the GPU's)")
-    p.add_argument("--mfu", type=float, default=None, help="assumed MFU (default 0.40, or --measured's)")
-    p.add_argument("--measured", default="", help="a `make gpu-check` summary.json or a benchmarks.throughput "
-                   "JSON measured on this GPU: its MFU replaces the assumption")  # fmt: skip
+    p.add_argument("--gpu-memory", type=POSITIVE_FLOAT, default=None, help="GiB per GPU (default: the GPU's)")
+    p.add_argument("--mfu", type=FRACTION, default=None, help="assumed MFU (default 0.40, or --measured's)")
+    p.add_argument("--measured", type=ExistingPath("file"), default=None, help="a `make gpu-check` summary.json or a "
+                   "benchmarks.throughput JSON measured on this GPU: its MFU replaces the assumption")  # fmt: skip
     for f in fields(Cluster):
         if f.name not in SKIP:
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=cluster_rule(f.name, f.default), default=f.default)
+
+
+def cluster_rule(name: str, default) -> Number:
+    """The range of a time-model constant: efficiencies are fractions, latencies may be zero (an
+    ideal network), counts and bandwidths are positive."""
+    if name.endswith("efficiency"):
+        return FRACTION
+    if name.endswith("_us") or name.startswith("kernels"):
+        return Number(type(default), minimum=0)
+    return Number(type(default), minimum=1) if isinstance(default, int) else POSITIVE_FLOAT
 
 
 def measured_mfu(path: str) -> tuple[float, str]:
     """The MFU measured in a `make gpu-check` summary.json (its real ViT-B step) or a
     `benchmarks.throughput` JSON, and where it came from."""
-    data = json.loads(Path(path).read_text())
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--measured {path}: not a readable JSON file ({e})") from None
     step = data.get("results", {}).get("step") if isinstance(data, dict) else None
-    if step and "mfu" in step:
+    if isinstance(step, dict) and _fraction(step.get("mfu")):
         return float(step["mfu"]), f"{path}: {step.get('model')} step on {data.get('device')}, {data.get('date')}"
-    if isinstance(data, dict) and "mfu" in data:
+    if isinstance(data, dict) and _fraction(data.get("mfu")):
         return float(data["mfu"]), f"{path}: {data.get('model')} on {data.get('device')}, {data.get('date')}"
-    raise ValueError(f"--measured {path}: no 'mfu' in it (give a make gpu-check summary.json or a "
+    raise ValueError(f"--measured {path}: no 'mfu' between 0 and 1 in it (give a make gpu-check summary.json or a "
                      "benchmarks.throughput JSON)")  # fmt: skip
+
+
+def _fraction(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1
 
 
 def cluster_from_args(args: argparse.Namespace, gpus: int) -> Cluster:
@@ -96,26 +117,35 @@ def table(ranked: list[Candidate], sims: dict[int, float], best, runner, images:
     return lines
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.plan", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="vit_huge", help=f"one of {', '.join(RECIPE_OF)}")
-    p.add_argument("--gpus", type=int, default=512)
-    p.add_argument("--global-batch", type=int, default=4096)
-    p.add_argument("--backends", default=",".join(BACKENDS))
+def parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python -m benchmarks.plan", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="vit_huge", choices=list(RECIPE_OF))
+    p.add_argument("--gpus", type=POSITIVE, default=512)
+    p.add_argument("--global-batch", type=POSITIVE, default=4096)
+    p.add_argument("--backends", type=Names(BACKENDS), default=",".join(BACKENDS))
     p.add_argument("--simulate", default="chosen", choices=["none", "chosen", "all"],
                    help="run benchmarks.simulate for the chosen layout and the runner-up, or every DDP / FSDP2 row "
                    "(a minute or two each for ViT-H)")  # fmt: skip
     add_cluster_args(p)
-    p.add_argument("--out", default=str(RESULTS), help="results directory ('-' for none)")
+    add_output_args(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = parser()
     args = p.parse_args(argv)
-    if args.model not in RECIPE_OF:
-        raise ValueError(f"--model {args.model!r}: one of {', '.join(RECIPE_OF)}")
-    unknown = set(args.backends.split(",")) - set(BACKENDS)
-    if unknown:
-        raise ValueError(f"--backends: {', '.join(sorted(unknown))} unknown; choose from {', '.join(BACKENDS)}")
+    if args.global_batch % args.gpus:
+        p.error(f"argument --global-batch: {args.global_batch} does not split over --gpus {args.gpus}")
     cluster = cluster_from_args(args, args.gpus)
+    name = f"plan-{args.model}-{args.gpus}x{cluster.memory_bytes / GIB:.0f}g"
+    # The plan is printed in any case (it is cheap and deterministic); an existing result is kept
+    # unless --overwrite, with a line that says so.
+    names = [f"{name}.md", f"{name}.json"]
+    kept = args.out != "-" and not args.overwrite and any((Path(args.out) / n).exists() for n in names)
+    if not kept:
+        check_results(args.out, names, args.overwrite)
     cfg = model_config(args.model, args.gpus, args.global_batch)
-    ranked = candidates(cfg, cluster, tuple(args.backends.split(",")), model=meta_model(cfg))
+    ranked = candidates(cfg, cluster, tuple(args.backends), model=meta_model(cfg))
     best, runner = best_and_runner_up(ranked)
     todo = [c for c in ranked if args.simulate == "all" or (args.simulate == "chosen" and c in (best, runner))]
     sims = {}
@@ -144,12 +174,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
              "step_s": c.time.step, "time": c.time.as_dict(), "images_per_s": c.images_per_s,
              "simulated_peak_gib": sims.get(id(c)), "chosen": c is best, "runner_up": c is runner}
             for c in ranked]  # fmt: skip
-    if args.out != "-":
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        name = f"plan-{args.model}-{args.gpus}x{cluster.memory_bytes / GIB:.0f}g"
-        (out / f"{name}.md").write_text(text)
-        (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    if kept:
+        log.warning("%s exists: printed above, not replaced (--overwrite replaces it)", Path(args.out) / names[0])
+    elif args.out != "-":
+        write_results(args.out, {f"{name}.md": text, f"{name}.json": json.dumps(rows, indent=1)}, args.overwrite)
     return rows
 
 

@@ -21,10 +21,10 @@ import argparse
 import json
 from dataclasses import asdict
 from datetime import date
-from pathlib import Path
 
-from benchmarks.paper import IMAGENET_TRAIN, PAPER_TABLE3_TPU, RESULTS
+from benchmarks.paper import IMAGENET_TRAIN, PAPER_TABLE3_TPU, add_output_args, check_results, write_results
 from benchmarks.plan import add_cluster_args, cluster_from_args, model_config
+from scale.arguments import POSITIVE, Names, NumberList, Parser
 from scale.entry import run_cli
 from scale.train.planner import GIB, best_and_runner_up, candidates
 from scale.train.timing import Cluster, Layout, step_time
@@ -102,30 +102,34 @@ def report(rows: list[dict], cluster: Cluster, global_batch: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--gpus", default="8,64,256,512,1024", help="GPU counts")
-    p.add_argument("--global-batch", type=int, default=4096)
+def parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python -m benchmarks.scaling", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", type=Names(MODELS), default=",".join(MODELS))
+    p.add_argument("--gpus", type=NumberList(POSITIVE), default="8,64,256,512,1024", help="GPU counts")
+    p.add_argument("--global-batch", type=POSITIVE, default=4096)
     add_cluster_args(p)
-    p.add_argument("--out", default=str(RESULTS), help="results directory ('-' for none)")
+    add_output_args(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = parser()
     args = p.parse_args(argv)
-    unknown = [m for m in args.models.split(",") if m not in MODELS]
-    if unknown:
-        raise ValueError(f"--models: {', '.join(unknown)} unknown; choose from {', '.join(MODELS)}")
+    uneven = [g for g in args.gpus if args.global_batch % g]
+    if uneven:
+        p.error(f"argument --gpus: --global-batch {args.global_batch} does not split over {uneven[0]} GPUs")
+    check_results(args.out, ["scaling.md", "scaling.json"], args.overwrite)
     rows = []
-    for model in args.models.split(","):
-        for n in (int(g) for g in args.gpus.split(",")):
+    for model in args.models:
+        for n in args.gpus:
             rows.append(project_model(model, n, cluster_from_args(args, n), args.global_batch))
             print(f"{model} x{n}: {rows[-1]['chosen']}", flush=True)
     cluster = cluster_from_args(args, 8)
     text = report(rows, cluster, args.global_batch)
     print(text)
     if args.out != "-":
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "scaling.md").write_text(text)
-        (out / "scaling.json").write_text(json.dumps({"cluster": asdict(cluster), "rows": rows}, indent=1))
+        files = {"scaling.md": text, "scaling.json": json.dumps({"cluster": asdict(cluster), "rows": rows}, indent=1)}
+        write_results(args.out, files, args.overwrite)
     return rows
 
 

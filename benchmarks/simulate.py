@@ -56,15 +56,17 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from benchmarks.paper import IMAGENET_TRAIN, RESULTS
+from benchmarks.paper import IMAGENET_TRAIN, add_output_args, check_results, write_results
+from scale.arguments import FILE_NAME, NON_NEGATIVE, POSITIVE, Names, NumberList, Parser
 from scale.config import Config, apply_overrides, derive
 from scale.entry import run_cli
+from scale.errors import ConfigError
 from scale.parallel.base import Backend, SingleProcess
 from scale.parallel.ddp import DDPBackend
 from scale.parallel.fsdp import FSDPBackend, HSDPBackend
 from scale.recipes import get_recipe
 from scale.train.memory import count_params, estimate
-from scale.train.parallelize import build_model, parallelize
+from scale.train.parallelize import backbone_config, build_model, parallelize
 from scale.train.planner import layout_memory
 from scale.train.timing import Layout
 from scale.train.traffic import hsdp_shard, meta_model
@@ -323,9 +325,7 @@ def _run(cfg, backend, derived, parallel, world, batch, accum, trainable, moment
     }  # fmt: skip
 
 
-def write(rows: list[dict[str, Any]], out: Path, name: str) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
+def write(rows: list[dict[str, Any]], out: Path, name: str, overwrite: bool = False) -> Path:
     lines = [f"# Simulated ranks: {name}", "", "Made by `python -m benchmarks.simulate` (fake process group, fake "
              "tensors: one process as rank 0 of N). GiB per rank; collectives per training step, whole buffers.", "",
              "The peak is set beside the planner's memory of the same layout (`scale.train.planner.layout_memory`: "
@@ -339,18 +339,18 @@ def write(rows: list[dict[str, Any]], out: Path, name: str) -> Path:
         lines.append(f"| {r['model']} | {r['parallel']} | {r['world']} | {r['batch_per_rank']} | {ac} | "
                      f"{r['state_gib']:.2f} ({r['theory_state_gib']:.2f}) | {r['peak_gib']:.2f} | "
                      f"{r['planned_gib']:.2f} ({r['peak_gib'] / r['planned_gib']:.3f}) | {comms} |")  # fmt: skip
-    path = out / f"{name}.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    files = {f"{name}.json": json.dumps(rows, indent=1), f"{name}.md": "\n".join(lines) + "\n"}
+    return write_results(out, files, overwrite)[1]
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.simulate", description=__doc__.split("\n\n")[0])
+def parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python -m benchmarks.simulate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="vit_base")
-    p.add_argument("--parallel", default="fsdp", help=f"comma-separated: {', '.join(SIMULATED)}")
-    p.add_argument("--world-size", default="8,64", help="comma-separated rank counts")
-    p.add_argument("--batch-size", type=int, default=0, help="images per rank (default: 4096 / ranks, at most 64)")
-    p.add_argument("--accum", type=int, default=1)
+    p.add_argument("--parallel", type=Names(SIMULATED), default="fsdp", help=f"comma-separated: {', '.join(SIMULATED)}")
+    p.add_argument("--world-size", type=NumberList(POSITIVE), default="8,64", help="comma-separated rank counts")
+    p.add_argument("--batch-size", type=NON_NEGATIVE, default=0,
+                   help="images per rank (default 0: 4096 / ranks, at most 64)")  # fmt: skip
+    p.add_argument("--accum", type=POSITIVE, default=1)
     p.add_argument(
         "--ac",
         nargs="?",
@@ -361,26 +361,42 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     )
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--no-reshard", action="store_true", help="FSDP2: keep the gathered parameters until backward")
-    p.add_argument("--shard-size", type=int, default=8, help="HSDP: ranks per shard group (default 8: a node)")
-    p.add_argument("--out", default=str(RESULTS), help="results directory ('-' for none)")
-    p.add_argument("--name", default="")
-    args = p.parse_args(argv)
-    rows = []
-    for parallel in args.parallel.split(","):
-        for world in (int(w) for w in args.world_size.split(",")):
+    p.add_argument("--shard-size", type=POSITIVE, default=8, help="HSDP: ranks per shard group (default 8: a node)")
+    add_output_args(p)
+    p.add_argument("--name", type=FILE_NAME, default=None, help="results file name (default simulate-MODEL)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = parser().parse_args(argv)
+    ac = {"true": True, "false": False}.get(args.ac, args.ac)
+    plan = []
+    for parallel in args.parallel:
+        for world in args.world_size:
             n = 1 if parallel == "single" else world
             batch = args.batch_size or max(1, min(64, math.ceil(4096 / n)))
-            ac = {"true": True, "false": False}.get(args.ac, args.ac)
-            row = simulate(args.model, parallel, n, batch, ac=ac, precision=args.precision, accum=args.accum,
-                           reshard=not args.no_reshard, shard=args.shard_size)  # fmt: skip
-            rows.append(row)
-            comms = "; ".join(f"{c['op']}[{c['group']}] x{c['calls']} {c['bytes'] / GIB:.3f} GiB"
-                              for c in row["collectives"])  # fmt: skip
-            print(f"{args.model} {parallel} x{n}: state {row['state_gib']:.2f} GiB (theory "
-                  f"{row['theory_state_gib']:.2f}), peak {row['peak_gib']:.2f} GiB (planned "
-                  f"{row['planned_gib']:.2f}); {comms}", flush=True)  # fmt: skip
+            # Every configuration checked before the first is simulated (a wrong model or batch split).
+            cfg = sim_config(args.model, parallel, n, batch, ac=ac, precision=args.precision, accum=args.accum,
+                             reshard=not args.no_reshard, shard=args.shard_size)  # fmt: skip
+            try:
+                backbone_config(cfg)
+            except ValueError as e:
+                raise ConfigError(f"--model {args.model}: {e}") from None
+            plan.append((parallel, n, batch))
+    name = args.name or f"simulate-{args.model}"
+    check_results(args.out, [f"{name}.json", f"{name}.md"], args.overwrite)
+    rows = []
+    for parallel, n, batch in plan:
+        row = simulate(args.model, parallel, n, batch, ac=ac, precision=args.precision, accum=args.accum,
+                       reshard=not args.no_reshard, shard=args.shard_size)  # fmt: skip
+        rows.append(row)
+        comms = "; ".join(f"{c['op']}[{c['group']}] x{c['calls']} {c['bytes'] / GIB:.3f} GiB"
+                          for c in row["collectives"])  # fmt: skip
+        print(f"{args.model} {parallel} x{n}: state {row['state_gib']:.2f} GiB (theory "
+              f"{row['theory_state_gib']:.2f}), peak {row['peak_gib']:.2f} GiB (planned "
+              f"{row['planned_gib']:.2f}); {comms}", flush=True)  # fmt: skip
     if args.out != "-":
-        print(write(rows, Path(args.out), args.name or f"simulate-{args.model}"))
+        print(write(rows, Path(args.out), name, args.overwrite))
     return rows
 
 

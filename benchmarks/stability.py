@@ -19,6 +19,8 @@ import logging
 import platform
 from pathlib import Path
 
+from benchmarks.paper import add_output_args, check_results, write_results
+from scale.arguments import POSITIVE, POSITIVE_FLOAT, Parser
 from scale.config import apply_overrides
 from scale.entry import run_cli, setup_logging
 from scale.plot import Run, plot_runs, summary
@@ -28,14 +30,17 @@ from scale.train.trainer import Trainer
 log = logging.getLogger(__name__)
 
 
+def run_name(learned: bool, lr_scale: float) -> str:
+    return f"{'learned' if learned else 'random'}-patch-lr{lr_scale:g}x"
+
+
 def run_one(out: Path, learned: bool, lr_scale: float, steps: int, knn_every: int, seed: int) -> Path:
     cfg = get_recipe("cpu_demo")
-    name = f"{'learned' if learned else 'random'}-patch-lr{lr_scale:g}x"
     apply_overrides(cfg, [
         f"--model.random_patch_proj={str(not learned).lower()}",
         f"--optim.base_lr={cfg.optim.base_lr * lr_scale}",
         f"--schedule.max_steps={steps}", f"--monitor.knn_every={knn_every}", f"--run.seed={seed}",
-        f"--run.output_dir={out / 'runs'}", f"--run.name={name}", "--run.tensorboard=false",
+        f"--run.output_dir={out / 'runs'}", f"--run.name={run_name(learned, lr_scale)}", "--run.tensorboard=false",
         "--run.progress=false",
     ])  # fmt: skip
     trainer = Trainer(cfg)
@@ -43,16 +48,29 @@ def run_one(out: Path, learned: bool, lr_scale: float, steps: int, knn_every: in
     return trainer.run_dir
 
 
+def parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python -m benchmarks.stability", description=__doc__.split("\n\n")[0])
+    p.add_argument("--lr-scale", type=POSITIVE_FLOAT, default=4.0, help="times the demo's base lr (1.5e-3)")
+    p.add_argument("--steps", type=POSITIVE, default=120)
+    p.add_argument("--knn-every", type=POSITIVE, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    add_output_args(p, "benchmarks/results/stability", "results folder (the report, the plots and runs/)")
+    return p
+
+
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.stability", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lr-scale", type=float, default=4.0, help="times the demo's base lr (1.5e-3)")
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--knn-every", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="benchmarks/results/stability")
-    args = parser.parse_args(argv)
-    setup_logging()
+    args = parser().parse_args(argv)
+    if args.out == "-":
+        raise ValueError("--out -: the stability runs need a folder (their run directories go to OUT/runs)")
     out = Path(args.out)
+    # Before the runs: they must be new (a run directory is never replaced; an existing one would be
+    # resumed, not rerun), and the report is replaced only with --overwrite.
+    for learned in (True, False):
+        run_dir = out / "runs" / run_name(learned, args.lr_scale)
+        if run_dir.exists():
+            raise FileExistsError(f"{run_dir} exists: remove it or choose another --out (runs are never replaced)")
+    check_results(out, ["stability.md", "stability.json"], args.overwrite)
+    setup_logging()
     dirs = [run_one(out, learned, args.lr_scale, args.steps, args.knn_every, args.seed) for learned in (True, False)]
     plot_runs(dirs, out)
     lines = [
@@ -82,8 +100,8 @@ def main(argv: list[str] | None = None) -> Path:
         "Plots: knn.png (both curves), training.png, gradients-*.png (per-layer relative gradient norms).",
         "",
     ]
-    (out / "stability.md").write_text("\n".join(lines))
-    (out / "stability.json").write_text(json.dumps(vars(args), indent=1))
+    files = {"stability.md": "\n".join(lines), "stability.json": json.dumps(vars(args), indent=1)}
+    write_results(out, files, args.overwrite)
     print(f"wrote {out / 'stability.md'}")
     return out
 

@@ -43,18 +43,23 @@ import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.paper import RESULTS, ROOT, paper_view
+from benchmarks.paper import ROOT, add_output_args, check_results, paper_view, write_results
 from benchmarks.scaling import project_layout
+from scale.arguments import NON_NEGATIVE, POSITIVE, Names, Parser
 from scale.config import apply_overrides
 from scale.entry import run_cli
+from scale.errors import ConfigError
 from scale.hardware.peaks import measured_cpu_peak, peak_memory_gib
 from scale.models import is_resnet
 from scale.parallel.ds_config import zero_stage
 from scale.parallel.launch import init_distributed
 from scale.recipes import get_recipe
-from scale.train.parallelize import build_model
+from scale.train.parallelize import backbone_config, build_model
 from scale.train.timing import Cluster, Layout
 from scale.train.trainer import Trainer
+
+BACKENDS = ["single", "ddp", "fsdp", *sorted(p.stem for p in (ROOT / "ds_configs").glob("zero*.json"))]
+"""zeroN[_variant]: DeepSpeed with ds_configs/<name>.json (zero1 ... zero3_offload)."""
 
 
 def overridden(args) -> bool:
@@ -82,7 +87,12 @@ def build_config(args, world_size: int, out_dir: str):
     else:
         over.append(f"--parallel.backend={args.backend}")
     # the paper's recipe of the family: AdamW and tau 0.2 for a ViT, LARS and tau 1.0 for a ResNet
-    return apply_overrides(get_recipe("r50_100ep" if is_resnet(args.model) else "vit_b_300ep"), over)
+    cfg = apply_overrides(get_recipe("r50_100ep" if is_resnet(args.model) else "vit_b_300ep"), over)
+    try:  # the model's name and sizes, which the config leaves to the model layer
+        backbone_config(cfg)
+    except ValueError as e:
+        raise ConfigError(f"--model {args.model}: {e}") from None
+    return cfg
 
 
 def measure(trainer, warmup: int, steps: int) -> dict:
@@ -185,7 +195,7 @@ def _phases(runner, batches, lr: float, weight_decay: float, steps: int, sync, m
 
 def compare(args, world: int, tmp: str) -> dict:
     """Build every variant of `args.compare`, then time them back to back for `args.rounds` rounds."""
-    variants = [v.strip() for v in args.compare.split(",") if v.strip()]
+    variants = list(args.compare)
     for v in variants:
         if v != "reference":
             variant_overrides(v)  # unknown names fail before anything is built
@@ -269,10 +279,8 @@ def profile_step(runner, batches, lr: float, weight_decay: float, sync, device: 
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
-def write_compare(result: dict, out: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
+def write_compare(result: dict, out: Path, overwrite: bool = False) -> Path:
     name = f"compare-{result['model']}-{result['backend'].split()[0]}-{result['world_size']}x"
-    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     first = result["variants"][0]["variant"]
     lines = [
         f"# Side by side: {result['model']} ({result['img_size']} px), {result['backend']}",
@@ -299,18 +307,16 @@ def write_compare(result: dict, out: Path) -> Path:
     if "profile" in result:
         lines += ["", f"Profile of one `{result['profile']['variant']}` step (torch.profiler, by self time):", "",
                   "```", result["profile"]["table"], "```"]  # fmt: skip
-    path = out / f"{name}.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    files = {f"{name}.json": json.dumps(result, indent=1), f"{name}.md": "\n".join(lines) + "\n"}
+    return write_results(out, files, overwrite)[1]
 
 
 def add_step_args(parser: argparse.ArgumentParser, batch_size: int = 32, steps: int = 10, workers: int = 4) -> None:
     """The options that define the measured training step (shared with benchmarks.memory)."""
     parser.add_argument("--model", default="vit_base", help="vit_small ... vit_bn_large_p7, resnet50")
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=batch_size, help="images per device")
-    zero = sorted(p.stem for p in (ROOT / "ds_configs").glob("zero*.json"))  # zero1 ... zero3_offload
-    parser.add_argument("--backend", "--parallel", default="single", choices=["single", "ddp", "fsdp", *zero],
+    parser.add_argument("--img-size", type=POSITIVE, default=224)
+    parser.add_argument("--batch-size", type=POSITIVE, default=batch_size, help="images per device")
+    parser.add_argument("--backend", "--parallel", default="single", choices=BACKENDS,
                         help="zeroN[_variant]: DeepSpeed with ds_configs/<name>.json")  # fmt: skip
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument(
@@ -322,28 +328,56 @@ def add_step_args(parser: argparse.ArgumentParser, batch_size: int = 32, steps: 
         help="recompute every block (true) or its cheap ops",
     )
     parser.add_argument("--data", default="synthetic", help="'synthetic' or a data source as for training")
-    parser.add_argument("--workers", type=int, default=workers)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=steps)
-    parser.add_argument("--patch-size", type=int)
-    parser.add_argument("--embed-dim", type=int)
-    parser.add_argument("--depth", type=int)
-    parser.add_argument("--num-heads", type=int)
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--mlp-dim", type=int, default=4096)
+    parser.add_argument("--workers", type=NON_NEGATIVE, default=workers)
+    parser.add_argument("--warmup", type=NON_NEGATIVE, default=3)
+    parser.add_argument("--steps", type=POSITIVE, default=steps)
+    parser.add_argument("--patch-size", type=POSITIVE)
+    parser.add_argument("--embed-dim", type=POSITIVE)
+    parser.add_argument("--depth", type=POSITIVE)
+    parser.add_argument("--num-heads", type=POSITIVE)
+    parser.add_argument("--dim", type=POSITIVE, default=256)
+    parser.add_argument("--mlp-dim", type=POSITIVE, default=4096)
     parser.add_argument("--set", action="append", default=[], metavar="--SECTION.FIELD=VALUE",
                         help="another config override, e.g. --set=--optim.implementation=torch-fused")  # fmt: skip
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=str(RESULTS), help="results directory ('-' for none)")
+    add_output_args(parser)
+
+
+def launched_world() -> int:
+    """The world size the launcher set (1 without one): known before any process group exists."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def result_name(kind: str, args, world: int, backend: str | None = None) -> str:
+    """`kind`-MODEL-BACKEND-Nx: BACKEND is the backend's own name (`describe()`'s first word), or
+    before it exists the one the arguments give."""
+    backend = backend or ("deepspeed" if args.backend.startswith("zero") else args.backend)
+    return f"{kind}-{args.model}-{backend}-{world}x"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python -m benchmarks.throughput", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    add_step_args(p)
+    p.add_argument(
+        "--compare", type=Names(VARIANTS), help=f"side by side: comma-separated variants of {', '.join(VARIANTS)}"
+    )
+    p.add_argument("--rounds", type=POSITIVE, default=3, help="--compare: rounds of --steps steps per variant")
+    p.add_argument("--profile", action="store_true", help="--compare: profile one step of the first variant")
+    return p
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_step_args(parser)
-    parser.add_argument("--compare", help=f"side by side: comma-separated variants of {', '.join(VARIANTS)}")
-    parser.add_argument("--rounds", type=int, default=3, help="--compare: rounds of --steps steps per variant")
-    parser.add_argument("--profile", action="store_true", help="--compare: profile one step of the first variant")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
+    # Before any process group, model or measurement: the configuration, and results that would be replaced.
+    build_config(args, launched_world(), "/nonexistent")
+    if args.compare and "reference" in args.compare and (launched_world() > 1 or args.backend != "single"):
+        raise ValueError("--compare: the reference variant runs on one process: use --backend single, or leave it out")
+    check_results(args.out, [f"{result_name('compare' if args.compare else 'throughput', args, launched_world())}"
+                             f".{ext}" for ext in ("json", "md")], args.overwrite)  # fmt: skip
 
     init_distributed()
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -352,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
             with tempfile.TemporaryDirectory(prefix="scale-compare-") as tmp:
                 result = compare(args, world, tmp)
             if (not dist.is_initialized() or dist.get_rank() == 0) and args.out != "-":
-                print(write_compare(result, Path(args.out)).read_text())
+                print(write_compare(result, Path(args.out), args.overwrite).read_text())
             return result
         with tempfile.TemporaryDirectory(prefix="scale-throughput-") as tmp:
             trainer = Trainer(build_config(args, world, tmp))
@@ -385,7 +419,7 @@ def main(argv: list[str] | None = None) -> dict:
         if b.is_main:
             print(json.dumps(result, indent=1))
             if args.out != "-":
-                write(result, Path(args.out))
+                write(result, Path(args.out), args.overwrite)
         return result
     finally:
         if dist.is_initialized():
@@ -396,7 +430,7 @@ def projection(result: dict, args) -> list[dict]:
     """This run's layout projected to N GPUs at global batch 4096 with `scale.train.timing` (its
     default network): at the MFU measured here when this is a GPU, else at the assumed 40%."""
     cfg = build_config(args, 1, "/nonexistent")
-    if args.backend == "deepspeed":
+    if args.backend.startswith("zero"):
         backend = f"zero{zero_stage(cfg.parallel.deepspeed_config)}"
     elif args.backend == "fsdp":
         backend = "fsdp" if cfg.parallel.reshard_after_forward else "fsdp-noreshard"
@@ -414,10 +448,8 @@ def projection(result: dict, args) -> list[dict]:
     return rows
 
 
-def write(result: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+def write(result: dict, out: Path, overwrite: bool = False) -> None:
     name = f"throughput-{result['model']}-{result['backend'].split()[0]}-{result['world_size']}x"
-    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     p = result["phases_s"]
     lines = [
         f"# Throughput: {result['model']} ({result['img_size']} px), {result['backend']}",
@@ -447,7 +479,7 @@ def write(result: dict, out: Path) -> None:
         t = result["paper_table3"]
         lines += ["", f"Paper Table 3 ({t['tpu_cores']} TPU-v3 cores, {t['hours_per_100_epochs']} h per 100 epochs): "
                   f"{t['img_per_s_per_core']:.1f} img/s and {t['tflops_per_core']:.1f} TFLOP/s per core."]  # fmt: skip
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    write_results(out, {f"{name}.json": json.dumps(result, indent=1), f"{name}.md": "\n".join(lines) + "\n"}, overwrite)
 
 
 def cli() -> None:

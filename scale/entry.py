@@ -50,8 +50,6 @@ def user_errors(debug: bool = False, prefix: str = "error"):
     """Turn a user error (`scale.errors.USER_ERRORS`) into one line on stderr and exit status 1; with
     `debug` (the `--debug` flag of every command) the traceback is shown instead. The process group
     is destroyed on the way out in any case."""
-    import torch.distributed as dist  # here, not at the top: the commands install their signal handlers first
-
     try:
         yield
     except USER_ERRORS as e:
@@ -65,7 +63,10 @@ def user_errors(debug: bool = False, prefix: str = "error"):
         hint = "" if isinstance(e, ConfigError) else " (--debug shows the traceback)"
         raise SystemExit(f"{kind}: {text}{hint}") from None
     finally:
-        if dist.is_initialized():
+        # Looked up, not imported: a command that stopped before importing torch has no process
+        # group, and its wrong arguments are answered without torch's start-up.
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
 

@@ -21,13 +21,14 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
 
 from scale.config import Config, ConfigError, check_fields, split_batch
 from scale.data.sources import resolve_source
-from scale.errors import BackendError, DataError
+from scale.errors import BackendError, CheckpointError, DataError
 from scale.hardware.precision import resolve_precision
 from scale.models import ResNetConfig, resolve_backbone_config
 from scale.models.export import is_export
@@ -37,6 +38,7 @@ from scale.parallel.ds_internals import require_deepspeed
 from scale.parallel.placement import detect_launch
 from scale.parallel.registry import launch_problem, selective_recompute_problem
 from scale.parallel.settings import BackendSettings
+from scale.safe_load import load_safely, trust_checkpoint_code
 
 # Optimizer implementations each optimizer accepts (scale.optim.build_optimizer).
 OPTIMIZER_IMPLEMENTATIONS = {
@@ -174,6 +176,12 @@ def _check_finetune(cfg: Config, per_device: int) -> None:
         if path.is_dir() and not complete and not is_export(path):
             raise ConfigError(f"--finetune.pretrained={f.pretrained!r} is a directory without a complete checkpoint "
                               "(checkpoints/step-*/client.pt); wait for one or give a checkpoint file")  # fmt: skip
+        if path.is_file():  # readable, and data only (tensors memory-mapped: nothing large is read here)
+            trust_checkpoint_code(cfg.run.trust_checkpoint_code)
+            try:
+                load_safely(path, mmap=zipfile.is_zipfile(path))
+            except CheckpointError as e:
+                raise ConfigError(f"--finetune.pretrained: {e}") from None
     backbone = resolve_backbone_config(cfg.model.name, **cfg.model.vit_overrides())
     if isinstance(backbone, ResNetConfig) and f.layer_decay < 1:
         raise ConfigError("--finetune.layer_decay is for ViTs (per transformer block); set it to 1 for a ResNet")

@@ -110,7 +110,8 @@ def load_safely(path: str | os.PathLike | io.BytesIO, map_location: Any = "cpu",
             f"{_name(path)} holds an object other than tensors and plain data ({found.group(1)}): scale loads "
             f"checkpoints without running code from them; {TRUST_HINT}"
         ) from None
-    except (RuntimeError, EOFError) as e:
+    # What torch's readers raise on a file that is no torch file (a text file: KeyError or IndexError).
+    except (RuntimeError, EOFError, KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
         text = str(e)
         if isinstance(e, RuntimeError) and "PytorchStreamReader" not in text and "zip" not in text:
             raise

@@ -6,8 +6,9 @@ or DALI. The pieces: `sources` (where samples come from), `epoch_plan` (who read
 
 How an epoch is laid out (torchvision path; `plan_epoch` is the pure function behind it):
 - The data is a list of units (shards, or single files of an ImageFolder tree) with known sample
-  counts (from the shards' DALI index files). Each epoch the unit order is shuffled with a seed
-  that depends on (seed, epoch) only, the same on every rank, and the samples are concatenated.
+  counts (from the shard set's manifest: start-up opens no shard; `sources`). Each epoch the unit
+  order is shuffled with a seed that depends on (seed, epoch) only, the same on every rank, and
+  the samples are concatenated.
 - Every rank gets `num_samples // (world_size * batch_size)` batches, the same number on every
   rank (no rank runs out first and hangs a collective); the remainder, under one global batch, is
   dropped (`drop_last`), a different remainder each epoch.

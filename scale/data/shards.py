@@ -7,9 +7,13 @@ Layout written to OUT:
                                `{key}.cls` (label as text, webdataset's convention) and
                                `{key}.cls.i32` (label as little-endian int32, for DALI's reader)
     {prefix}-000000.idx, ...   DALI `fn.readers.webdataset` index (format v1.2); scale's reader
-                               also uses them to seek to samples
+                               also uses them to seek to samples. Member names are written with
+                               whitespace, control characters and `%` percent-escaped (`%20`), so
+                               that a name with spaces stays one field for DALI and for
+                               `read_index`; other names are written as DALI's `wds2idx` does
     {prefix}-classes.json      class name -> index (sorted class folder names, as ImageFolder)
-    {prefix}-manifest.json     shards with sample counts, totals, the skipped files and why
+    {prefix}-manifest.json     shards with sample counts and sizes, totals, the skipped files and
+                               why: a loader's start-up reads this one file, not every shard
 
 The file order is shuffled (seeded) before writing so that every shard mixes classes: a loader
 that reads shards sequentially then needs only a modest shuffle buffer. Every image is decoded
@@ -18,6 +22,7 @@ once on the way in; unreadable or truncated files are reported and left out.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,12 +30,15 @@ import os
 import random
 import shutil
 import tarfile
+import threading
 import time
-from collections import deque
-from collections.abc import Iterator
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import unquote
 
 import numpy as np
 import torch
@@ -120,45 +128,163 @@ def write_index(tar_path: str | os.PathLike, idx_path: str | os.PathLike | None 
     if not samples:
         raise DataError(f"shard {str(tar_path)!r} holds no samples")
     tmp = idx_path.with_name(idx_path.name + ".tmp")
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
         f.write(f"{INDEX_VERSION} {len(samples)}\n")
         for sample in samples:
-            f.write(" ".join(f"{ext} {off} {size} {name}" for ext, off, size, name in sample) + "\n")
+            f.write(" ".join(f"{_escape(ext)} {off} {size} {_escape(name)}" for ext, off, size, name in sample) + "\n")
     os.replace(tmp, idx_path)
     return len(samples)
+
+
+def _escape(field: str) -> str:
+    """`field` as one whitespace-free token: whitespace, control characters and `%` as `%XX` of
+    their UTF-8 bytes. DALI splits index lines on whitespace and uses the name only to report a
+    sample's source, so an escaped name changes nothing it reads; a plain name is left as it is."""
+    if all(c.isprintable() and not c.isspace() and c != "%" for c in field):
+        return field
+    return "".join(
+        c
+        if c.isprintable() and not c.isspace() and c != "%"
+        else "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogateescape"))
+        for c in field
+    )
 
 
 def index_path(tar_path: str | os.PathLike) -> Path:
     return Path(tar_path).with_suffix(".idx")
 
 
+def _uint(field: str) -> bool:
+    return field.isascii() and field.isdigit()
+
+
 def read_index_count(idx_path: str | os.PathLike) -> int:
     """The sample count in an index's header line (without reading the rest)."""
-    with open(idx_path) as f:
+    with open(idx_path, encoding="utf-8", errors="surrogateescape") as f:
         header = f.readline().split()
-    if len(header) != 2 or not header[0].startswith("v1"):
+    if len(header) != 2 or not header[0].startswith("v1") or not _uint(header[1]):
         raise DataError(f"{str(idx_path)!r} is not a DALI webdataset index (header {' '.join(header)!r})")
     return int(header[1])
 
 
+def shard_prefix(tar_name: str) -> str:
+    """The set a shard belongs to: `train` of `train-000012.tar`."""
+    return tar_name.removesuffix(".tar").rsplit("-", 1)[0]
+
+
+def manifest_path(directory: str | os.PathLike, prefix: str) -> Path:
+    return Path(directory) / f"{prefix}-manifest.json"
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, tuple[int, int | None]]:
+    """Shard file name -> (samples, bytes) of a manifest; DataError when it is not one."""
+    try:
+        manifest = json.loads(Path(path).read_text())
+        shards = {}
+        for entry in manifest["shards"]:
+            samples, size = entry["samples"], entry.get("bytes")
+            if not isinstance(samples, int) or samples < 0 or not (size is None or isinstance(size, int)):
+                raise ValueError(f"shard {entry.get('file')!r}: samples {samples!r}, bytes {size!r}")
+            shards[str(entry["file"])] = (samples, size)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{str(path)!r} is not a shard manifest ({type(e).__name__}: {e})") from None
+    return shards
+
+
+def index_shards(out_dir: str | os.PathLike) -> list[tuple[Path, int]]:
+    """(Re)write the index of every `OUT/*.tar` (shards from other tools, or indexes of an older
+    version), and the manifest of each set that has none (or whose shards or counts changed), so
+    that loaders start from one file per set; returns (shard, samples) pairs."""
+    out = Path(out_dir)
+    tars = sorted(out.glob("*.tar"))
+    if not tars:
+        raise DataError(f"no .tar files in {str(out)!r}; give the folder that holds the shards")
+    done = [(tar, write_index(tar)) for tar in tars]
+    sets: dict[str, list[dict]] = {}
+    for tar, count in done:
+        sets.setdefault(shard_prefix(tar.name), []).append(
+            {"file": tar.name, "samples": count, "bytes": tar.stat().st_size}
+        )
+    for prefix, shards in sets.items():
+        path = manifest_path(out, prefix)
+        manifest: dict = {"prefix": prefix, "written_by": "scale-make-shards --index-only"}
+        if path.is_file():
+            try:
+                found = json.loads(path.read_text())
+                if not isinstance(found, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError) as e:
+                log.warning("%s cannot be read (%s): writing it anew", path, e)
+            else:
+                if found.get("shards") == shards:
+                    continue
+                log.warning("%s lists other shards or counts than the indexes just written: updating them", path)
+                manifest = found
+        manifest.update(num_samples=sum(s["samples"] for s in shards), shards=shards)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, path)
+        log.info("wrote %s: %d shards, %d samples", path, len(shards), manifest["num_samples"])
+    return done
+
+
 def read_index(idx_path: str | os.PathLike) -> list[IndexedSample]:
-    """All samples of an index file."""
+    """All samples of an index file: those `write_index` writes (names escaped) and those of DALI's
+    `wds2idx` or of earlier versions (names as they are, which is the same unless a name holds
+    whitespace or `%`: such an index never parsed, and an old name with `%XX` in it is shown
+    unescaped, which changes only how the sample is named in logs)."""
     out = []
-    with open(idx_path) as f:
-        version, count = f.readline().split()
-        for line in f:
+    with open(idx_path, encoding="utf-8", errors="surrogateescape") as f:
+        header = f.readline().split()
+        if len(header) != 2 or not header[0].startswith("v1") or not _uint(header[1]):
+            raise DataError(f"{str(idx_path)!r} is not a DALI webdataset index (header {' '.join(header)!r})")
+        count = int(header[1])
+        for line_no, line in enumerate(f, start=2):
             fields = line.split()
             if not fields:
                 continue
+            if len(fields) % 4 or not all(_uint(fields[i]) and _uint(fields[i + 1]) for i in range(1, len(fields), 4)):
+                raise DataError(
+                    f"index {str(idx_path)!r} line {line_no} is not `<ext> <offset> <size> <name>` fields (a member "
+                    f"name with spaces, written by an older version?); rewrite it with "
+                    f"`scale-make-shards --index-only {Path(idx_path).parent}`"
+                )
             comps, key = {}, None
             for i in range(0, len(fields), 4):
                 ext, off, size, name = fields[i : i + 4]
-                comps[ext] = (int(off), int(size))
+                name = unquote(name, errors="surrogateescape") if "%" in name else name
+                comps[unquote(ext, errors="surrogateescape") if "%" in ext else ext] = (int(off), int(size))
                 key = key or name[: name.find(".", name.rfind("/") + 1)]
             out.append(IndexedSample(key, comps))
-    if len(out) != int(count):
+    if len(out) != count:
         raise DataError(f"index {str(idx_path)!r} says {count} samples but lists {len(out)}; rebuild it")
     return out
+
+
+# Parsed indexes of this process, most recently used last, bounded by their samples in all (about
+# 600 bytes each): a DataLoader worker, a resume that re-reads the samples left in its shuffle
+# buffer, or a second source over the same shards parses each index once, not once per use.
+INDEX_CACHE_SAMPLES = 1 << 16
+_index_cache: OrderedDict[str, list[IndexedSample]] = OrderedDict()
+_index_cache_lock = threading.Lock()
+
+
+def load_index(idx_path: str | os.PathLike) -> list[IndexedSample]:
+    """`read_index`, parsed once per process (the most recent indexes up to `INDEX_CACHE_SAMPLES`
+    samples; a larger one is still kept while it is the latest). Indexes are immutable while a
+    run reads them: the cache never looks at the file again."""
+    key = os.fspath(idx_path)
+    with _index_cache_lock:
+        if key in _index_cache:
+            _index_cache.move_to_end(key)
+            return _index_cache[key]
+    index = read_index(key)
+    with _index_cache_lock:
+        _index_cache[key] = index
+        total = sum(len(v) for v in _index_cache.values())
+        while total > INDEX_CACHE_SAMPLES and len(_index_cache) > 1:
+            total -= len(_index_cache.popitem(last=False)[1])
+    return index
 
 
 def _bounded_map(pool: ProcessPoolExecutor, fn, samples: list, window: int) -> Iterator:
@@ -316,13 +442,19 @@ def _all_shards(urls):
 
 
 def iter_shard(
-    tar_path: str | os.PathLike, index: list[IndexedSample], start: int = 0, stop: int | None = None
+    tar_path: str | os.PathLike,
+    index: list[IndexedSample],
+    start: int = 0,
+    stop: int | None = None,
+    opened: Callable[[], BinaryIO] | None = None,
 ) -> Iterator:
-    """(key, {ext: bytes}) of samples [start, stop) of one shard, by seeking with its index."""
+    """(key, {ext: bytes}) of samples [start, stop) of one shard, by seeking with its index; from
+    the open shard `opened()` gives for each sample when given (left open: every read seeks first,
+    so several readers of one file may interleave), else from a file opened for this call."""
     stop = len(index) if stop is None else stop
-    with open(tar_path, "rb") as f:
+    with open(tar_path, "rb") if opened is None else contextlib.nullcontext() as own:
         for sample in index[start:stop]:
-            comps = {}
+            f, comps = own or opened(), {}
             for ext, (off, size) in sample.components.items():
                 f.seek(off)
                 comps[ext] = f.read(size)

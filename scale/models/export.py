@@ -24,8 +24,8 @@ import dataclasses
 import json
 import logging
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -72,17 +72,20 @@ def _head_name(backbone: nn.Module) -> str:
 
 
 def export_backbone(backbone: VisionTransformer | ResNet, dst: str | os.PathLike, num_classes: int = 0,
-                    meta: dict[str, Any] | None = None) -> Path:  # fmt: skip
-    """Write `backbone` as an export folder `dst` (which must not exist yet: nothing is overwritten),
-    verified before it is moved in: timm builds it from the folder alone and gives the same
-    outputs (where timm has the architecture), and `load_export` gives back the same weights.
+                    meta: dict[str, Any] | None = None, overwrite: bool = False) -> Path:  # fmt: skip
+    """Write `backbone` as an export folder `dst`, verified before it is moved in: timm builds it
+    from the folder alone and gives the same outputs (where timm has the architecture), and
+    `load_export` gives back the same weights. An existing `dst` is an error, unless `overwrite` and
+    it is an earlier export (no other folder is ever replaced).
 
     The classifier: the backbone's own when it has one (a fine-tuned model: a Linear head); else,
     with `num_classes`, a zero-initialised one; else none.
     """
     dst = Path(dst)
-    if dst.exists():
-        raise CheckpointError(f"{dst} already exists; exports never overwrite: choose a new folder")
+    if dst.exists() and not (overwrite and is_export(dst)):
+        raise CheckpointError(f"{dst} already exists; exports never overwrite"
+                              + (" a folder that is not an export" if overwrite else " without --overwrite")
+                              + ": choose a new folder")  # fmt: skip
     head = getattr(backbone, _head_name(backbone))
     if isinstance(head, nn.Linear):
         num_classes = head.out_features
@@ -96,7 +99,7 @@ def export_backbone(backbone: VisionTransformer | ResNet, dst: str | os.PathLike
             sd[f"{prefix}bias"] = torch.zeros(num_classes)
     scale_meta = {**describe(backbone), "num_classes": num_classes, **(meta or {})}
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}."))
+    tmp = _new_folder(dst.parent, f".{dst.name}.")
     try:
         timm_arch = timm_model_args(backbone.cfg)
         if timm_arch is not None:
@@ -109,14 +112,46 @@ def export_backbone(backbone: VisionTransformer | ResNet, dst: str | os.PathLike
         config["scale"] = scale_meta
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, default=list))
         verify_export(tmp, backbone)
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, dst)
+        for f in tmp.iterdir():  # safetensors writes owner-only files: the folder's mode (the umask's) instead
+            os.chmod(f, tmp.stat().st_mode & 0o666)
+        _move_in(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("exported %s (%s) to %s", scale_meta["config"].get("name", "vit"),
              f"timm {timm_arch[0]}" if timm_arch else "scale only: no timm equivalent", dst)  # fmt: skip
     return dst
+
+
+def _new_folder(parent: Path, prefix: str) -> Path:
+    """A new folder with the umask's permissions (as mkdir gives; tempfile's are owner-only)."""
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(4)}.tmp"
+        try:
+            path.mkdir(mode=0o777)
+            return path
+        except FileExistsError:
+            continue
+
+
+def _move_in(tmp: Path, dst: Path) -> None:
+    """Rename the finished folder `tmp` to `dst`; an earlier export there (replaced only with
+    --overwrite, checked by the caller) is set aside first and removed once the new one is in."""
+    if not dst.exists():
+        os.rename(tmp, dst)  # fails if anything but an empty folder appeared there meanwhile
+        return
+    old = _new_folder(dst.parent, f".{dst.name}.replaced-")
+    try:
+        os.replace(dst, old)  # `old` is an empty folder: replaced by the earlier export
+    except BaseException:
+        old.rmdir()
+        raise
+    try:
+        os.rename(tmp, dst)
+    except BaseException:
+        os.replace(old, dst)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_timm(folder: Path, sd: dict[str, torch.Tensor], arch: str, args: dict[str, Any], num_classes: int) -> None:

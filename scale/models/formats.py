@@ -31,6 +31,7 @@ from scale.errors import CheckpointError
 from scale.models.moco import MoCoV3
 from scale.models.resnet import ResNet
 from scale.models.vit import VisionTransformer, ViTConfig
+from scale.safe_load import load_safely
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def read_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> Mapping[st
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; check the path")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_safely(path)
 
 
 def unwrap_state_dict(ckpt: Mapping[str, Any]) -> StateDict:

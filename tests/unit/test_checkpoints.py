@@ -105,7 +105,7 @@ def test_converter_cli_writes_a_timm_loadable_backbone(tmp_path):
         torch.testing.assert_close(timm_model(x), base.forward_head(base.forward_features(x), pre_logits=True))
     with pytest.raises(ValueError, match="pass --model"):
         save_atomic(official_state(model, arch="convnext_tiny"), src)
-        convert(src, dst)
+        convert(src, tmp_path / "timm2")  # a new name: an existing DST is refused before SRC is read
 
 
 def test_export_is_detached_and_headless():

@@ -85,7 +85,7 @@ def test_the_cut_reads_only_the_rows_after_the_resume_point(tmp_path, monkeypatc
         def __exit__(self, *exc):
             self.f.close()
 
-    monkeypatch.setattr(run_dir_module, "open", lambda *a, **k: Counting(open(*a, **k)), raising=False)
+    monkeypatch.setattr(run_dir_module, "open", lambda *a, **k: Counting(open(*a, **k)), raising=False)  # noqa: SIM115
     inode = path.stat().st_ino
     cut_metrics(path, 19990, AsideFolder(tmp_path, 19990))
     assert sum(read) < 100_000, f"read {sum(read)} bytes of {len(header) + len(rows)}"

@@ -11,7 +11,12 @@ directories (any backend: single, DDP, FSDP2, DeepSpeed ZeRO-1/2/3), the authors
 a timm ViT or a torchvision ResNet state dict (these need --model unless they name their
 architecture). A ResNet-50 is probed on its 2048-d pooled features with the authors' settings for it
 (base lr 0.1, batch 1024, 90 epochs, SGD momentum 0.9, no weight decay).
-Results: OUT/linear_probe.{md,json}, metrics.jsonl, TensorBoard. docs/evaluation.md.
+Results: OUT/linear_probe.{md,json} (written atomically), metrics.jsonl, TensorBoard; default OUT
+runs/linear_probe/<run>-step-N (a file: its name). Every argument is checked first, before the model
+or the data are touched (`--check` does only that; slurm/launch.sh runs it once before the ranks
+start). An earlier evaluation's results in OUT are kept unless --overwrite (which sets them aside);
+an unfinished probe of the same settings there is resumed from OUT/probe_state.pt, which the
+preemption signal (SIGUSR2) writes before the job requeues itself. docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run by path
     here = os.path.dirname(os.path.abspath(__file__))
@@ -27,16 +35,17 @@ if __package__ in (None, ""):  # run by path
     sys.path.insert(0, os.path.dirname(here))
 
 from scale.entry import evaluation_entry, run_cli, setup_logging  # noqa: E402  (torch-free)
+from scale.errors import ConfigError  # noqa: E402
 
 log = logging.getLogger("scale")
 
 
-def parse(argv=None) -> argparse.Namespace:
-    # Here and in `main`, the evaluation stack (torch) is imported after the arguments are read: --help
-    # and wrong arguments answer at once.
+def parser() -> argparse.ArgumentParser:
+    # Here and in `main`, the model and the data are touched only after every argument is checked.
     from scale.eval.backbone import add_checkpoint_args
+    from scale.eval.inputs import OneLineParser
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     add_checkpoint_args(
         p,
         "labelled training data: shards, an image folder, or demo",
@@ -62,38 +71,139 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--eval-every", type=int, default=10, help="epochs between evaluations (and the last)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="results folder (default runs/linear_probe/<checkpoint name>)")
+    p.add_argument("--out", help="results folder (default runs/linear_probe/<run>-step-N, or the file's name)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="set an earlier evaluation's files in OUT aside (to OUT/replaced-<time>/)")  # fmt: skip
+    p.add_argument("--check", action="store_true",
+                   help="check the arguments, checkpoint, data and output folder; exit (slurm/launch.sh runs it "
+                        "once before the ranks start)")  # fmt: skip
+    p.add_argument("--preempt-signal", default="USR2",
+                   help="signal that saves the probe's state and stops it (requeued under SLURM); none")  # fmt: skip
+    p.add_argument("--preempt-check-every", type=int, default=20,
+                   help="steps between the ranks' checks for the signal (and at every epoch's end)")  # fmt: skip
+    p.add_argument("--max-requeues", type=int, default=50,
+                   help="do not requeue a SLURM job restarted this many times (0: never requeue)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-tensorboard", action="store_true")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return p
+
+
+def parse(argv=None) -> argparse.Namespace:
+    return parser().parse_args(argv)
+
+
+@dataclass
+class Checked:
+    """The command line, checked: what to load, where to write, what makes it this evaluation."""
+
+    checkpoint: Any
+    lrs: tuple[float, ...]
+    train_src: Any
+    val_src: Any
+    out: Path
+    plan: Any
+    identity: dict[str, Any]
+    world: int
+
+
+def check(args, world: int | None = None) -> Checked:
+    """Every argument, before the model or the data are touched and before anything is written; a
+    `ConfigError` names the argument (one line from `main`)."""
+    from scale.eval import inputs
+    from scale.eval.linear_probe import OWNED, RESULTS, SETTINGS
+
+    inputs.check_rules(args, inputs.PROBE_RULES)
+    lrs = inputs.parse_lrs(args.lrs)
+    inputs.check_signal(args.preempt_signal)
+    if args.labels_per_class and not args.no_augment:
+        raise ConfigError(f"--labels-per-class {args.labels_per_class} works on cached features: add --no-augment")
+    world = world or inputs.world_size(check=args.check)
+    if args.batch_size % world:
+        raise ConfigError(f"--batch-size {args.batch_size} does not split over {world} ranks; use a multiple of "
+                          f"{world}")  # fmt: skip
+    ckpt = inputs.check_checkpoint(args.checkpoint, args.model, args.random_init)
+    train_src, val_src = inputs.check_sources(args.train, args.val)
+    identity = {
+        "checkpoint": str(ckpt.path), "model": args.model, "encoder": args.encoder, "random_init": args.random_init,
+        "train": args.train, "val": args.val, "epochs": args.epochs, "batch_size": args.batch_size,
+        "lrs": list(lrs) or None, "momentum": args.momentum, "weight_decay": args.weight_decay, "bn": args.bn,
+        "augment": not args.no_augment, "crop_size": args.crop_size, "crop_min": args.crop_min,
+        "flip": not args.no_flip, "labels_per_class": args.labels_per_class, "seed": args.seed,
+        "eval_every": args.eval_every, "precision": args.precision, "world_size": world,
+    }  # fmt: skip
+    out = Path(args.out) if args.out else inputs.default_out("linear_probe", ckpt, args.encoder, args.random_init)
+    if ckpt.given_run_dir and not args.overwrite:
+        out = _unfinished_probe_of_the_run(args, ckpt, identity, out, SETTINGS, RESULTS)
+    inputs.check_out_location(out, ckpt, (args.train, args.val))
+    plan = inputs.plan_output(out, OWNED, RESULTS, args.overwrite, SETTINGS, identity)
+    return Checked(ckpt, lrs, train_src, val_src, out, plan, identity, world)
+
+
+def _unfinished_probe_of_the_run(args, ckpt, identity, out, settings_name, results) -> Path:
+    """CHECKPOINT is a run directory, whose newest checkpoint may have changed since this probe was
+    started and stopped (a requeued job, the same command again): the unfinished probe of one of its
+    checkpoints with these settings is resumed, on its checkpoint, rather than a new one started."""
+    from scale.eval.inputs import read_settings
+
+    folders = [out] if args.out else sorted(out.parent.glob(f"{ckpt.run_dir.name}-step-*"))
+    found = []
+    for folder in folders:
+        earlier = read_settings(folder / settings_name)
+        if earlier is None or any((folder / name).exists() for name in results):
+            continue
+        then = Path(str(earlier.get("checkpoint", "")))
+        same = {k: v for k, v in earlier.items() if k != "checkpoint"} == {
+            k: v for k, v in identity.items() if k != "checkpoint"}  # fmt: skip
+        if same and then.parent == ckpt.path.parent and (then / "client.pt").is_file():
+            found.append(((folder / settings_name).stat().st_mtime_ns, folder, then))
+    if not found:
+        return out
+    _, folder, then = max(found)  # the latest started
+    if then != ckpt.path:
+        log.warning("resuming the unfinished probe of %s in %s on its checkpoint %s (newer: %s; name a checkpoint "
+                    "directory to probe another)", ckpt.run_dir, folder, then.name, ckpt.path.name)  # fmt: skip
+        ckpt.path = then
+        identity["checkpoint"] = str(then)
+    return folder
 
 
 def main(argv=None) -> dict:
     setup_logging()
     args = parse(argv)
-    try:
-        lrs = tuple(float(x) for x in (args.lrs or "").split(",") if x.strip())
-    except ValueError:
-        raise SystemExit(f"error: --lrs {args.lrs!r}: give comma-separated numbers, e.g. 0.3,1,3,10") from None
-    import torch
-    import torch.distributed as dist
-
-    from scale.eval.backbone import backbone_from_args
-    from scale.eval.linear_probe import LinearProbe, ProbeSettings
-    from scale.models import is_resnet
-    from scale.parallel.launch import init_distributed
-    from scale.parallel.placement import plan_placement
+    from scale.train.preemption import Preempted, watch_signal
 
     with evaluation_entry():
+        from scale.eval.inputs import check_signal
+
+        # As early as the signal is known: one during the checks or the start-up (the backbone, the
+        # feature cache) is acted on at the first check, not fatal.
+        check_signal(args.preempt_signal)
+        watch = watch_signal(args.preempt_signal, max(1, args.preempt_check_every))
+        checked = check(args)
+        if args.check:
+            print(f"ok: linear probe of {checked.checkpoint.path} on {args.train} / {args.val}, "
+                  f"{checked.world} rank(s), results in {checked.plan.describe()}")  # fmt: skip
+            return {}
+        import torch
+        import torch.distributed as dist
+
+        from scale.eval.backbone import backbone_from_args
+        from scale.eval.linear_probe import LinearProbe, ProbeSettings
+        from scale.models import is_resnet
+        from scale.parallel.launch import init_distributed
+        from scale.parallel.placement import plan_placement
+
         init_distributed()
         _, plan = plan_placement()
         device = torch.device("cuda", plan.index) if plan.kind == "cuda" else torch.device("cpu")
+        # The checkpoint resolved by the checks: every rank, and a resumed probe, read the same one.
+        args.checkpoint = str(checked.checkpoint.path)
         loaded = backbone_from_args(args)
-        lrs = lrs or ((0.1,) if is_resnet(loaded.name) else (3.0,))
+        lrs = checked.lrs or ((0.1,) if is_resnet(loaded.name) else (3.0,))
         crop = args.crop_size or loaded.model.cfg.img_size
         if crop != loaded.model.cfg.img_size:
-            raise ValueError(f"--crop-size {crop}: the backbone was built for {loaded.model.cfg.img_size} px")
+            raise ConfigError(f"--crop-size {crop}: the backbone was built for {loaded.model.cfg.img_size} px")
         settings = ProbeSettings(
             epochs=args.epochs, batch_size=args.batch_size, base_lrs=lrs, momentum=args.momentum,
             weight_decay=args.weight_decay, batchnorm=args.bn, augment=not args.no_augment, crop_size=crop,
@@ -101,9 +211,14 @@ def main(argv=None) -> dict:
             num_workers=args.workers, seed=args.seed, eval_every=args.eval_every, precision=args.precision,
             progress=not args.no_progress, tensorboard=not args.no_tensorboard,
         )  # fmt: skip
-        name = os.path.basename(os.path.normpath(args.checkpoint)).removesuffix(".tar").removesuffix(".pth")
-        out = args.out or os.path.join("runs", "linear_probe", name)
-        result = LinearProbe(loaded, args.train, args.val, out, settings, device).run()
+        out = checked.out
+        probe = LinearProbe(loaded, args.train, args.val, out, settings, device, identity=checked.identity,
+                            overwrite=args.overwrite, preempt=watch, requeue=args.max_requeues > 0,
+                            max_requeues=args.max_requeues, resolved=(checked.train_src, checked.val_src))  # fmt: skip
+        try:
+            result = probe.run()
+        except Preempted as e:  # its state is saved; requeued under SLURM
+            return {"step": e.step, "preempted": True, "requeued": e.requeued}
         if result and (not dist.is_initialized() or dist.get_rank() == 0):
             best = result["best"]
             print(f"linear probe of {result['checkpoint']}: top-1 {best['top1']:.2f}% top-5 {best['top5']:.2f}% "

@@ -35,8 +35,9 @@ cd "$root"
 
 echo "scale: job $SLURM_JOB_ID, restart ${SLURM_RESTART_COUNT:-0}, $nodes node(s), ${SLURM_NTASKS:-?} task(s)," \
   "launch $mode, rendezvous $MASTER_ADDR:$MASTER_PORT, $(date -u +%FT%TZ)"
-# A wrong recipe, key, value, data path or DeepSpeed config fails here, once, before any rank starts.
-if [[ "$entry" == scale.pretrain || "$entry" == scale.finetune ]]; then "$py" -m "$entry" "$@" --check; fi
+# A wrong recipe, key, value, data path or DeepSpeed config (a probe's argument, checkpoint or output
+# folder) fails here, once, before any rank starts.
+case "$entry" in scale.pretrain | scale.finetune | scale.linear_probe | scale.knn_eval) "$py" -m "$entry" "$@" --check ;; esac
 
 export SCALE_ENTRY=$entry
 case "$mode" in

@@ -16,6 +16,16 @@ per image in all; the epochs then cost almost nothing).
 Distributed: every rank runs the frozen backbone on its own batches (nothing to shard: a frozen
 ViT-H is 2.5 GB in fp32, 1.3 GB in bf16); the heads are wrapped in DDP; the evaluation counts are
 all-reduced.
+
+Resume and preemption, as pretraining: `OUT/probe_state.pt` holds the heads, the optimizer, the
+position (epoch, batches done in it, step), the evaluations so far and the unlogged loss window;
+rank 0 writes it atomically after every epoch and on the preemption signal (every rank stops at
+the same step, after it; rank 0 then requeues the SLURM job). The same command resumes from it and
+ends with the accuracies of an uninterrupted probe (tested): the heads' initialisation, the data
+order and each sample's augmentation depend on (seed, epoch, position) alone. `OUT/probe_settings.json`
+names the evaluation a folder belongs to: a resume must match it, and nothing is appended to
+another evaluation's metrics (`scale.eval.inputs`). The state loads with weights only
+(`scale.safe_load.load_safely`).
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,12 +47,23 @@ from torch.nn.parallel import DistributedDataParallel
 
 from scale.data.labelled import LabelledLoader, check_labels, eval_batches
 from scale.data.sources import resolve_source
-from scale.errors import DataError
+from scale.errors import ConfigError, DataError
 from scale.eval.backbone import LoadedBackbone
+from scale.eval.inputs import apply_plan, plan_output, rewind_metrics, write_atomic
 from scale.parallel.sync_batchnorm import convert_sync_batchnorm
+from scale.safe_load import load_safely
 from scale.train.metrics import MetricsLogger, Progress
+from scale.train.preemption import Preempted, PreemptionWatch, requeue_slurm_job
 
 log = logging.getLogger(__name__)
+
+RESULTS = ("linear_probe.json", "linear_probe.md")
+SETTINGS = "probe_settings.json"
+STATE = "probe_state.pt"
+OWNED = (*RESULTS, SETTINGS, STATE, "metrics.jsonl", "tensorboard")
+"""Everything the probe writes into its output folder (and sets aside with --overwrite)."""
+NOT_IDENTITY = ("num_workers", "progress", "tensorboard", "log_every", "extra")
+"""Settings that change no result: a resume may differ in them."""
 
 
 @dataclass
@@ -114,6 +136,38 @@ def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     return t
 
 
+def probe_identity(checkpoint: str, train: str, val: str, settings: ProbeSettings, world: int) -> dict[str, Any]:
+    """What makes two probes the same evaluation (library use; the command adds its own flags)."""
+    fields = {k: v for k, v in asdict(settings).items() if k not in NOT_IDENTITY}
+    return json.loads(json.dumps({"checkpoint": checkpoint, "train": train, "val": val, **fields, "world_size": world}))
+
+
+@dataclass
+class _Position:
+    """Where the probe is: the epoch, batches done in it, steps in all, the loss window not logged
+    yet, the evaluations so far, the seconds spent (what a resume continues from)."""
+
+    epoch: int = 0
+    batches_done: int = 0
+    step: int = 0
+    window: list[torch.Tensor] = field(default_factory=list)
+    results: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    """torch.save into a temporary file of the same folder, flushed to the disk, then renamed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def state_fingerprint(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -131,8 +185,20 @@ class LinearProbe:
         settings: ProbeSettings,
         device: torch.device | None = None,
         comm_device: torch.device | None = None,
+        *,
+        identity: dict[str, Any] | None = None,
+        overwrite: bool = False,
+        preempt: PreemptionWatch | None = None,
+        requeue: bool = True,
+        max_requeues: int = 50,
+        resolved: tuple[Any, Any] | None = None,
     ):
+        """`identity`: what makes two probes the same evaluation (checked on resume; default: the
+        checkpoint, the data and the settings). `overwrite`: set an earlier evaluation's files in
+        `out_dir` aside instead of refusing. `preempt`: the watch of the preemption signal (None:
+        no preemption stop); `requeue`, `max_requeues`: what then happens under SLURM."""
         self.s, self.loaded = settings, backbone
+        self.overwrite, self.preempt, self.requeue, self.max_requeues = overwrite, preempt, requeue, max_requeues
         self.rank, self.world = _rank_world()
         self.device = device or torch.device("cpu")
         self.comm = comm_device or (self.device if self.device.type == "cuda" else torch.device("cpu"))
@@ -149,18 +215,21 @@ class LinearProbe:
         self.per_rank = settings.batch_size // self.world
         if settings.labels_per_class and settings.augment:
             raise ValueError("--labels-per-class works on cached features: add --no-augment")
-        self.train_src, self.val_src = resolve_source(train_source), resolve_source(val_source)
+        # `resolved`: the sources the command resolved while checking its arguments.
+        self.train_src, self.val_src = resolved or (resolve_source(train_source), resolve_source(val_source))
         self.train_name, self.val_name = train_source, val_source
-        for src, name in ((self.train_src, train_source), (self.val_src, val_source)):
+        for src, name in ((self.train_src, self.train_name), (self.val_src, self.val_name)):
             if sum(src.counts) == 0:
                 raise DataError(f"{name} holds no samples; give a labelled image folder or shards")
-        self.num_classes = check_labels(self.train_src, train_source)
-        val_classes = check_labels(self.val_src, val_source)
+        self.num_classes = check_labels(self.train_src, self.train_name)
+        val_classes = check_labels(self.val_src, self.val_name)
         if val_classes > self.num_classes:
             raise DataError(
-                f"{val_source} has labels up to {val_classes - 1} but {train_source} only {self.num_classes} "
+                f"{self.val_name} has labels up to {val_classes - 1} but {self.train_name} only {self.num_classes} "
                 "classes: the validation classes must be among the training ones"
             )
+        self.identity = identity if identity is not None else probe_identity(
+            backbone.source, self.train_name, self.val_name, settings, self.world)  # fmt: skip
         self.backbone = backbone.model.to(self.device).eval()
         self.before = state_fingerprint(self.backbone)
         dtype = {"bf16": torch.bfloat16, "fp32": None}.get(settings.precision)
@@ -271,10 +340,11 @@ class LinearProbe:
     # ------------------------------------------------------------------ the run
 
     def run(self) -> dict[str, Any]:
+        """Train the heads (resuming the unfinished probe `out_dir` holds), evaluate, write the
+        results; on the preemption signal, save and raise `Preempted`."""
         s = self.s
         main = self.rank == 0
-        if main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+        state = self._prepare_output()
         metrics = MetricsLogger(self.out_dir, main, s.tensorboard) if main else MetricsLogger(self.out_dir, False)
         if s.augment:
             loader = LabelledLoader(self.train_src, batch_size=self.per_rank, world_size=self.world, rank=self.rank,
@@ -292,49 +362,173 @@ class LinearProbe:
             if steps_per_epoch < 1:
                 raise DataError(f"{self.train_name}: {n_min} samples per rank, fewer than one batch of "
                                 f"{self.per_rank}; lower --batch-size")  # fmt: skip
-        progress = Progress(s.epochs * steps_per_epoch, 0, main, s.progress)
-        results_by_epoch: list[dict[str, Any]] = []
-        step, t0 = 0, time.perf_counter()
+        pos = self._restore(state)
+        if self.preempt is not None:
+            self.preempt.any_rank = self._any_rank
+        progress = Progress(s.epochs * steps_per_epoch, pos.step, main, s.progress)
+        t0 = time.perf_counter() - pos.seconds
         try:
-            for epoch in range(s.epochs):
+            for epoch in range(pos.epoch, s.epochs):
                 self.set_lr(epoch)
-                if s.augment:
-                    loader.set_epoch(epoch)
+                skip = pos.batches_done if epoch == pos.epoch else 0
+                if skip >= steps_per_epoch:  # stopped after the epoch's last step, before its evaluation
+                    batches = iter(())
+                elif s.augment:
+                    loader.load_state_dict({"epoch": epoch, "batches_done": skip})
                     batches = ((self.features(x), y.to(self.device)) for x, y in loader)
                 else:
                     g = torch.Generator().manual_seed(hash((s.seed, epoch, self.rank)) % (2**63))
                     order = torch.randperm(cached_train[0].shape[0], generator=g)[: steps_per_epoch * self.per_rank]
                     batches = ((cached_train[0][idx], cached_train[1][idx])
-                               for idx in order.to(self.device).split(self.per_rank))  # fmt: skip
-                window: list[torch.Tensor] = []
+                               for idx in order.to(self.device).split(self.per_rank)[skip:])  # fmt: skip
+                done = skip
                 for feats, labels in batches:
-                    window.append(self.train_batch(feats, labels))
-                    step += 1
-                    if step % s.log_every == 0 or step == s.epochs * steps_per_epoch:
-                        loss = torch.stack(window).mean(0)
+                    pos.window.append(self.train_batch(feats, labels))
+                    pos.step += 1
+                    done += 1
+                    if pos.step % s.log_every == 0 or pos.step == s.epochs * steps_per_epoch:
+                        loss = torch.stack(pos.window).mean(0)
                         row = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
                                **{f"loss/lr{b:g}": float(v) for b, v in zip(s.base_lrs, loss.tolist(), strict=True)},
                                "features_per_s": self.forward_images / max(self.forward_seconds, 1e-9)}  # fmt: skip
-                        metrics.log(step, row)
-                        progress.line(step, f"loss {float(loss.min()):.4f} {row['features_per_s']:.0f} features/s")
-                        window = []
-                    progress.update(step, {"epoch": str(epoch + 1)})
+                        metrics.log(pos.step, row)
+                        progress.line(pos.step, f"loss {float(loss.min()):.4f} {row['features_per_s']:.0f} features/s")
+                        pos.window = []
+                    progress.update(pos.step, {"epoch": str(epoch + 1)})
+                    if self.preempt is not None and self.preempt.due(pos.step):
+                        getattr(batches, "close", lambda: None)()  # release the loader's workers
+                        pos.epoch, pos.batches_done, pos.seconds = epoch, done, time.perf_counter() - t0
+                        self._stop_for_preemption(pos, saved=False)
                 if (epoch + 1) % s.eval_every == 0 or epoch + 1 == s.epochs:
                     acc = self.evaluate(self._val_features() if s.augment else
                                         [(cached_val[0][i:i + 1024], cached_val[1][i:i + 1024])
                                          for i in range(0, cached_val[0].shape[0], 1024)])  # fmt: skip
                     row = {f"val/top1/lr{b:g}": a1 for b, (a1, _) in zip(s.base_lrs, acc, strict=True)}
                     row.update({f"val/top5/lr{b:g}": a5 for b, (_, a5) in zip(s.base_lrs, acc, strict=True)})
-                    metrics.log(step, {"epoch": epoch + 1, **row})
-                    results_by_epoch.append({"epoch": epoch + 1, "acc": acc})
+                    metrics.log(pos.step, {"epoch": epoch + 1, **row})
+                    pos.results.append({"epoch": epoch + 1, "acc": acc})
                     if main:
                         best = max(range(len(acc)), key=lambda i: acc[i][0])
                         log.info("epoch %d: best top-1 %.2f%% (base lr %g)", epoch + 1, acc[best][0], s.base_lrs[best])
+                pos.epoch, pos.batches_done, pos.seconds = epoch + 1, 0, time.perf_counter() - t0
+                if epoch + 1 < s.epochs:
+                    saved = self._save_state(pos, required=False)
+                    # Every rank, at every epoch's end: a signal during the evaluation stops here.
+                    if self.preempt is not None and self.preempt.any_rank(self.preempt.received is not None):
+                        self._stop_for_preemption(pos, saved=saved)
         finally:
             progress.close()
             metrics.close()
         self.check_backbone_unchanged()
-        return self.write_results(results_by_epoch[-1]["acc"], time.perf_counter() - t0)
+        return self.write_results(pos.results[-1]["acc"], time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ output, resume, preemption
+
+    def _broadcast(self, obj: Any) -> Any:
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _any_rank(self, flag: bool) -> bool:
+        t = torch.tensor([1.0 if flag else 0.0], device=self.comm)
+        return bool(_all_reduce(t, dist.ReduceOp.MAX if self.world > 1 else None).item())
+
+    def _prepare_output(self) -> dict[str, Any] | None:
+        """Rank 0 decides what `out_dir` holds (an earlier evaluation's results are refused without
+        --overwrite, and set aside with it; an unfinished probe of these settings is resumed) and
+        prepares it; every rank learns the decision, and reads the state to resume from."""
+        decision: tuple[Any, str | None] = (None, None)
+        if self.rank == 0:
+            try:
+                plan = plan_output(self.out_dir, OWNED, RESULTS, self.overwrite, SETTINGS, self.identity)
+                aside = apply_plan(plan)
+                if aside is not None:
+                    log.warning("--overwrite: the earlier evaluation's %s moved to %s", ", ".join(plan.set_aside),
+                                aside)  # fmt: skip
+                has_state = plan.resume and (self.out_dir / STATE).is_file()
+                if not plan.resume:
+                    write_atomic(self.out_dir / SETTINGS, json.dumps(self.identity, indent=1) + "\n")
+                decision = (has_state, None)
+            except ConfigError as e:  # every rank raises it, none is left waiting
+                decision = (None, str(e))
+        has_state, error = self._broadcast(decision)
+        if error is not None:
+            raise ConfigError(error)
+        if not has_state:
+            if self.rank == 0:
+                self._rewind(0)
+            return None
+        state = load_safely(self.out_dir / STATE)
+        if not isinstance(state, dict) or state.get("identity") != self.identity:
+            raise ConfigError(f"{self.out_dir / STATE} is the state of another probe; pass --overwrite to set it "
+                              "aside, or choose another --out")  # fmt: skip
+        if self.rank == 0:
+            self._rewind(int(state["step"]))
+            log.info("resuming the probe in %s at epoch %d, step %d (%d batches into the epoch)", self.out_dir,
+                     state["epoch"] + 1, state["step"], state["batches_done"])  # fmt: skip
+        return state
+
+    def _rewind(self, step: int) -> None:
+        dropped = rewind_metrics(self.out_dir / "metrics.jsonl", step)
+        if dropped:
+            log.warning("metrics.jsonl: %d row(s) after step %d dropped (recomputed now)", dropped, step)
+
+    def _restore(self, state: dict[str, Any] | None) -> _Position:
+        if state is None:
+            return _Position()
+        self.heads.load_state_dict(state["heads"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.forward_seconds, self.forward_images = float(state["forward_seconds"]), int(state["forward_images"])
+        window = state["window"].to(self.device)
+        return _Position(int(state["epoch"]), int(state["batches_done"]), int(state["step"]),
+                         [w for w in window], [dict(r) for r in state["results"]],
+                         float(state["seconds"]))  # fmt: skip
+
+    def _save_state(self, pos: _Position, required: bool) -> bool:
+        """Rank 0 writes `STATE` atomically. A failure after an epoch is a warning (the probe goes on,
+        a resume starts from the state before); `required` (the preemption's) raises."""
+        if self.rank != 0:
+            return True
+        H = len(self.s.base_lrs)
+        state = {
+            "format": 1, "identity": self.identity, "epoch": pos.epoch, "batches_done": pos.batches_done,
+            "step": pos.step, "heads": self.heads.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "window": torch.stack(pos.window).cpu() if pos.window else torch.zeros(0, H),
+            "results": [{"epoch": r["epoch"], "acc": [list(a) for a in r["acc"]]} for r in pos.results],
+            "forward_seconds": self.forward_seconds, "forward_images": self.forward_images, "seconds": pos.seconds,
+        }  # fmt: skip
+        try:
+            _save_atomic(state, self.out_dir / STATE)
+            return True
+        except (OSError, RuntimeError) as e:
+            if required:
+                raise
+            log.warning("the probe's state after epoch %d could not be written (%s); a resume starts from the one "
+                        "before", pos.epoch, " ".join(str(e).split())[:200])  # fmt: skip
+            return False
+
+    def _stop_for_preemption(self, pos: _Position, saved: bool) -> None:
+        """Every rank: the state of this step (rank 0), then the requeue (rank 0, under SLURM), then
+        `Preempted`. See `scale.train.preemption`."""
+        watch = self.preempt
+        when = f"{time.time() - watch.received:.0f} s ago" if watch.received is not None else "on another rank"
+        watch.received = None
+        if self.rank == 0:
+            log.warning("%s received %s: stopping the probe at step %d (epoch %d) after saving its state", watch.name,
+                        when, pos.step, pos.epoch + (1 if pos.batches_done else 0))  # fmt: skip
+        if not saved:
+            self._save_state(pos, required=True)
+        if self.world > 1:
+            dist.barrier()
+        requeued, why = False, "run the same command again to resume"
+        if self.rank == 0 and self.requeue:
+            requeued, why = requeue_slurm_job(self.max_requeues)
+        requeued, why = self._broadcast((requeued, why))
+        if self.rank == 0:
+            (log.warning if requeued else log.error)("probe preempted at step %d: %s", pos.step, why)
+        raise Preempted(pos.step, requeued, f"probe stopped at step {pos.step} on {watch.name}: {why}")
 
     def check_backbone_unchanged(self) -> None:
         after = self.backbone.state_dict()
@@ -357,7 +551,7 @@ class LinearProbe:
             "seconds": seconds,
         }  # fmt: skip
         if self.rank == 0:
-            (self.out_dir / "linear_probe.json").write_text(json.dumps(result, indent=1))
+            write_atomic(self.out_dir / "linear_probe.json", json.dumps(result, indent=1))
             step = f", pretraining step {result['pretrain_step']}" if result["pretrain_step"] is not None else ""
             augment = (f"RandomResizedCrop({s.crop_min:g}-1){' + flip' if s.flip else ''}" if s.augment
                        else "no augmentation (cached features)")  # fmt: skip
@@ -373,5 +567,5 @@ class LinearProbe:
             for r in result["lrs"]:
                 mark = " (best)" if r["base_lr"] == result["best"]["base_lr"] else ""
                 lines.append(f"| {r['base_lr']:g}{mark} | {r['lr']:g} | {r['top1']:.2f} | {r['top5']:.2f} |")
-            (self.out_dir / "linear_probe.md").write_text("\n".join(lines) + "\n")
+            write_atomic(self.out_dir / "linear_probe.md", "\n".join(lines) + "\n")
         return result

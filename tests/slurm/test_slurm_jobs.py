@@ -164,3 +164,66 @@ def test_finetune_script_finetunes_a_run_on_two_ranks(slurm, tmp_path):
     assert [r["step"] for r in metrics(run) if "loss" in r] == [1, 2, 3]
     result = json.loads((run / "results.json").read_text())
     assert result["pretrained"] == str(tmp_path / "run") and 0 <= result["top1"] <= 100
+
+
+def _probe_rows(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "features_per_s"} for r in rows]  # all but the timing
+
+
+@pytest.mark.slow
+def test_preempted_probe_saves_requeues_and_resumes_with_the_uninterrupted_results(slurm, tmp_path):
+    """slurm/linear_probe.sh on 2 ranks, `scancel --signal=USR2` mid-probe: every rank stops at one
+    step after rank 0 saved the heads, optimizer and data position, rank 0 requeues the job, the
+    rerun (same job id, SLURM_RESTART_COUNT=1) passes `--check` and resumes; its accuracies and every
+    metrics row equal an uninterrupted probe's on 2 ranks."""
+    from scale.train.trainer import Trainer
+    from tests.helpers import FixedBatchLoader, random_images, tiny_config, write_image_folder
+
+    Trainer(tiny_config(tmp_path, "run", **{"schedule.max_steps": 1}), loader=FixedBatchLoader(4, 8)).fit()
+    data = write_image_folder(tmp_path / "data", random_images(256, 36), labels=[i % 4 for i in range(256)])
+    # Augmented (a frozen forward per step): 8 steps of 2 x 16 per epoch, 24 epochs.
+    args = [str(tmp_path / "run"), "--train", str(data), "--val", str(data), "--epochs", "24", "--batch-size", "32",
+            "--crop-min", "0.5", "--eval-every", "4", "--workers", "0", "--no-progress", "--no-tensorboard",
+            "--preempt-check-every", "1"]  # fmt: skip
+
+    def sbatch(out):
+        cmd = ["sbatch", "--parsable", *SBATCH_CPU, str(ROOT / "slurm" / "linear_probe.sh"), *args, "--out", str(out)]
+        return slurm.run(*cmd, cwd=tmp_path, env=job_env(tmp_path), timeout=60).stdout.strip().split(";")[0]
+
+    ref_job, job = sbatch(tmp_path / "ref"), sbatch(tmp_path / "probe")
+    out = tmp_path / "probe"
+    deadline = time.monotonic() + 240
+    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
+        assert time.monotonic() < deadline, output(tmp_path, "linear_probe.sh", job)[-3000:]
+        time.sleep(0.2)  # the first row (step 20) is logged
+    assert slurm.run("scancel", "--signal=USR2", job).returncode == 0
+    wait_gone(slurm, job)
+    wait_gone(slurm, ref_job)
+    log = output(tmp_path, "linear_probe.sh", job)
+    assert "restart 0" in log and "restart 1" in log, log[-3000:]
+    assert log.count("ok: linear probe of") == 2 and "(resuming the unfinished probe there)" in log  # --check
+    assert "SIGUSR2 received" in log and f"requeueing job {job} (restart 1 of at most 50)" in log, log[-3000:]
+    stopped = int(log.split("stopping the probe at step ")[1].split()[0])
+    assert 20 <= stopped < 192 and f"step {stopped} (" in log.split("resuming the probe in")[1], log[-3000:]
+    result, reference = (json.loads((tmp_path / d / "linear_probe.json").read_text()) for d in ("probe", "ref"))
+    assert result["world_size"] == reference["world_size"] == 2
+    assert result["lrs"] == reference["lrs"]
+    assert _probe_rows(out) == _probe_rows(tmp_path / "ref")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--epochs", "0"], "config error: --epochs 0 must be >= 1"),
+        (["--lrs", "a"], "config error: --lrs 'a'"),
+    ],  # fmt: skip
+)
+def test_a_bad_probe_command_fails_at_once_before_any_rank_starts(slurm, tmp_path, args, message):
+    out = tmp_path / "probe"
+    cmd = ["sbatch", "--parsable", "--wait", *SBATCH_CPU, str(ROOT / "slurm" / "linear_probe.sh"), str(tmp_path),
+           "--train", "demo", "--val", "demo:val", "--out", str(out), *args]  # fmt: skip
+    done = slurm.run(*cmd, cwd=tmp_path, env=job_env(tmp_path), timeout=300)
+    log = output(tmp_path, "linear_probe.sh", done.stdout.strip().split(";")[0])
+    assert done.returncode != 0 and message in log, log[-3000:]
+    assert log.count(message) == 1 and not out.exists()  # once, by the check: no rank started; nothing written

@@ -47,13 +47,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from scale.data.labelled import LabelledLoader, check_labels, eval_batches
 from scale.data.sources import resolve_source
-from scale.errors import ConfigError, DataError
+from scale.errors import ConfigError, DataError, RunDirInUseError
 from scale.eval.backbone import LoadedBackbone
-from scale.eval.inputs import apply_plan, plan_output, rewind_metrics, write_atomic
+from scale.eval.inputs import apply_plan, plan_output, write_atomic
 from scale.parallel.sync_batchnorm import convert_sync_batchnorm
 from scale.safe_load import load_safely
 from scale.train.metrics import MetricsLogger, Progress
 from scale.train.preemption import Preempted, PreemptionWatch, requeue_slurm_job
+from scale.train.run_dir import AsideFolder, cut_metrics
+from scale.train.run_owner import RunDirOwner, claim_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +205,7 @@ class LinearProbe:
         self.device = device or torch.device("cpu")
         self.comm = comm_device or (self.device if self.device.type == "cuda" else torch.device("cpu"))
         self.out_dir = Path(out_dir)
+        self.owner: RunDirOwner | None = None
         if settings.batch_size % self.world:
             raise ValueError(f"--batch-size {settings.batch_size} does not split over {self.world} ranks; "
                              "use a multiple of the world size")  # fmt: skip
@@ -341,7 +344,14 @@ class LinearProbe:
 
     def run(self) -> dict[str, Any]:
         """Train the heads (resuming the unfinished probe `out_dir` holds), evaluate, write the
-        results; on the preemption signal, save and raise `Preempted`."""
+        results; on the preemption signal, save and raise `Preempted`. The output folder is held
+        (`scale.train.run_owner`) from the start to the end, whatever happens."""
+        try:
+            return self._run()
+        finally:
+            self.release_output()
+
+    def _run(self) -> dict[str, Any]:
         s = self.s
         main = self.rank == 0
         state = self._prepare_output()
@@ -424,6 +434,12 @@ class LinearProbe:
 
     # ------------------------------------------------------------------ output, resume, preemption
 
+    def release_output(self) -> None:
+        """Give the output folder back (at the end, on preemption, on an error)."""
+        if self.owner is not None:
+            self.owner.release()
+            self.owner = None
+
     def _broadcast(self, obj: Any) -> Any:
         if self.world == 1:
             return obj
@@ -442,6 +458,8 @@ class LinearProbe:
         decision: tuple[Any, str | None] = (None, None)
         if self.rank == 0:
             try:
+                # One evaluation per folder at a time (the same command twice, or a requeue's take-over).
+                self.owner = claim_run_dir(self.out_dir, stale_minutes=10)
                 plan = plan_output(self.out_dir, OWNED, RESULTS, self.overwrite, SETTINGS, self.identity)
                 aside = apply_plan(plan)
                 if aside is not None:
@@ -451,11 +469,11 @@ class LinearProbe:
                 if not plan.resume:
                     write_atomic(self.out_dir / SETTINGS, json.dumps(self.identity, indent=1) + "\n")
                 decision = (has_state, None)
-            except ConfigError as e:  # every rank raises it, none is left waiting
-                decision = (None, str(e))
+            except (ConfigError, RunDirInUseError) as e:  # every rank raises it, none is left waiting
+                decision = (None, (type(e).__name__, str(e)))
         has_state, error = self._broadcast(decision)
         if error is not None:
-            raise ConfigError(error)
+            raise (RunDirInUseError if error[0] == RunDirInUseError.__name__ else ConfigError)(error[1])
         if not has_state:
             if self.rank == 0:
                 self._rewind(0)
@@ -471,9 +489,8 @@ class LinearProbe:
         return state
 
     def _rewind(self, step: int) -> None:
-        dropped = rewind_metrics(self.out_dir / "metrics.jsonl", step)
-        if dropped:
-            log.warning("metrics.jsonl: %d row(s) after step %d dropped (recomputed now)", dropped, step)
+        """Rows of metrics.jsonl after `step` (recomputed now) set aside in OUT/abandoned/, never deleted."""
+        cut_metrics(self.out_dir / "metrics.jsonl", step, AsideFolder(self.out_dir, step))
 
     def _restore(self, state: dict[str, Any] | None) -> _Position:
         if state is None:

@@ -154,3 +154,32 @@ def test_default_output_names(tmp_path):
     assert default_out("linear_probe", file, "base_encoder", False).name == "vit_b-step-00001000-model"
     release = Checkpoint(tmp_path / "vit-b-300ep.pth.tar", "file")
     assert default_out("linear_probe", release, "base_encoder", False) == Path("runs/linear_probe/vit-b-300ep")
+
+
+def test_a_probe_into_a_folder_another_live_probe_holds_is_refused(two_runs):
+    """The same probe started twice (two terminals, two sbatch): the second is refused naming the
+    first, and leaves the folder alone; the folder is given back at the end."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from scale.train.run_owner import OWNER_FILE
+
+    out = two_runs / "probe-out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        start = Path(f"/proc/{holder.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        record = {"host": socket.gethostname(), "pid": holder.pid, "pid_start": start, "since": 0, "token": "t"}
+        (out / OWNER_FILE).write_text(json.dumps(record))
+        before = _files(out)
+        with pytest.raises(SystemExit, match=f"in use by another job .*process {holder.pid}"):
+            linear_probe.main(["runs/a/checkpoints/step-00000001", *PROBE, "--out", str(out)])
+        assert _files(out) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    linear_probe.main(["runs/a/checkpoints/step-00000001", *PROBE, "--out", str(out)])  # the holder is gone
+    assert (out / "linear_probe.json").is_file() and not (out / OWNER_FILE).exists()
+    assert os.path.isfile(out / "metrics.jsonl")

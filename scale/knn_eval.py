@@ -36,8 +36,7 @@ RESULTS = ("knn.json", "knn.md")
 
 def parser() -> argparse.ArgumentParser:
     # Here and in `main`, the model and the data are touched only after every argument is checked.
-    from scale.eval.backbone import add_checkpoint_args
-    from scale.eval.inputs import OneLineParser
+    from scale.eval.inputs import OneLineParser, add_checkpoint_args  # torch-free: wrong arguments answer at once
 
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     add_checkpoint_args(p, "labelled data whose features form the bank", "labelled queries")

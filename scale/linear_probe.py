@@ -42,8 +42,7 @@ log = logging.getLogger("scale")
 
 def parser() -> argparse.ArgumentParser:
     # Here and in `main`, the model and the data are touched only after every argument is checked.
-    from scale.eval.backbone import add_checkpoint_args
-    from scale.eval.inputs import OneLineParser
+    from scale.eval.inputs import OneLineParser, add_checkpoint_args  # torch-free: wrong arguments answer at once
 
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     add_checkpoint_args(
@@ -111,7 +110,6 @@ def check(args, world: int | None = None) -> Checked:
     """Every argument, before the model or the data are touched and before anything is written; a
     `ConfigError` names the argument (one line from `main`)."""
     from scale.eval import inputs
-    from scale.eval.linear_probe import OWNED, RESULTS, SETTINGS
 
     inputs.check_rules(args, inputs.PROBE_RULES)
     lrs = inputs.parse_lrs(args.lrs)
@@ -122,6 +120,9 @@ def check(args, world: int | None = None) -> Checked:
     if args.batch_size % world:
         raise ConfigError(f"--batch-size {args.batch_size} does not split over {world} ranks; use a multiple of "
                           f"{world}")  # fmt: skip
+    # Only now the evaluation stack (torch): the arguments above answer at once.
+    from scale.eval.linear_probe import OWNED, RESULTS, SETTINGS
+
     ckpt = inputs.check_checkpoint(args.checkpoint, args.model, args.random_init)
     train_src, val_src = inputs.check_sources(args.train, args.val)
     identity = {

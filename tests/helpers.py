@@ -157,3 +157,13 @@ def read_metrics(run_dir):
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines if line.strip()]
     return [r for r in rows if "knn_dense_queries" not in r]  # the dense kNN monitor's rows apart
+
+
+def train_tiny_run(root, name: str = "tiny"):
+    """A tiny pretraining run with one checkpoint (step 1) in root/runs/NAME; returns its directory."""
+    from pathlib import Path
+
+    from scale.train.trainer import Trainer
+
+    Trainer(tiny_config(Path(root) / "runs", name, **{"schedule.max_steps": 1}), loader=FixedBatchLoader(4, 8)).fit()
+    return Path(root) / "runs" / name

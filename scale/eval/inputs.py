@@ -443,3 +443,17 @@ def rewind_metrics(path: Path, step: int) -> int:
     if len(kept) != len(lines):
         write_atomic(path, "".join(line + "\n" for line in kept))
     return len(lines) - len(kept)
+
+
+def add_checkpoint_args(parser, train_help: str, val_help: str) -> None:
+    """The evaluation CLIs' shared arguments: what to evaluate and on which data."""
+    parser.add_argument("checkpoint", help="run directory, checkpoint directory, or .pth / .pth.tar file")
+    parser.add_argument("--train", required=True, help=train_help)
+    parser.add_argument("--val", required=True, help=val_help)
+    parser.add_argument("--model", help="architecture of a checkpoint that does not name it (vit_base, resnet50, ...)")
+    parser.add_argument("--encoder", default="base_encoder", choices=["base_encoder", "momentum_encoder"])
+    baseline = "the run's architecture at its initial weights (the baseline); needs a run checkpoint"
+    parser.add_argument("--random-init", action="store_true", help=baseline)
+    trust = ("read checkpoint files with pickle's full unpickler: only for files from a source you trust, since "
+             "they can then run code on this machine (default: weights and data only)")  # fmt: skip
+    parser.add_argument("--trust-checkpoint-code", action="store_true", help=trust)

@@ -38,12 +38,9 @@ STEP = "tiny-step-00000001"
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A tiny pretraining run with one checkpoint (step 1)."""
-    from scale.train.trainer import Trainer
-    from tests.helpers import FixedBatchLoader, tiny_config
+    from tests.helpers import train_tiny_run
 
-    root = tmp_path_factory.mktemp("eval-fuzz")
-    Trainer(tiny_config(root / "runs", "tiny", **{"schedule.max_steps": 1}), loader=FixedBatchLoader(4, 8)).fit()
-    return root / "runs" / "tiny"
+    return train_tiny_run(tmp_path_factory.mktemp("eval-fuzz"))
 
 
 @pytest.fixture

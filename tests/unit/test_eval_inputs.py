@@ -23,12 +23,10 @@ KNN = ["--train", "data", "--val", "data", "--workers", "0", "--ks", "5,10"]
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    from scale.train.trainer import Trainer
-    from tests.helpers import FixedBatchLoader, tiny_config
+    """A tiny pretraining run with one checkpoint (step 1)."""
+    from tests.helpers import train_tiny_run
 
-    root = tmp_path_factory.mktemp("eval-out")
-    Trainer(tiny_config(root / "runs", "tiny", **{"schedule.max_steps": 1}), loader=FixedBatchLoader(4, 8)).fit()
-    return root / "runs" / "tiny"
+    return train_tiny_run(tmp_path_factory.mktemp("eval-out"))
 
 
 @pytest.fixture

@@ -541,7 +541,7 @@ class LinearProbe:
             dist.barrier()
         requeued, why = False, "run the same command again to resume"
         if self.rank == 0 and self.requeue:
-            requeued, why = requeue_slurm_job(self.max_requeues)
+            requeued, why = requeue_slurm_job(self.max_requeues, "--max-requeues")
         requeued, why = self._broadcast((requeued, why))
         if self.rank == 0:
             (log.warning if requeued else log.error)("probe preempted at step %d: %s", pos.step, why)

@@ -96,14 +96,14 @@ def watch_signal(signal_name: str, check_every: int) -> PreemptionWatch:
     return watch
 
 
-def requeue_slurm_job(max_requeues: int) -> tuple[bool, str]:
+def requeue_slurm_job(max_requeues: int, flag: str = "--run.max_requeues") -> tuple[bool, str]:
     """`scontrol requeue $SLURM_JOB_ID` (rank 0, after the checkpoint). Returns (done, why)."""
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
         return False, "not a SLURM job: run the same command again to resume"
     count = restart_count()
     if count >= max_requeues:
-        return False, (f"job {job} has been requeued {count} times (run.max_requeues={max_requeues}): not requeued "
+        return False, (f"job {job} has been requeued {count} times ({flag}={max_requeues}): not requeued "
                        "again; resubmit it to resume")  # fmt: skip
     # Said before: the requeue ends this job at once, maybe before anything after it is printed.
     log.warning("requeueing job %s (restart %d of at most %d); it resumes from the checkpoint", job, count + 1,

@@ -261,6 +261,11 @@ def command_table(tmp: Path, tiny_run: Path) -> dict[str, dict]:
                 ),
             ],  # fmt: skip
         ),
+        "benchmarks.requeue_cost": dict(
+            base=["--steps", "10", "--back", "1"],
+            heavy=[("benchmarks.requeue_cost", "_whole_file")],
+            hand=[(["--steps", "5", "--back", "5"], "--back")],
+        ),
         "benchmarks.scaling": dict(
             base=["--models", "vit_small", "--gpus", "8", "--out", new],
             heavy=[("benchmarks.scaling", "project_model")],
@@ -297,8 +302,9 @@ def command_table(tmp: Path, tiny_run: Path) -> dict[str, dict]:
 
 
 COMMANDS = ["scale.convert_checkpoint", "scale.make_shards", "scale.plot", "benchmarks.throughput",
-            "benchmarks.memory", "benchmarks.data", "benchmarks.flops", "benchmarks.plan", "benchmarks.scaling",
-            "benchmarks.simulate", "benchmarks.stability", "benchmarks.fashion", "benchmarks.gpu_probes"]  # fmt: skip
+            "benchmarks.memory", "benchmarks.data", "benchmarks.flops", "benchmarks.plan", "benchmarks.requeue_cost",
+            "benchmarks.scaling", "benchmarks.simulate", "benchmarks.stability", "benchmarks.fashion",
+            "benchmarks.gpu_probes"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", COMMANDS)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from scale.arguments import POSITIVE, Parser, at_least
 from scale.entry import run_cli
+from scale.train.run_dir import AsideFolder, cut_metrics
 
 
 def parser() -> Parser:
@@ -42,9 +43,16 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
     if args.back >= args.steps:
         parser().error(f"argument --back: {args.back} must be below --steps {args.steps}")
-    from scale.train.run_dir import AsideFolder, cut_metrics
+    quiet = logging.getLogger("scale.train.run_dir")  # its line about the rows it set aside
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        return _measure(args)
+    finally:
+        quiet.setLevel(level)
 
-    logging.disable(logging.WARNING)  # cut_metrics's log line about the rows it set aside
+
+def _measure(args) -> dict:
     row = {"norm": [round(0.123456 * i, 6) for i in range(args.layers)],
            "relative": [round(1.0123 * i, 4) for i in range(args.layers)]}  # fmt: skip
     step = args.steps - args.back

@@ -167,7 +167,7 @@ class ExistingPath:
 # ---------------------------------------------------------------------------------- outputs
 
 
-def _inside(a: Path, b: Path) -> bool:
+def is_inside(a: Path, b: Path) -> bool:
     a, b = a.resolve(), b.resolve()
     return a == b or b in a.parents
 
@@ -177,10 +177,10 @@ def refuse_inside(output: str | os.PathLike, what_out: str, input_: str | os.Pat
     """A ValueError when `output` is `input_` or inside it (links resolved), or, when the output is
     `replaced` as a whole, an existing directory that holds the input."""
     out, inp = Path(output), Path(input_)
-    if _inside(out, inp) or (inp.exists() and out.exists() and os.path.samefile(out, inp)):
+    if is_inside(out, inp) or (inp.exists() and out.exists() and os.path.samefile(out, inp)):
         raise ValueError(f"{what_out} {output} is {what_in} {input_} or inside it: writing there would change "
                          "the input; choose an output outside it")  # fmt: skip
-    if replaced and out.exists() and _inside(inp, out):
+    if replaced and out.exists() and is_inside(inp, out):
         raise ValueError(f"{what_out} {output} holds {what_in} {input_}: replacing it would lose the input; choose "
                          "another output")  # fmt: skip
 

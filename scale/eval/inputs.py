@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scale import arguments
 from scale.errors import ConfigError, DataError
 
 TORCH_ZIP = b"PK\x03\x04"
@@ -306,14 +307,6 @@ def default_out(command: str, ckpt: Checkpoint, encoder: str, random_init: bool)
     return Path("runs") / command / label
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    try:
-        path.relative_to(folder)
-        return True
-    except ValueError:
-        return False
-
-
 def check_out_location(out: Path, ckpt: Checkpoint, sources: tuple[str, ...]) -> None:
     """`--out` is a folder (or nothing yet) and not inside what is read: the run directory (its
     metrics.jsonl is the run's), the checkpoint or export folder, an image-folder data source."""
@@ -326,7 +319,7 @@ def check_out_location(out: Path, ckpt: Checkpoint, sources: tuple[str, ...]) ->
         if p.is_dir():
             inputs.append(p.resolve())
     for folder in inputs:
-        if _inside(target, folder):
+        if arguments.is_inside(target, folder):
             raise ConfigError(f"--out {str(out)!r} is inside {folder}, which this evaluation reads; write the results "
                               "elsewhere (the default is runs/<command>/<run>-step-N)")  # fmt: skip
 
@@ -412,37 +405,9 @@ def apply_plan(plan: OutputPlan) -> Path | None:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """`text` into `path` through a temporary file in the same folder, flushed, then renamed: a
-    reader sees the old file or the new one, never a torn one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def rewind_metrics(path: Path, step: int) -> int:
-    """Keep the rows of `path` up to `step` (a resumed evaluation recomputes the rest; a torn last
-    line, from a kill mid-write, goes too). Rewritten atomically; returns the rows dropped."""
-    if not path.is_file():
-        return 0
-    lines = path.read_text().splitlines()
-    kept = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and row.get("step", 0) <= step:
-            kept.append(line)
-    if len(kept) != len(lines):
-        write_atomic(path, "".join(line + "\n" for line in kept))
-    return len(lines) - len(kept)
+    """`text` into `path`, whole (`scale.arguments.write_atomic`): a reader sees the old file or the
+    new one, never a torn one. The callers decided beforehand whether `path` may be replaced."""
+    arguments.write_atomic(path, text, overwrite=True)
 
 
 def add_checkpoint_args(parser, train_help: str, val_help: str) -> None:

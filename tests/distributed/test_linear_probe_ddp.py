@@ -45,7 +45,8 @@ def test_cli_probes_a_run_checkpoint_and_errors_are_one_line(tmp_path, capsys):
                           ([str(tmp_path / "run"), "--lrs", "a,b"], "--lrs"),
                           ([str(tmp_path / "run"), "--crop-size", "64"], "built for 32 px")]:  # fmt: skip
         with pytest.raises(SystemExit) as e:
-            main([*args, "--train", "demo", "--val", "demo:val", "--out", str(out)])
+            main([*args, "--train", "demo", "--val", "demo:val", "--out", str(tmp_path / "wrong")])
+        assert not (tmp_path / "wrong").exists()
         text = str(e.value.code)  # one line: "config error: ..." for an argument, "error: ..." otherwise
         assert message in text and text.startswith(("error:", "config error:")) and "\n" not in text, text
 

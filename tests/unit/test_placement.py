@@ -163,13 +163,15 @@ def test_srun_mode_passes_the_jobs_cpus_per_task_on_to_srun(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    for tool, body in (("srun", 'echo "srun $*"'), ("scontrol", "echo node1")):
+    # python: a stand-in too, so the script's `--check` of the command passes without running anything.
+    for tool, body in (("srun", 'echo "srun $*"'), ("scontrol", "echo node1"), ("python", "exit 0")):
         path = tmp_path / tool
         path.write_text(f"#!/bin/sh\n{body}\n")
         path.chmod(path.stat().st_mode | stat.S_IEXEC)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env = {**env, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "7",
-           "SLURM_JOB_NODELIST": "node1", "SCALE_ROOT": str(root), "SCALE_ENTRY": "scale.linear_probe"}  # fmt: skip
+           "SLURM_JOB_NODELIST": "node1", "SCALE_ROOT": str(root), "SCALE_ENTRY": "scale.linear_probe",
+           "SCALE_PYTHON": str(tmp_path / "python")}  # fmt: skip
     for cpus, expected in (("12", "--cpus-per-task=12"), (None, None)):
         run_env = {**env, "SLURM_CPUS_PER_TASK": cpus} if cpus else env
         out = subprocess.run(["bash", str(root / "slurm" / "launch.sh"), "--x"], env=run_env, capture_output=True,

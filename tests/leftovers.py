@@ -29,6 +29,7 @@ import pytest
 PR_SET_CHILD_SUBREAPER = 36
 GRACE_S = 10.0
 _found: list[str] = []
+_waited: dict[str, float] = {}
 
 
 def _stat(pid: int) -> tuple[int, str] | None:
@@ -106,7 +107,9 @@ def pytest_configure(config):
 def pytest_runtest_call(item):
     before = set(descendants())
     yield
+    start = time.monotonic()
     killed = end_leftovers(before)
+    _waited[item.nodeid] = time.monotonic() - start
     _found.extend(f"{item.nodeid}: {k}" for k in killed)
 
 
@@ -116,6 +119,12 @@ def pytest_sessionfinish(session):
 
 
 def pytest_terminal_summary(terminalreporter):
+    slow = sorted(((t, n) for n, t in _waited.items() if t > 1.0), reverse=True)
+    if slow:
+        terminalreporter.section("waited for processes to end after the test")
+        terminalreporter.write_line(f"{sum(_waited.values()):.1f} s in all; the longest:")
+        for t, n in slow[:10]:
+            terminalreporter.write_line(f"{t:5.1f} s {n}")
     if _found:
         terminalreporter.section("processes left behind (killed)")
         for line in _found:

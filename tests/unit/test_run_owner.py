@@ -83,6 +83,7 @@ def test_a_second_job_is_refused_naming_the_holder_and_a_killed_holder_is_replac
     assert not (run_dir / OWNER_FILE).exists(), "the directory is given back at the end"
 
 
+@pytest.mark.slow
 def test_a_requeued_slurm_job_takes_over_and_another_job_is_refused(tmp_path):
     run_dir = tmp_path / "shared"
     squeue = tmp_path / "bin" / "squeue"  # SLURM vouches for job 777: it is running

@@ -22,6 +22,7 @@ import ctypes
 import os
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -93,9 +94,44 @@ def end_leftovers(before: set[int], grace: float = GRACE_S) -> list[str]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
             os.kill(pid, signal.SIGCONT)
-    # Their zombies are left to be reaped when pytest exits: reaping here could take the exit
-    # status a live Popen object of a fixture is about to wait for.
+    reap_orphans()
     return killed
+
+
+def _waited_for() -> set[int]:
+    """Children some object of this process will wait for: live Popen and multiprocessing objects."""
+    import gc
+    import multiprocessing.process
+    import subprocess
+
+    pids = set()
+    with warnings.catch_warnings():  # isinstance on deprecated module attributes warns
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            if isinstance(obj, subprocess.Popen) and obj.returncode is None:
+                pids.add(obj.pid)
+            elif isinstance(obj, multiprocessing.process.BaseProcess) and getattr(obj, "_popen", None) is not None:
+                pids.add(obj._popen.pid)
+    return pids
+
+
+def reap_orphans() -> None:
+    """Reap the zombies re-parented to this process (orphans: no object here waits for them). Left
+    unreaped they look alive to `kill(pid, 0)`; a child a Popen object will wait for is left to it."""
+    me = os.getpid()
+    zombies = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = _stat(int(name))
+            if st is not None and st[0] == me and st[1] == "Z":
+                zombies.append(int(name))
+    if not zombies:
+        return
+    known = _waited_for()
+    for pid in zombies:
+        if pid not in known:
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(pid, os.WNOHANG)
 
 
 def pytest_configure(config):

@@ -44,13 +44,32 @@ SLURM_ALIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "
                "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED"}  # fmt: skip
 
 
-def _proc_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (/proc; None elsewhere): tells a reused pid."""
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (None: no such process, or no /proc)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (a zombie has ended: only its parent has not reaped it)."""
+    if Path("/proc").is_dir():
+        fields = _proc_stat(pid)
+        return fields is not None and fields[0] != "Z"
+    try:  # no /proc (macOS): ask the kernel
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _proc_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc; None elsewhere): tells a reused pid."""
+    fields = _proc_stat(pid)
+    return fields[19] if fields else None  # field 22 of stat
 
 
 def identity() -> dict[str, Any]:
@@ -120,7 +139,7 @@ def staleness(holder: dict[str, Any], heartbeat_age: float, stale_after: float) 
     pid = holder.get("pid")
     if holder.get("host") == socket.gethostname() and isinstance(pid, int):
         start = _proc_start(pid)
-        if not Path(f"/proc/{pid}").exists():
+        if not _alive(pid):
             return f"its process {pid} on this host is gone"
         if start is not None and holder.get("pid_start") is not None and start != holder["pid_start"]:
             return f"its process {pid} on this host is gone (the pid now belongs to another process)"

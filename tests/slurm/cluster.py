@@ -32,6 +32,20 @@ def _binary(name: str) -> str:
     return shutil.which(name) or f"/usr/sbin/{name}"
 
 
+def _gone(pid: int) -> bool:
+    """Whether `pid` has exited. A daemon that exits under a child subreaper (pytest here:
+    tests/leftovers.py) is a zombie of it until reaped, and `kill(pid, 0)` still finds a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    if state != "Z":
+        return False
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # ours to reap: a daemon, no Popen waits for it
+    return True
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -133,9 +147,7 @@ class LocalSlurm:
             except ProcessLookupError:
                 continue
             for _ in range(100):
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
+                if _gone(pid):
                     break
                 time.sleep(0.1)
             else:  # it did not stop in 10 s

@@ -108,6 +108,7 @@ def _accumulate(rank, world, out_dir, backend):
         torch.save(full, f"{out_dir}/{backend}.pt")
 
 
+@pytest.mark.slow  # 24 s; accumulation's invariants in the default suite: tests/distributed/test_global_keys.py
 def test_gradient_accumulation_agrees_across_backends(tmp_path):
     for backend in ("ddp", "fsdp", "zero2", "zero3"):
         run_ranks(_accumulate, 2, str(tmp_path), backend)

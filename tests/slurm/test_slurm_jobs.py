@@ -99,6 +99,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_with_the_uninterrupted_l
     assert [r["loss"] for r in got] == [r["loss"] for r in expected]
 
 
+@pytest.mark.slow  # the default suite keeps the other launch modes; 15-minute budget
 def test_srun_plus_torchrun_mode_runs_a_job(slurm, tmp_path):
     env = job_env(tmp_path, SCALE_LAUNCH="torchrun")
     job, out = submit(slurm, tmp_path, "vit_b_300ep.sh", "--schedule.max_steps=3", env=env)
@@ -108,6 +109,7 @@ def test_srun_plus_torchrun_mode_runs_a_job(slurm, tmp_path):
     assert [r["step"] for r in metrics(tmp_path / "runs" / "vit_b_300ep")] == [1, 2, 3]
 
 
+@pytest.mark.slow  # the default suite keeps the other launch modes; 15-minute budget
 def test_deepspeed_backend_through_the_same_launcher(slurm, tmp_path):
     pytest.importorskip("deepspeed")
     job, out = submit(slurm, tmp_path, "vit_b_300ep.sh", "--schedule.max_steps=3", "--deepspeed",
@@ -149,6 +151,7 @@ def test_linear_probe_script_probes_a_run_on_two_ranks(slurm, tmp_path):
     assert result["world_size"] == 2 and result["pretrain_step"] == 1 and "linear probe of" in log
 
 
+@pytest.mark.slow  # the default suite keeps the other launch modes; 15-minute budget
 def test_finetune_script_finetunes_a_run_on_two_ranks(slurm, tmp_path):
     """slurm/finetune.sh: a pretraining run fine-tuned end to end on 2 ranks (DDP), evaluated at the end."""
     from scale.train.trainer import Trainer

@@ -180,11 +180,9 @@ def _create(path: Path, record: dict[str, Any]) -> bool:
     except FileExistsError:
         return False
     except OSError as e:
-        try:
+        with contextlib.suppress(OSError):
             if tmp.stat().st_nlink == 2:  # NFS: the link was made but its reply was lost
                 return True
-        except OSError:
-            pass
         if not _no_links_logged:
             log.info("%s: no hard links here (%s); the run directory's owner file is created exclusively", path, e)
             _no_links_logged = True
